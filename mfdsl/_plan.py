@@ -1,0 +1,164 @@
+"""The backend-neutral run plan: one sweep point, fully resolved, as plain data.
+
+A backend receives a :class:`RunPlan` and nothing else; it never looks at the spec's
+syntax.  The plan holds numbers and names only (numpy at most) so it pickles cheaply
+to worker processes and imports neither torch nor jax.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+DistKind = Literal["normal", "uniform", "constant"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class DistPlan:
+    """An i.i.d. initial law for the entries of one weight matrix.
+
+    ``normal``: ``a`` = mean, ``b`` = std; ``uniform``: ``a`` = low, ``b`` = high;
+    ``constant``: ``a`` = value.
+    """
+
+    kind: DistKind
+    a: float
+    b: float = 0.0
+
+    @property
+    def mean(self) -> float:
+        if self.kind == "uniform":
+            return 0.5 * (self.a + self.b)
+        return self.a
+
+    @property
+    def std(self) -> float:
+        if self.kind == "normal":
+            return self.b
+        if self.kind == "uniform":
+            return (self.b - self.a) / math.sqrt(12.0)
+        return 0.0
+
+    def sample(self, rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+        """Draw float64 samples of the given shape."""
+        if self.kind == "normal":
+            return rng.normal(self.a, self.b, size=shape)
+        if self.kind == "uniform":
+            return rng.uniform(self.a, self.b, size=shape)
+        return np.full(shape, float(self.a))
+
+
+@dataclass(frozen=True, kw_only=True)
+class LayerPlan:
+    """Weight layer ``index`` (1 … L+1): ``W`` has shape ``(fan_in, fan_out)``.
+
+    The forward pass computes ``forward_mult * (φ(H_prev) @ W) (+ b)``; SGD moves ``W`` by
+    ``-lr * schedule * lr_mult * grad``.  A bias, when present, is initialised to 0 and
+    takes ``bias_lr_mult``.
+    """
+
+    index: int
+    fan_in: int
+    fan_out: int
+    forward_mult: float
+    lr_mult: float
+    init: DistPlan
+    bias: bool = False
+    bias_lr_mult: float = 1.0
+    frozen: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimizerPlan:
+    """``sgd`` (heavy-ball momentum, decoupled-free L2 weight decay) or ``langevin``.
+
+    ``langevin`` adds, per step and per entry, Gaussian noise of variance
+    ``2 * lr * schedule * lr_mult * temperature`` (scaled per layer like the learning
+    rate) to an SGD step with weight decay.
+    """
+
+    kind: Literal["sgd", "langevin"]
+    lr: float
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    temperature: float = 0.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class SchedulePlan:
+    """The learning-rate factor ξ as a function of the step (0-based, of ``total``)."""
+
+    kind: Literal["constant", "cosine", "linear", "step", "inverse_time"] = "constant"
+    final: float = 0.0  # cosine, linear: the factor reached at the last step
+    every: int = 1  # step: decay period in steps
+    factor: float = 1.0  # step: multiply by this every ``every`` steps
+    rate: float = 0.0  # inverse_time: ξ = 1 / (1 + rate * step / total)
+
+    def __call__(self, step: np.ndarray | int, total: int) -> np.ndarray:
+        s = np.asarray(step, dtype=np.float64)
+        frac = s / max(total, 1)
+        if self.kind == "constant":
+            return np.ones_like(s)
+        if self.kind == "cosine":
+            return self.final + (1.0 - self.final) * 0.5 * (1.0 + np.cos(np.pi * frac))
+        if self.kind == "linear":
+            return 1.0 + (self.final - 1.0) * frac
+        if self.kind == "step":
+            return np.power(self.factor, np.floor(s / self.every))
+        return 1.0 / (1.0 + self.rate * frac)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ObservablePlan:
+    """One recorded quantity.  ``layers`` for layered observables, ``probes`` for
+    ``output`` and ``neuron_spread`` (the probe inputs are the first ``probes`` test
+    points), ``sample`` for ``particles``."""
+
+    name: Literal[
+        "train_loss",
+        "test_loss",
+        "test_accuracy",
+        "output",
+        "neuron_spread",
+        "weight_change",
+        "particles",
+    ]
+    layers: tuple[int, ...] = ()
+    probes: int = 0
+    sample: int = 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunPlan:
+    """Everything a backend needs to train one network (or compute one limit)."""
+
+    experiment: str
+    coords: Mapping[str, Any]  # the sweep point: width, seed and every other variable
+    width: float  # the nominal width (math.inf for a limit)
+    seed: int
+    scaling: str
+    layers: tuple[LayerPlan, ...]
+    activation: str
+    output: str  # the output map ψ
+    loss: Literal["mse", "logistic", "cross_entropy"]
+    data: Any  # an ``mfdsl._ir`` data node, concrete; ``mfdsl.make_dataset`` reads it
+    batch: int
+    steps: int
+    optimizer: OptimizerPlan
+    schedule: SchedulePlan
+    record_steps: np.ndarray  # int64, sorted, within [0, steps]
+    observables: tuple[ObservablePlan, ...]
+    options: Mapping[str, Any] = field(default_factory=dict)  # this backend's options
+
+    @property
+    def depth(self) -> int:
+        """The number of hidden layers L."""
+        return len(self.layers) - 1
+
+    def time(self, step: np.ndarray | int) -> np.ndarray:
+        """Mean-field time ``t = lr * step``."""
+        return self.optimizer.lr * np.asarray(step, dtype=np.float64)
