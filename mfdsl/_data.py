@@ -1,0 +1,311 @@
+"""Seeded data sources: the examples every run of a spec trains and tests on.
+
+Randomness layout (numpy ``default_rng``, PCG64, float64).  Every generator is seeded
+with a three-word key ``[seed, stream, index]`` — always three words, because numpy's
+``SeedSequence`` gives ``[a, b]`` and ``[a, b, 0]`` the same state:
+
+=========  ===========  =========================================================
+stream     index        draws
+=========  ===========  =========================================================
+1 train    block ``i``  training examples ``1024·i … 1024·i + 1023``
+2 test     block ``i``  test examples ``1024·i … 1024·i + 1023``
+3 epoch    epoch ``e``  ``permutation(n_train)``: the order of epoch ``e``
+4 teacher  0            the teacher network's weights
+=========  ===========  =========================================================
+
+Each stream is an endless sequence of examples cut into blocks of :data:`BLOCK`
+examples; example ``k`` depends only on ``(seed, stream, k)``.  Inside a block the
+draws are, in order: ``isotropic_gaussian`` — labels ``integers(0, 2, n)`` mapped to ±1,
+then ``standard_normal((n, dim))`` scaled per example by ``1 + y·delta``; ``teacher`` —
+``standard_normal((n, dim))`` inputs, then ``standard_normal(n)`` label noise (drawn even
+when ``noise = 0``, so a noiseless and a noisy dataset share their inputs).
+
+Online training (``train = online``): step ``s`` with batch ``B`` takes training
+examples ``s·B … s·B + B - 1`` of the train stream.  Blocks count examples, not steps,
+so the stream is the same for every batch size and the memory of a block does not grow
+with the batch.
+
+A finite training set (``train = N``) is the first ``N`` examples of the train stream
+(so it is a prefix of what online training would see).  The training walk is the
+concatenation of the epoch permutations: position ``p`` of the walk is example
+``perm_e[p mod N]`` with ``e = p div N``, and step ``s`` takes positions
+``s·B … s·B + B - 1``.  A batch may therefore straddle two epochs;
+:meth:`Dataset.steps_for_epochs` is the fewest steps that show every example ``E``
+times.
+
+The test set is the first ``test`` examples of the test stream.  Nothing depends on
+the network's width, so every width of a sweep sees the same data for the same seed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any, Literal
+
+import numpy as np
+
+#: examples per generator block (part of the data's definition: changing it changes data)
+BLOCK = 1024
+
+STREAM_TRAIN = 1
+STREAM_TEST = 2
+STREAM_EPOCH = 3
+STREAM_TEACHER = 4
+
+# Three words of 32 bits each keep the key layout unambiguous (a larger seed would
+# spill into a second word and could collide with another key).
+_MAX_SEED = 2**32
+
+# Enough to keep the block (or epoch) a step-by-step caller sits on, plus its neighbour.
+_CACHE_SIZE = 2
+
+Task = Literal["binary", "regression"]
+_Draw = Callable[[np.random.Generator, int], tuple[np.ndarray, np.ndarray]]
+
+
+class DataError(Exception):
+    """A data source that cannot be built: an unknown kind, a bad parameter, or a
+    loader that does not exist yet."""
+
+
+def _erf(z: np.ndarray) -> np.ndarray:
+    # numpy has no erf and scipy is not a dependency; math.erf is exact to float64 and
+    # the teacher is small, so an element-wise loop is cheap enough.
+    return np.asarray(np.frompyfunc(math.erf, 1, 1)(z), dtype=np.float64)
+
+
+_ACTIVATIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "relu": lambda z: np.maximum(z, 0.0),
+    "tanh": np.tanh,
+    "sigmoid": lambda z: 0.5 * (1.0 + np.tanh(0.5 * z)),  # no overflow for large |z|
+    "gelu": lambda z: 0.5 * z * (1.0 + _erf(z / math.sqrt(2.0))),
+    "erf": _erf,
+    "identity": lambda z: z,
+}
+
+
+class Dataset:
+    """Training batches by step index and a fixed test set, all float64.
+
+    ``task`` is ``"binary"`` (labels ±1) or ``"regression"``; ``outputs`` is the number of
+    network outputs ``K`` (1 for both).  Labels are ``(…,)`` arrays, one per example.
+    ``n_train`` is ``None`` for online data; for a finite training set ``train_x`` and
+    ``train_y`` hold it (the empirical measure a limit computation averages over).
+    """
+
+    def __init__(
+        self,
+        *,
+        draw: _Draw,
+        seed: int,
+        dim: int,
+        task: Task,
+        n_train: int | None,
+        n_test: int,
+        outputs: int = 1,
+    ) -> None:
+        self._draw = draw
+        self.seed = seed
+        self.dim = dim
+        self.task: Task = task
+        self.outputs = outputs
+        self.n_train = n_train
+        self._blocks: OrderedDict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._perms: OrderedDict[int, np.ndarray] = OrderedDict()
+        self.test_x, self.test_y = self._examples(STREAM_TEST, 0, n_test)
+        self.train_x: np.ndarray | None = None
+        self.train_y: np.ndarray | None = None
+        if n_train is not None:
+            self.train_x, self.train_y = self._examples(STREAM_TRAIN, 0, n_train)
+        # Blocks drawn for the fixed sets are not revisited; keep the cache for steps.
+        self._blocks.clear()
+
+    @property
+    def n_test(self) -> int:
+        return int(self.test_x.shape[0])
+
+    def train_chunk(self, start: int, n: int, batch: int) -> tuple[np.ndarray, np.ndarray]:
+        """The minibatches of steps ``start … start + n - 1``: ``x`` of shape
+        ``(n, batch, dim)`` and ``y`` of shape ``(n, batch)``.
+
+        A step's batch depends only on the seed, the step and the batch size, never on
+        how the steps are split into chunks.
+        """
+        if start < 0 or n < 0 or batch < 1:
+            raise DataError(f"train_chunk needs start >= 0, n >= 0, batch >= 1 (got {start}, {n}, {batch})")
+        first, count = start * batch, n * batch
+        if self.train_x is None or self.train_y is None:
+            x, y = self._examples(STREAM_TRAIN, first, count)
+        else:
+            idx = self._walk(first, count)
+            x, y = self.train_x[idx], self.train_y[idx]
+        return x.reshape(n, batch, self.dim), y.reshape(n, batch)
+
+    def steps_per_epoch(self, batch: int) -> int:
+        """``ceil(n_train / batch)``: the steps of one epoch (``steps_for_epochs(1, batch)``)."""
+        return self.steps_for_epochs(1, batch)
+
+    def steps_for_epochs(self, epochs: int, batch: int) -> int:
+        """``ceil(epochs · n_train / batch)``: the fewest steps in which the walk shows every
+        training example ``epochs`` times (the last batch may reach into the next epoch).
+
+        This, not ``epochs · steps_per_epoch``, is how ``epochs`` converts to steps: the
+        walk concatenates epochs, so rounding once keeps a run from drifting up to
+        ``epochs`` batches past its last epoch.
+        """
+        if self.n_train is None:
+            raise DataError("online data has no epochs: give the training length in steps")
+        if epochs < 0 or batch < 1:
+            raise DataError(f"steps_for_epochs needs epochs >= 0 and batch >= 1 (got {epochs}, {batch})")
+        return -(-epochs * self.n_train // batch)
+
+    def _walk(self, first: int, count: int) -> np.ndarray:
+        """Training-set indices at walk positions ``first … first + count - 1``."""
+        assert self.n_train is not None
+        size = self.n_train
+        idx = np.empty(count, dtype=np.intp)
+        pos = first
+        while pos < first + count:
+            epoch, offset = divmod(pos, size)
+            take = min(size - offset, first + count - pos)
+            idx[pos - first : pos - first + take] = self._permutation(epoch)[offset : offset + take]
+            pos += take
+        return idx
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        perm = self._perms.get(epoch)
+        if perm is None:
+            assert self.n_train is not None
+            rng = np.random.default_rng([self.seed, STREAM_EPOCH, epoch])
+            perm = rng.permutation(self.n_train)
+            _remember(self._perms, epoch, perm)
+        return perm
+
+    def _examples(self, stream: int, first: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """Examples ``first … first + count - 1`` of a stream."""
+        x = np.empty((count, self.dim), dtype=np.float64)
+        y = np.empty(count, dtype=np.float64)
+        pos = first
+        while pos < first + count:
+            block, offset = divmod(pos, BLOCK)
+            take = min(BLOCK - offset, first + count - pos)
+            bx, by = self._block(stream, block)
+            x[pos - first : pos - first + take] = bx[offset : offset + take]
+            y[pos - first : pos - first + take] = by[offset : offset + take]
+            pos += take
+        return x, y
+
+    def _block(self, stream: int, block: int) -> tuple[np.ndarray, np.ndarray]:
+        key = (stream, block)
+        cached = self._blocks.get(key)
+        if cached is None:
+            cached = self._draw(np.random.default_rng([self.seed, stream, block]), BLOCK)
+            _remember(self._blocks, key, cached)
+        return cached
+
+
+def _remember(cache: OrderedDict[Any, Any], key: Any, value: Any) -> None:
+    cache[key] = value
+    while len(cache) > _CACHE_SIZE:
+        cache.popitem(last=False)
+
+
+def make_dataset(data: Any, seed: int) -> Dataset:
+    """The dataset a spec's ``data`` block describes, for one seed.
+
+    ``data`` is an IR data node, read by attribute: ``kind`` and the fields of that kind.
+    """
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < _MAX_SEED:
+        raise DataError(f"the data seed must be an integer in [0, 2**32) (got {seed!r})")
+    seed = int(seed)
+    kind = getattr(data, "kind", None)
+    if kind == "isotropic_gaussian":
+        return _isotropic_gaussian(data, seed)
+    if kind == "teacher":
+        return _teacher(data, seed)
+    if kind in ("mnist", "fashion_mnist", "cifar10"):
+        raise DataError(f"the {kind} loader is not available yet")
+    raise DataError(f"unknown data kind {kind!r}")
+
+
+def _sizes(data: Any) -> tuple[int, int | None, int]:
+    dim, train, test = data.dim, data.train, data.test
+    if not _is_int(dim) or dim < 1:
+        raise DataError(f"data dim must be a positive integer (got {dim!r})")
+    if train == "online":
+        n_train = None
+    elif _is_int(train) and train >= 1:
+        n_train = int(train)
+    else:
+        raise DataError(f"data train must be 'online' or a positive integer (got {train!r})")
+    if not _is_int(test) or test < 0:
+        raise DataError(f"data test must be a non-negative integer (got {test!r})")
+    return int(dim), n_train, int(test)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _isotropic_gaussian(data: Any, seed: int) -> Dataset:
+    dim, n_train, n_test = _sizes(data)
+    delta = float(data.delta)
+    if not 0.0 <= delta < 1.0:
+        raise DataError(f"isotropic_gaussian delta must be in [0, 1) (got {delta})")
+
+    def draw(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+        y = 2.0 * rng.integers(0, 2, size=n).astype(np.float64) - 1.0
+        x = rng.standard_normal((n, dim)) * (1.0 + delta * y)[:, None]
+        return x, y
+
+    return Dataset(draw=draw, seed=seed, dim=dim, task="binary", n_train=n_train, n_test=n_test)
+
+
+def _teacher(data: Any, seed: int) -> Dataset:
+    dim, n_train, n_test = _sizes(data)
+    noise = float(data.noise)
+    if not noise >= 0.0:
+        raise DataError(f"teacher noise must be >= 0 (got {noise})")
+    teacher = teacher_network(data.teacher, dim, seed)
+
+    def draw(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+        x = rng.standard_normal((n, dim))
+        eps = rng.standard_normal(n)
+        return x, teacher(x) + noise * eps
+
+    return Dataset(draw=draw, seed=seed, dim=dim, task="regression", n_train=n_train, n_test=n_test)
+
+
+def teacher_network(spec: Any, dim: int, seed: int) -> Callable[[np.ndarray], np.ndarray]:
+    """The noiseless teacher ``f: (n, dim) -> (n,)`` of a ``teacher`` data block.
+
+    A mean-field mlp drawn from stream ``[seed, 4, 0]`` in this order: ``W_1`` of shape
+    ``(dim, width)`` with N(0, 1/dim) entries, ``b_1`` (if ``bias``), then for each further
+    hidden layer ``W_ℓ`` ``(width, width)`` and ``b_ℓ``, then the output weights
+    ``(width,)`` and output bias; all N(0, 1) except ``W_1``.  Layers after the first
+    average over the previous layer's neurons (divide by ``width``).
+    """
+    hidden, width, bias = spec.hidden, spec.width, bool(spec.bias)
+    if not _is_int(hidden) or hidden < 1 or not _is_int(width) or width < 1:
+        raise DataError(f"the teacher needs hidden >= 1 and width >= 1 (got {hidden!r}, {width!r})")
+    act = _ACTIVATIONS.get(spec.activation)
+    if act is None:
+        raise DataError(f"unknown teacher activation {spec.activation!r} (one of {', '.join(_ACTIVATIONS)})")
+    rng = np.random.default_rng([seed, STREAM_TEACHER, 0])
+    weights: list[tuple[np.ndarray, np.ndarray]] = []
+    for layer in range(hidden + 1):
+        fan_in = dim if layer == 0 else width
+        shape = (fan_in, width) if layer < hidden else (fan_in,)
+        w = rng.standard_normal(shape) / (math.sqrt(dim) if layer == 0 else width)
+        b = rng.standard_normal(shape[1:]) if bias else np.zeros(shape[1:])
+        weights.append((w, b))
+
+    def f(x: np.ndarray) -> np.ndarray:
+        h = np.asarray(x, dtype=np.float64)
+        for layer, (w, b) in enumerate(weights):
+            h = (h if layer == 0 else act(h)) @ w + b
+        return h
+
+    return f
