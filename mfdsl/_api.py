@@ -99,12 +99,17 @@ def _override(module: Module, text: str) -> Module:
             hint = did_you_mean(block, list(KEYWORDS) + sorted(available_backends()))
             raise SpecError(f"unknown block '{block}' in override", where, hint=hint).located(None, None)
         index = find(keyword, block if keyword == "options" else None)
-        entry = Entry(key=key, value=value, span=value.span, key_span=where)
+        key_span = Span(
+            line=1, column=len(block) + 2, end_line=1, end_column=len(path) + 1, path="--set", text=text
+        )
+        entry = Entry(key=key, value=value, span=value.span, key_span=key_span)
         if index is None:
             if keyword == "data":
                 raise SpecError("the spec has no 'data' block to change", where).located(None, None)
             names = ("mlp",) if keyword == "network" else ((block,) if keyword == "options" else ())
-            statements.append(Statement(keyword=keyword, names=names, body=(entry,), span=where))
+            statements.append(
+                Statement(keyword=keyword, names=names, body=(entry,), span=where, name_spans=(where,) * len(names))
+            )
         else:
             stmt = statements[index]
             body = [i for i in stmt.body or () if not (isinstance(i, Entry) and i.key == key)]

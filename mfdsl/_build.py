@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from types import MappingProxyType
 from typing import Any
 
 from . import _expr as ex
@@ -110,7 +109,7 @@ def _build(module: Module) -> ir.Spec:
         **fields,
         source=module.source,
         path=module.path,
-        spans=MappingProxyType(spans),
+        spans=dict(spans),
     )
 
 
@@ -148,7 +147,7 @@ def construct(
     arguments), checking unknown, duplicate and missing keys."""
     declared = cls.options()
     values, spans = convert_items(declared, entries, ctx, span, what, positional=positional)
-    return cls(**values, **(extra or {}), span=span, spans=MappingProxyType(spans))
+    return cls(**values, **(extra or {}), span=span, spans=dict(spans))
 
 
 def convert_items(
@@ -357,7 +356,7 @@ def _init(stmt: Statement, ctx: _Context) -> ir.Init:
             )
         dist = _nested(item.dist, Nested(tuple(ir.DISTRIBUTIONS)), ctx, "dist")
         spans = {"layers": item.selector.span} if item.selector.span else {}
-        rules.append(ir.InitRule(layers=layers, dist=dist, span=item.span, spans=MappingProxyType(spans)))
+        rules.append(ir.InitRule(layers=layers, dist=dist, span=item.span, spans=dict(spans)))
     return ir.Init(rules=tuple(rules), span=stmt.span)
 
 
@@ -386,14 +385,14 @@ def _record(stmt: Statement, ctx: _Context) -> ir.Record:
         else:
             values, spans = {}, {}
         observables.append(
-            ir.Observable(name=name, **values, span=item.span, spans=MappingProxyType(spans))
+            ir.Observable(name=name, **values, span=item.span, spans=dict(spans))
         )
     return ir.Record(
         mode=mode,
         count=count,
         observables=tuple(observables),
         span=stmt.span,
-        spans=MappingProxyType({"count": stmt.arg.span} if stmt.arg.span else {}),
+        spans=dict({"count": stmt.arg.span} if stmt.arg.span else {}),
     )
 
 
@@ -415,7 +414,7 @@ def _backend_options(stmt: Statement, ctx: _Context, backends: Mapping[str, Any]
         backend=name,
         values=tuple(values.items()),
         span=stmt.span,
-        spans=MappingProxyType(spans),
+        spans=dict(spans),
     )
 
 

@@ -6,7 +6,6 @@ import dataclasses
 import itertools
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from types import MappingProxyType
 from typing import Any
 
 from . import _expr as ex
@@ -55,7 +54,7 @@ def expand(spec: ir.Spec) -> Iterator[Point]:
             shown = ", ".join(f"{k} = {ex.describe(v)}" for k, v in coords.items())
             error.message = f"{error.message} (at sweep point {shown})"
             raise error.located(spec.path, spec.source) from None
-        yield Point(index=index, coords=MappingProxyType(coords), spec=concrete)
+        yield Point(index=index, coords=dict(coords), spec=concrete)
 
 
 def resolve(spec: ir.Spec, coords: Mapping[str, Any]) -> ir.Spec:

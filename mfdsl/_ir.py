@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from types import MappingProxyType
 from typing import Any, ClassVar, NoReturn, Union
 
 from . import _expr as ex
@@ -57,7 +56,8 @@ def _meta() -> Any:
 
 
 def _spans() -> Any:
-    return field(default_factory=lambda: MappingProxyType({}), compare=False, repr=False)
+    # A plain dict (never mutated) so nodes pickle to worker processes.
+    return field(default_factory=dict, compare=False, repr=False)
 
 
 def is_expr(value: Any) -> bool:

@@ -45,6 +45,16 @@ class TorchBackend(Backend):
         progress: Callable[[int, float], None] | None = None,
     ) -> Mapping[str, Any]:
         self.require()
+        from mfdsl._data import make_dataset
+
         from ._engine import train
 
-        raise NotImplementedError(train)
+        dataset = make_dataset(plan.data, plan.seed)
+        result = train(
+            plan,
+            dataset,
+            progress=progress,
+            device=str(plan.options.get("device", "cpu")),
+            dtype=str(plan.options.get("dtype", "float64")),
+        )
+        return {"records": result.records, "status": result.status, "message": result.message}

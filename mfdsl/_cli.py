@@ -1,0 +1,185 @@
+"""The ``mfdsl`` command line: check, show, fmt, run.
+
+Exit codes: 0 success, 1 a run failed (or ``fmt --check`` found changes), 2 a bad spec
+or bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from ._errors import SpecError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _console(stderr: bool = False) -> Console:
+    return Console(stderr=stderr, highlight=False, soft_wrap=True)
+
+
+def print_error(error: SpecError, console: Console | None = None) -> None:
+    """A spec error, coloured: location and message, source excerpt, hint."""
+    console = console or _console(stderr=True)
+    lines = error.render().split("\n")
+    head, rest = lines[0], lines[1:]
+    text = Text()
+    location, _, message = head.partition(": ")
+    text.append(location + ": ", style="bold")
+    text.append("error: ", style="bold red")
+    text.append(message)
+    console.print(text)
+    for line in rest:
+        if line.startswith("hint: "):
+            console.print(Text("hint: ", style="bold cyan") + Text(line[6:]))
+        elif "^" in line and line.strip().startswith("|"):
+            console.print(Text(line, style="bold red"))
+        else:
+            console.print(Text(line, style="dim") if "|" in line[:8] else Text(line))
+
+
+def _add_set(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="PATH=VALUE",
+        help="override a value of the spec, e.g. --set train.steps=500 --set sweep.width=[50,100] "
+        "(repeatable; the value uses the spec's syntax)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for docs and tests)."""
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="mfdsl",
+        description="Declarative width sweeps of neural networks and their mean-field limit.",
+        epilog="Run 'mfdsl COMMAND --help' for a command's options. Docs: docs/language.md",
+    )
+    parser.add_argument("--version", action="version", version=f"mfdsl {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    check = sub.add_parser("check", help="validate a spec and summarise its sweep", description="Validate a spec (.mf or .yaml) and print a table of its sweep.")
+    check.add_argument("spec", help="the spec file")
+    _add_set(check)
+
+    show = sub.add_parser("show", help="print the validated spec as YAML", description="Print the validated IR of a spec as YAML (a .yaml spec with the same content is accepted wherever a .mf is).")
+    show.add_argument("spec", help="the spec file")
+    _add_set(show)
+
+    fmt = sub.add_parser("fmt", help="format a spec canonically (comments kept)", description="Print a .mf spec in canonical format, keeping comments.")
+    fmt.add_argument("spec", help="the .mf spec file")
+    group = fmt.add_mutually_exclusive_group()
+    group.add_argument("--check", action="store_true", help="exit 1 if the file is not formatted; change nothing")
+    group.add_argument("--write", action="store_true", help="rewrite the file in place")
+
+    run = sub.add_parser("run", help="train every sweep point and write the zarr store", description="Train the spec's networks at every sweep point (width × seed × ...) and write all trajectories into one zarr store.")
+    run.add_argument("spec", help="the spec file")
+    run.add_argument("-o", "--output", metavar="PATH", help="the store (default: runs/<experiment>.zarr)")
+    run.add_argument("--backend", action="append", metavar="NAME", help="run only this backend (repeatable; default: the spec's 'backends')")
+    run.add_argument("--workers", type=int, metavar="N", help="parallel worker processes (default: the usable cores)")
+    mode = run.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true", help="finish the runs an existing store has not done")
+    mode.add_argument("--overwrite", action="store_true", help="replace an existing store")
+    _add_set(run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``mfdsl`` console script and ``python -m mfdsl``."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        handler = {"check": _check, "show": _show, "fmt": _fmt, "run": _run}[args.command]
+        return handler(args)
+    except SpecError as error:
+        print_error(error)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        _console(stderr=True).print("[yellow]interrupted[/yellow]")
+        return 130
+
+
+def _load(args: argparse.Namespace) -> Any:
+    from ._api import load
+
+    return load(args.spec, overrides=args.overrides)
+
+
+def _check(args: argparse.Namespace) -> int:
+    from ._expand import check_all
+
+    spec = _load(args)
+    points = check_all(spec)
+    console = _console()
+    table = Table(title=f"{spec.experiment}: {len(points)} run(s)", title_justify="left", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("runs", f"{len(points)} per backend, backends: {', '.join(spec.backends)}")
+    for var in spec.sweep.variables:
+        values = ", ".join(str(v) for v in var.values)
+        table.add_row(var.name, f"{values}  ({len(var.values)})")
+    steps = sorted({_steps(p.spec) for p in points})
+    table.add_row("steps", ", ".join(map(str, steps)))
+    data = spec.data
+    table.add_row("data", data.kind)
+    table.add_row("network", f"mlp, {spec.network.hidden} hidden layer(s), {spec.network.activation}")
+    table.add_row("scaling", str(spec.scaling if isinstance(spec.scaling, str) else ", ".join(sorted({str(p.spec.scaling) for p in points}))))
+    console.print(table)
+    console.print(f"[green]✓[/green] {args.spec} is valid")
+    return EXIT_OK
+
+
+def _steps(spec: Any) -> int:
+    from ._compile import total_steps
+
+    return total_steps(spec)
+
+
+def _show(args: argparse.Namespace) -> int:
+    from ._api import to_yaml
+
+    sys.stdout.write(to_yaml(_load(args)))
+    return EXIT_OK
+
+
+def _fmt(args: argparse.Namespace) -> int:
+    from ._fmt import format_source
+    from ._syntax import read_source
+
+    source = read_source(args.spec)
+    formatted = format_source(source, args.spec)
+    if args.check:
+        if formatted != source:
+            _console(stderr=True).print(f"{args.spec} would be reformatted")
+            return EXIT_FAILED
+        return EXIT_OK
+    if args.write:
+        if formatted != source:
+            tmp = f"{args.spec}.mfdsl-tmp"
+            with open(tmp, "w", encoding="utf-8") as handle:
+                handle.write(formatted)
+            os.replace(tmp, args.spec)
+        return EXIT_OK
+    sys.stdout.write(formatted)
+    return EXIT_OK
+
+
+def _run(args: argparse.Namespace) -> int:
+    from ._runner import run_command
+
+    return run_command(args, _load(args))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
