@@ -159,8 +159,8 @@ def to_dict(spec: ir.Spec) -> dict[str, Any]:
         out["record"] = {rec.mode: _plain(rec.count), "observables": [_observable(o) for o in rec.observables]}
     out["sweep"] = {v.name: [_sweep_value(x) for x in v.values] for v in spec.sweep.variables}
     out["backends"] = list(spec.backends)
-    if spec.options:
-        out["options"] = {o.backend: {k: _plain(v) for k, v in o.values} for o in spec.options}
+    if spec.backend_options:
+        out["options"] = {o.backend: {k: _plain(v) for k, v in o.values} for o in spec.backend_options}
     return out
 
 

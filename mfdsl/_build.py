@@ -104,7 +104,7 @@ def _build(module: Module) -> ir.Spec:
     for stmt in module.statements:
         if stmt.keyword == "options":
             options.append(_backend_options(stmt, ctx, backends))
-    fields["options"] = tuple(options)
+    fields["backend_options"] = tuple(options)
     return ir.Spec(
         **fields,
         source=module.source,

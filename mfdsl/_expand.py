@@ -74,7 +74,7 @@ def resolve(spec: ir.Spec, coords: Mapping[str, Any]) -> ir.Spec:
             changes[name] = _resolve(node, env)
     if ir.is_expr(spec.scaling):
         changes["scaling"] = ex.evaluate(spec.scaling, env, symbols=True)
-    changes["options"] = tuple(_options(o, env) for o in spec.options)
+    changes["backend_options"] = tuple(_options(o, env) for o in spec.backend_options)
     return dataclasses.replace(spec, **changes)
 
 

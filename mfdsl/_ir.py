@@ -498,7 +498,7 @@ class Spec(Node):
     record: Record | None = None
     sweep: Sweep
     backends: tuple[str, ...] = ("torch",)
-    options: tuple[BackendOptions, ...] = ()
+    backend_options: tuple[BackendOptions, ...] = ()
     source: str | None = field(default=None, compare=False, repr=False)
     path: str | None = field(default=None, compare=False, repr=False)
 
@@ -509,7 +509,7 @@ class Spec(Node):
 
     def options_for(self, backend: str) -> BackendOptions | None:
         """The options block of ``backend``, if the spec has one."""
-        return next((o for o in self.options if o.backend == backend), None)
+        return next((o for o in self.backend_options if o.backend == backend), None)
 
     def validate(self) -> None:
         net, train = self.network, self.train
