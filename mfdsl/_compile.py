@@ -151,6 +151,9 @@ def layer_plans(spec: ir.Spec, width: int) -> tuple[LayerPlan, ...]:
                 init=_dist(laws[layer], init_scale),
                 bias=bool(spec.network.bias),
                 bias_lr_mult=bias_lr,
+                # mean-field decay and noise act on each weight at rate lr (see LayerPlan)
+                decay_mult=1.0 if scaling == "mean_field" else None,
+                bias_decay_mult=1.0 if scaling == "mean_field" else None,
                 frozen=layer in frozen,
             )
         )

@@ -58,7 +58,10 @@ class LayerPlan:
 
     The forward pass computes ``forward_mult * (φ(H_prev) @ W) (+ b)``; SGD moves ``W`` by
     ``-lr * schedule * lr_mult * grad``.  A bias, when present, is initialised to 0 and
-    takes ``bias_lr_mult``.
+    takes ``bias_lr_mult``.  Weight decay and Langevin noise act per entry at the rate
+    ``lr * schedule * decay_mult`` (``None``: the learning-rate multiplier).  Under
+    mean-field scaling this is 1, not ``lr_mult``: ``lr_mult`` only undoes the 1/n factors
+    of the gradient, and the limit's drift -λθ and noise β⁻¹Δρ do not depend on the width.
     """
 
     index: int
@@ -69,6 +72,8 @@ class LayerPlan:
     init: DistPlan
     bias: bool = False
     bias_lr_mult: float = 1.0
+    decay_mult: float | None = None
+    bias_decay_mult: float | None = None
     frozen: bool = False
 
 

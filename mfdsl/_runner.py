@@ -15,6 +15,7 @@ import multiprocessing as mp
 import os
 import queue
 import shutil
+import signal
 import threading
 import time
 import traceback
@@ -177,6 +178,9 @@ _progress_queue: Any = None
 def _init_worker(progress_queue: Any, threads: int) -> None:
     global _progress_queue
     _progress_queue = progress_queue
+    # Ctrl-C belongs to the driver, which stops the workers itself; a worker that took
+    # it would record its run as failed, or go on to the next task.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     # Oversubscribed BLAS threads slow every worker down; pin each to its share.
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[var] = str(threads)
@@ -395,9 +399,9 @@ def _execute_all(
         TextColumn("{task.fields[info]}"),
         TimeElapsedColumn(),
     )
+    # spawn, not fork: the driver runs threads (progress), and forking those is unsafe.
     ctx = mp.get_context("spawn")
-    manager = ctx.Manager()
-    updates = manager.Queue()
+    updates = ctx.Queue()
     total_threads = default_workers()
     threads = max(1, total_threads // workers)
     interrupted = False
@@ -423,6 +427,7 @@ def _execute_all(
         pumper = threading.Thread(target=pump, daemon=True)
         pumper.start()
         pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker, initargs=(updates, threads))
+        futures: dict[cf.Future[tuple[str, str, str]], Task] = {}
         try:
             futures = {pool.submit(execute, t, store, layer_coord): t for t in tasks}
             for future in cf.as_completed(futures):
@@ -441,15 +446,25 @@ def _execute_all(
                 progress.update(overall, info=counts)
         except KeyboardInterrupt:
             interrupted = True
-            pool.shutdown(wait=False, cancel_futures=True)
-            for proc in list(getattr(pool, "_processes", {}).values()):
-                proc.terminate()
+            for future in futures:
+                future.cancel()
+            _terminate(pool)
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
             stop.set()
             pumper.join(timeout=1)
-            manager.shutdown()
+            updates.close()
     return outcomes, interrupted
+
+
+def _terminate(pool: cf.ProcessPoolExecutor) -> None:
+    """Stop the workers now; their unfinished cells stay pending for ``--resume``."""
+    terminate = getattr(pool, "terminate_workers", None)  # Python >= 3.14
+    if terminate is not None:
+        terminate()
+        return
+    for process in list(getattr(pool, "_processes", {}).values()):
+        process.terminate()
 
 
 def _mark_failed(store: str, task: Task, message: str) -> None:
