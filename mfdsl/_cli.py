@@ -118,14 +118,23 @@ def _load(args: argparse.Namespace) -> Any:
 
 def _check(args: argparse.Namespace) -> int:
     from ._expand import check_all
+    from ._plugins import available_backends
 
     spec = _load(args)
     points = check_all(spec)
     console = _console()
-    table = Table(title=f"{spec.experiment}: {len(points)} run(s)", title_justify="left", show_header=False)
+    rows, total = [], 0
+    for name in spec.backends:
+        backend = available_backends()[name]
+        # a limit backend computes one run per point of the variables other than width
+        runs = len(points) // len(spec.sweep["width"]) if backend.limit else len(points)
+        rows.append((f"{name} runs", f"{runs} ({'width = inf' if backend.limit else 'every width'})"))
+        total += runs
+    table = Table(title=f"{spec.experiment}: {total} runs", title_justify="left", show_header=False)
     table.add_column(style="bold")
     table.add_column()
-    table.add_row("runs", f"{len(points)} per backend, backends: {', '.join(spec.backends)}")
+    for row in rows:
+        table.add_row(*row)
     for var in spec.sweep.variables:
         values = ", ".join(str(v) for v in var.values)
         table.add_row(var.name, f"{values}  ({len(var.values)})")

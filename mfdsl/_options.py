@@ -125,6 +125,8 @@ class Choice(Kind):
     """One of a fixed set of names."""
 
     choices: tuple[str, ...]
+    #: other names people use for a choice, e.g. ``("gpu", "cuda")``, for the hint
+    aliases: tuple[tuple[str, str], ...] = ()
     symbols = True
 
     def describe(self) -> str:
@@ -132,7 +134,9 @@ class Choice(Kind):
 
     def check(self, value: Any, span: Span | None, key: str) -> Any:
         if not isinstance(value, str) or value not in self.choices:
-            hint = did_you_mean(value, self.choices) if isinstance(value, str) else None
+            alias = dict(self.aliases).get(value) if isinstance(value, str) else None
+            hint = f"did you mean '{alias}'?" if alias else None
+            hint = hint or (did_you_mean(value, self.choices) if isinstance(value, str) else None)
             if isinstance(value, str):
                 raise SpecError(
                     f"unknown {key} '{value}'; expected {one_of(self.choices)}", span, hint=hint

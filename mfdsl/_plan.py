@@ -79,11 +79,11 @@ class LayerPlan:
 
 @dataclass(frozen=True, kw_only=True)
 class OptimizerPlan:
-    """``sgd`` (heavy-ball momentum, decoupled-free L2 weight decay) or ``langevin``.
+    """``sgd`` (heavy-ball momentum, L2 weight decay) or ``langevin``.
 
     ``langevin`` adds, per step and per entry, Gaussian noise of variance
-    ``2 * lr * schedule * lr_mult * temperature`` (scaled per layer like the learning
-    rate) to an SGD step with weight decay.
+    ``2 * lr * schedule * decay_mult * temperature`` (the layer's per-entry rate, see
+    :class:`LayerPlan`) to an SGD step with weight decay.
     """
 
     kind: Literal["sgd", "langevin"]

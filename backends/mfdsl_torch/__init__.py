@@ -21,7 +21,12 @@ class TorchBackend(Backend):
     name: ClassVar[str] = "torch"
     description: ClassVar[str] = "finite-width networks trained with PyTorch"
     options: ClassVar[tuple[Option, ...]] = (
-        Option(name="device", kind=Choice(("cpu", "cuda")), default="cpu", help="where to train"),
+        Option(
+            name="device",
+            kind=Choice(("cpu", "cuda"), aliases=(("gpu", "cuda"),)),
+            default="cpu",
+            help="where to train",
+        ),
         Option(
             name="dtype",
             kind=Choice(("float32", "float64")),
