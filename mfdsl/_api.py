@@ -30,10 +30,7 @@ def load(path: str | os.PathLike[str], *, overrides: Sequence[str] = ()) -> ir.S
     """Load a ``.mf`` or ``.yaml`` spec file, apply ``--set`` overrides, and check it."""
     name = os.fspath(path)
     source = read_source(name)
-    if name.endswith(YAML_SUFFIXES):
-        module = yaml_to_module(source, name)
-    else:
-        module = parse_text(source, name)
+    module = yaml_to_module(source, name) if name.endswith(YAML_SUFFIXES) else parse_text(source, name)
     return build(apply_overrides(module, overrides))
 
 
@@ -85,7 +82,11 @@ def _override(module: Module, text: str) -> Module:
         if not all(isinstance(i, ex.Name) for i in items) or not items:
             raise SpecError("'backends' takes a name or a list of names", value.span).located(None, None)
         names = tuple(i.id for i in items if isinstance(i, ex.Name))
-        put(Statement(keyword="backends", names=names, span=value.span, name_spans=tuple(i.span for i in items)))
+        put(
+            Statement(
+                keyword="backends", names=names, span=value.span, name_spans=tuple(i.span for i in items)
+            )
+        )
     elif block == "record" and key in ("every", "log"):
         index = find("record")
         if index is None:
@@ -93,7 +94,9 @@ def _override(module: Module, text: str) -> Module:
         statements[index] = dataclasses.replace(statements[index], names=(key,), arg=value)
     elif block in ("data", "network", "train", "sweep") or (block not in KEYWORDS and block):
         if not key:
-            raise SpecError(f"say which key of '{block}' to set, e.g. {block}.KEY=VALUE", where).located(None, None)
+            raise SpecError(f"say which key of '{block}' to set, e.g. {block}.KEY=VALUE", where).located(
+                None, None
+            )
         keyword = block if block in KEYWORDS else "options"
         if keyword == "options" and block not in available_backends():
             hint = did_you_mean(block, list(KEYWORDS) + sorted(available_backends()))
@@ -108,7 +111,9 @@ def _override(module: Module, text: str) -> Module:
                 raise SpecError("the spec has no 'data' block to change", where).located(None, None)
             names = ("mlp",) if keyword == "network" else ((block,) if keyword == "options" else ())
             statements.append(
-                Statement(keyword=keyword, names=names, body=(entry,), span=where, name_spans=(where,) * len(names))
+                Statement(
+                    keyword=keyword, names=names, body=(entry,), span=where, name_spans=(where,) * len(names)
+                )
             )
         else:
             stmt = statements[index]
@@ -141,7 +146,9 @@ def _retag(expr: ex.Expr, text: str) -> Any:
 
 def to_yaml(spec: ir.Spec) -> str:
     """The checked IR as YAML; :func:`load` reads it back to an equal spec."""
-    return yaml.safe_dump(to_dict(spec), sort_keys=False, allow_unicode=True, width=100, default_flow_style=None)
+    return yaml.safe_dump(
+        to_dict(spec), sort_keys=False, allow_unicode=True, width=100, default_flow_style=None
+    )
 
 
 def to_dict(spec: ir.Spec) -> dict[str, Any]:
@@ -156,7 +163,10 @@ def to_dict(spec: ir.Spec) -> dict[str, Any]:
     out["train"] = _node_dict(spec.train)
     if spec.record is not None:
         rec = spec.record
-        out["record"] = {rec.mode: _plain(rec.count), "observables": [_observable(o) for o in rec.observables]}
+        out["record"] = {
+            rec.mode: _plain(rec.count),
+            "observables": [_observable(o) for o in rec.observables],
+        }
     out["sweep"] = {v.name: [_sweep_value(x) for x in v.values] for v in spec.sweep.variables}
     out["backends"] = list(spec.backends)
     if spec.backend_options:
@@ -183,7 +193,9 @@ def _plain(value: Any) -> Any:
 
 
 def _sweep_value(value: Any) -> Any:
-    if isinstance(value, str) and not value.isidentifier():
+    # A bare word reads back as a symbol, except "true" and "false", which read back
+    # as booleans: those strings keep their quotes.
+    if isinstance(value, str) and (not value.isidentifier() or value in ("true", "false")):
         return ex.to_source(ex.Str(value=value))
     return value
 
@@ -207,7 +219,11 @@ def _source(value: Any) -> str:
 
 
 def _observable(obs: ir.Observable) -> str:
-    args = [f"{n} = {_source(getattr(obs, n))}" for n in ir.Observable.accepted(obs.name) if getattr(obs, n) is not None]
+    args = [
+        f"{n} = {_source(getattr(obs, n))}"
+        for n in ir.Observable.accepted(obs.name)
+        if getattr(obs, n) is not None
+    ]
     return f"{obs.name}({', '.join(args)})" if args else obs.name
 
 
@@ -219,12 +235,16 @@ def yaml_to_module(source: str, path: str | None = None) -> Module:
         mark = getattr(error, "problem_mark", None)
         span = None
         if mark is not None:
-            span = Span(line=mark.line + 1, column=mark.column + 1, end_line=mark.line + 1, end_column=mark.column + 2)
+            span = Span(
+                line=mark.line + 1, column=mark.column + 1, end_line=mark.line + 1, end_column=mark.column + 2
+            )
         problem = getattr(error, "problem", None) or "invalid YAML"
         raise SpecError(f"invalid YAML: {problem}", span, path=path, source=source) from None
     top = Span(line=1, column=1, end_line=1, end_column=2)
     if not isinstance(doc, dict):
-        raise SpecError("a YAML spec is a mapping of blocks (experiment, data, ...)", top, path=path, source=source)
+        raise SpecError(
+            "a YAML spec is a mapping of blocks (experiment, data, ...)", top, path=path, source=source
+        )
     try:
         return Module(statements=tuple(_yaml_statements(doc, top)), source=source, path=path)
     except SpecError as error:
@@ -233,7 +253,18 @@ def yaml_to_module(source: str, path: str | None = None) -> Module:
 
 def _yaml_statements(doc: Mapping[str, Any], top: Span) -> list[Statement]:
     out: list[Statement] = []
-    known = ("experiment", "data", "network", "scaling", "init", "train", "record", "sweep", "backends", "options")
+    known = (
+        "experiment",
+        "data",
+        "network",
+        "scaling",
+        "init",
+        "train",
+        "record",
+        "sweep",
+        "backends",
+        "options",
+    )
     for key, value in doc.items():
         if key not in known:
             raise SpecError(f"unknown YAML key '{key}'", top, hint=did_you_mean(str(key), known))
@@ -243,7 +274,11 @@ def _yaml_statements(doc: Mapping[str, Any], top: Span) -> list[Statement]:
             body = dict(_mapping(value, key))
             kind = str(body.pop("kind", "mlp" if key == "network" else ""))
             cls = ir.DATA_KINDS.get(kind) if key == "data" else ir.Network
-            out.append(Statement(keyword=key, names=(kind,), body=_yaml_entries(body, cls), span=top, name_spans=(top,)))
+            out.append(
+                Statement(
+                    keyword=key, names=(kind,), body=_yaml_entries(body, cls), span=top, name_spans=(top,)
+                )
+            )
         elif key in ("train", "sweep"):
             out.append(Statement(keyword=key, body=_yaml_entries(_mapping(value, key), None), span=top))
         elif key == "init":
@@ -252,7 +287,9 @@ def _yaml_statements(doc: Mapping[str, Any], top: Span) -> list[Statement]:
                 rule = _mapping(rule, "an init rule")
                 if set(rule) != {"layer", "dist"}:
                     raise SpecError("an init rule in YAML is {layer: ..., dist: ...}", top)
-                rules.append(Rule(selector=_yaml_expr(rule["layer"]), dist=_yaml_expr(rule["dist"]), span=top))
+                rules.append(
+                    Rule(selector=_yaml_expr(rule["layer"]), dist=_yaml_expr(rule["dist"]), span=top)
+                )
             out.append(Statement(keyword="init", body=tuple(rules), span=top))
         elif key == "record":
             rec = dict(_mapping(value, key))
@@ -266,7 +303,9 @@ def _yaml_statements(doc: Mapping[str, Any], top: Span) -> list[Statement]:
             out.append(Statement(keyword="record", names=(modes[0],), arg=arg, body=observables, span=top))
         elif key == "backends":
             names = tuple(str(v) for v in (value if isinstance(value, list) else [value]))
-            out.append(Statement(keyword="backends", names=names, span=top, name_spans=tuple(top for _ in names)))
+            out.append(
+                Statement(keyword="backends", names=names, span=top, name_spans=tuple(top for _ in names))
+            )
         else:
             backends = available_backends()
             for backend, opts in _mapping(value, key).items():
@@ -276,7 +315,11 @@ def _yaml_statements(doc: Mapping[str, Any], top: Span) -> list[Statement]:
                     Entry(key=str(k), value=_yaml_expr(v, literal=k in strings), span=top, key_span=top)
                     for k, v in _mapping(opts, backend).items()
                 )
-                out.append(Statement(keyword="options", names=(str(backend),), body=entries, span=top, name_spans=(top,)))
+                out.append(
+                    Statement(
+                        keyword="options", names=(str(backend),), body=entries, span=top, name_spans=(top,)
+                    )
+                )
     return out
 
 
@@ -284,7 +327,9 @@ def _mapping(value: Any, what: str) -> Mapping[str, Any]:
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise SpecError(f"'{what}' in YAML must be a mapping", Span(line=1, column=1, end_line=1, end_column=2))
+        raise SpecError(
+            f"'{what}' in YAML must be a mapping", Span(line=1, column=1, end_line=1, end_column=2)
+        )
     return value
 
 
@@ -292,7 +337,8 @@ def _yaml_entries(body: Mapping[str, Any], cls: Any) -> tuple[Entry, ...]:
     strings = {o.name for o in cls.options() if isinstance(o.kind, Str)} if cls is not None else set()
     top = Span(line=1, column=1, end_line=1, end_column=2)
     return tuple(
-        Entry(key=str(k), value=_yaml_expr(v, literal=k in strings), span=top, key_span=top) for k, v in body.items()
+        Entry(key=str(k), value=_yaml_expr(v, literal=k in strings), span=top, key_span=top)
+        for k, v in body.items()
     )
 
 

@@ -89,7 +89,7 @@ def _build(module: Module) -> ir.Spec:
     if "backends" in by_keyword:
         stmt = by_keyword["backends"]
         seen: set[str] = set()
-        for name, span in zip(stmt.names, stmt.name_spans):
+        for name, span in zip(stmt.names, stmt.name_spans, strict=True):
             if name not in backends:
                 raise SpecError(
                     f"unknown backend '{name}'",
@@ -206,14 +206,17 @@ def convert(expr: ex.Expr, kind: Kind, ctx: _Context, key: str) -> Any:
         return expr
     if isinstance(expr, ex.Name) and kind.symbols:
         return expr.id
-    used = [n for n in _variable_names(expr, kind)]
+    used = _variable_names(expr, kind, ctx.variables)
     unknown = [n for n in used if n.id not in ctx.variables]
     if unknown:
         n = unknown[0]
+        hint = did_you_mean(n.id, ctx.variables)
+        if n.id == "last" and kind.symbols:
+            hint = "'last' cannot bound a range A..B; list the layers instead, e.g. [2, 3, last]"
         raise SpecError(
             f"unknown name '{n.id}' in '{key}'",
             n.span,
-            hint=did_you_mean(n.id, ctx.variables)
+            hint=hint
             or "expressions may use 'dim', 'width' and the sweep variables; is it missing from the sweep?",
         )
     if used:
@@ -222,15 +225,15 @@ def convert(expr: ex.Expr, kind: Kind, ctx: _Context, key: str) -> Any:
     return ex.evaluate(expr, {}, symbols=kind.symbols)
 
 
-def _variable_names(expr: ex.Expr, kind: Kind) -> list[ex.Name]:
-    # Bare names inside a list or range of symbols (``[relu, tanh]``, ``[1, last]``) are
-    # symbols, not variables.
-    if isinstance(expr, (ex.List, ex.Range)) and kind.symbols:
+def _variable_names(expr: ex.Expr, kind: Kind, variables: frozenset[str]) -> list[ex.Name]:
+    # Bare names inside a list of symbols (``[relu, tanh]``, ``[1, last]``) are symbols,
+    # not variables, unless they name one.  A range's bounds are always numbers.
+    if isinstance(expr, ex.List) and kind.symbols:
         out: list[ex.Name] = []
-        for item in ex.children(expr):
-            if isinstance(item, ex.Name):
+        for item in expr.items:
+            if isinstance(item, ex.Name) and item.id not in variables:
                 continue
-            out += _variable_names(item, kind)
+            out += _variable_names(item, kind, variables)
         return out
     return ex.names(expr)
 
@@ -307,7 +310,10 @@ def _sweep(stmt: Statement) -> ir.Sweep:
             if isinstance(v, tuple):
                 raise SpecError(f"'{entry.key}' must be a flat list of values", entry.value.span)
             flat.append(v)
-        variables.append(ir.SweepVar(name=entry.key, values=tuple(flat), span=entry.span))
+        spans = {"values": entry.value.span} if entry.value.span else {}
+        if isinstance(entry.value, ex.List):
+            spans.update({f"values[{i}]": item.span for i, item in enumerate(entry.value.items) if item.span})
+        variables.append(ir.SweepVar(name=entry.key, values=tuple(flat), span=entry.span, spans=dict(spans)))
     order = sorted(variables, key=lambda v: {"width": 0, "seed": 1}.get(v.name, 2))
     if not any(v.name == "seed" for v in order):
         order.insert(1 if order and order[0].name == "width" else 0, ir.SweepVar(name="seed", values=(0,)))
@@ -384,9 +390,7 @@ def _record(stmt: Statement, ctx: _Context) -> ir.Record:
             values, spans = convert_items(declared, entries, ctx, item.span, name, positional=item.args)
         else:
             values, spans = {}, {}
-        observables.append(
-            ir.Observable(name=name, **values, span=item.span, spans=dict(spans))
-        )
+        observables.append(ir.Observable(name=name, **values, span=item.span, spans=dict(spans)))
     return ir.Record(
         mode=mode,
         count=count,
@@ -398,6 +402,8 @@ def _record(stmt: Statement, ctx: _Context) -> ir.Record:
 
 def _backend_options(stmt: Statement, ctx: _Context, backends: Mapping[str, Any]) -> ir.BackendOptions:
     name, span = stmt.names[0], stmt.name_spans[0]
+    if name not in backends and name in ir.DATA_KINDS:
+        raise SpecError(f"unknown block '{name}'", span, hint=f"a data block reads 'data {name} {{ ... }}'")
     if name not in backends:
         keyword = did_you_mean(name, KEYWORDS)
         if keyword:

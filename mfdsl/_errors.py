@@ -125,7 +125,7 @@ def _excerpt(source: str | None, span: Span | None) -> list[str]:
     all_lines = source.split("\n")
     if not 1 <= span.line <= len(all_lines):
         return []
-    text = all_lines[span.line - 1].replace("\t", " ")
+    text = all_lines[span.line - 1].removesuffix("\r").replace("\t", " ")
     start = span.column - 1
     width = span.end_column - span.column if span.end_line == span.line else len(text) - start
     width = max(1, min(width, _MAX_SHOWN // 2))

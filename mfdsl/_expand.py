@@ -47,7 +47,7 @@ def expand(spec: ir.Spec) -> Iterator[Point]:
     names = [v.name for v in variables]
     for combo in itertools.product(*(list(enumerate(v.values)) for v in variables)):
         index = tuple(i for i, _ in combo)
-        coords = {name: value for name, (_, value) in zip(names, combo)}
+        coords = {name: value for name, (_, value) in zip(names, combo, strict=True)}
         try:
             concrete = resolve(spec, coords)
         except SpecError as error:

@@ -9,13 +9,15 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 from ._errors import Span, SpecError, did_you_mean
 
 # Deeper expressions are refused: nobody writes them, and recursion over them would
 # overflow Python's stack.
 MAX_DEPTH = 100
+# Integer results beyond this many bits are refused (``10**10**10`` would never finish).
+MAX_BITS = 4096
 
 
 def _span() -> Any:
@@ -101,7 +103,7 @@ class Range:
     span: Span | None = _span()
 
 
-Expr = Union[Num, Str, Bool, Name, BinOp, Neg, Call, List, Range]
+Expr = Num | Str | Bool | Name | BinOp | Neg | Call | List | Range
 EXPR_TYPES = (Num, Str, Bool, Name, BinOp, Neg, Call, List, Range)
 
 _OPS: dict[str, Callable[[Any, Any], Any]] = {
@@ -193,6 +195,8 @@ def evaluate(expr: Expr, env: Mapping[str, Any], *, symbols: bool = False) -> An
     if isinstance(expr, BinOp):
         a = _number(evaluate(expr.left, env), expr.left)
         b = _number(evaluate(expr.right, env), expr.right)
+        if expr.op == "**" and _too_large(a, b):
+            raise SpecError("number too large", expr.span)
         try:
             value = _OPS[expr.op](a, b)
         except ZeroDivisionError:
@@ -201,6 +205,8 @@ def evaluate(expr: Expr, env: Mapping[str, Any], *, symbols: bool = False) -> An
             raise SpecError("number too large", expr.span) from None
         if isinstance(value, complex):
             raise SpecError("negative number raised to a fractional power", expr.span)
+        if isinstance(value, int) and value.bit_length() > MAX_BITS:
+            raise SpecError("number too large", expr.span)
         return value
     if isinstance(expr, Call):
         fn = FUNCTIONS.get(expr.func)
@@ -219,6 +225,13 @@ def evaluate(expr: Expr, env: Mapping[str, Any], *, symbols: bool = False) -> An
         except (ValueError, OverflowError):
             raise SpecError(f"{expr.func}({x:g}) is undefined", expr.span) from None
     raise TypeError(f"not an expression: {expr!r}")
+
+
+def _too_large(a: int | float, b: int | float) -> bool:
+    """Would ``a ** b`` be an integer of more than :data:`MAX_BITS` bits?"""
+    if not (isinstance(a, int) and isinstance(b, int)) or b <= 0 or abs(a) <= 1:
+        return False
+    return b * (abs(a).bit_length() - 1) > MAX_BITS
 
 
 def _number(value: Any, expr: Expr) -> int | float:
@@ -244,6 +257,9 @@ def describe(value: Any) -> str:
         return f"'{value}'"
     if isinstance(value, tuple):
         return "a list"
+    if isinstance(value, int) and abs(value) >= 10**30:
+        digits = int(abs(value).bit_length() * math.log10(2)) + 1
+        return f"{'-' if value < 0 else ''}a number of about {digits} digits"
     return repr(value)
 
 
@@ -275,7 +291,8 @@ def _render(expr: Expr, context: int) -> str:
             return f"({text})" if context > _PRECEDENCE["neg"] else text
         return text
     if isinstance(expr, Str):
-        escaped = expr.value.replace("\\", "\\\\").replace('"', '\\"')
+        # A string literal cannot span lines, so a newline is written as its escape.
+        escaped = expr.value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
         return f'"{escaped}"'
     if isinstance(expr, Bool):
         return "true" if expr.value else "false"

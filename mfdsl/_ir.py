@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, NoReturn, Union
+from typing import Any, ClassVar, NoReturn
 
 from . import _expr as ex
 from ._errors import Span, SpecError
@@ -24,6 +24,7 @@ from ._options import (
     Either,
     Float,
     Int,
+    Kind,
     Layers,
     ListOf,
     Nested,
@@ -85,13 +86,17 @@ class Node:
                 continue
             if is_expr(value) or isinstance(value, Node):
                 continue
-            checked = opt.kind.check(value, self.where(f.name), f.name)
+            checked = opt.kind.check(value, self.where(f.name), self.label(f.name))
             if checked is not value:
                 object.__setattr__(self, f.name, checked)
         self.validate()
 
     def validate(self) -> None:
         """Checks across fields; run when every field involved is concrete."""
+
+    def label(self, name: str) -> str:
+        """What the spec calls field ``name`` in messages."""
+        return name
 
     def where(self, name: str) -> Span | None:
         """The span of field ``name``'s value, or of the node."""
@@ -186,7 +191,7 @@ class ImageData(Node):
                 self.fail(name, f"{self.kind} has only {full} {name} images, asked for {value}")
 
 
-Data = Union[IsotropicGaussian, Teacher, ImageData]
+Data = IsotropicGaussian | Teacher | ImageData
 DATA_KINDS: dict[str, type[Node]] = {
     "isotropic_gaussian": IsotropicGaussian,
     "teacher": Teacher,
@@ -265,7 +270,7 @@ class Constant(Node):
     value: Value = option_field(Float(), help="the value")
 
 
-Dist = Union[Normal, Uniform, Constant]
+Dist = Normal | Uniform | Constant
 DISTRIBUTIONS: dict[str, type[Node]] = {"normal": Normal, "uniform": Uniform, "constant": Constant}
 
 
@@ -293,7 +298,9 @@ class SGD(Node):
 
     constructor: ClassVar[str] = "sgd"
     lr: Value = option_field(Float(min=0, open_min=True), help="base learning rate α")
-    momentum: Value = option_field(Float(min=0, max=1, open_max=True), default=0.0, help="heavy-ball momentum")
+    momentum: Value = option_field(
+        Float(min=0, max=1, open_max=True), default=0.0, help="heavy-ball momentum"
+    )
     weight_decay: Value = option_field(Float(min=0), default=0.0, help="L2 penalty λ")
 
 
@@ -350,9 +357,9 @@ class InverseTimeSchedule(Node):
     rate: Value = option_field(Float(min=0), default=1.0, help="decay rate over the run")
 
 
-Schedule = Union[ConstantSchedule, CosineSchedule, LinearSchedule, StepSchedule, InverseTimeSchedule]
+Schedule = ConstantSchedule | CosineSchedule | LinearSchedule | StepSchedule | InverseTimeSchedule
 SCHEDULES: dict[str, type[Node]] = {
-    c.constructor: c  # type: ignore[attr-defined]
+    c.constructor: c
     for c in (ConstantSchedule, CosineSchedule, LinearSchedule, StepSchedule, InverseTimeSchedule)
 }
 
@@ -408,9 +415,13 @@ class Observable(Node):
         return _OBS_ARGS.get(name, ())
 
     def validate(self) -> None:
-        if self.name == "particles" and self.layer is not None and not is_expr(self.layer):
-            if len(self.layer) != 1:
-                self.fail("layer", "particles(layer = N) observes a single hidden layer")
+        if (
+            self.name == "particles"
+            and self.layer is not None
+            and not is_expr(self.layer)
+            and len(self.layer) != 1
+        ):
+            self.fail("layer", "particles(layer = N) observes a single hidden layer")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -421,6 +432,9 @@ class Record(Node):
     mode: str = option_field(Choice(("every", "log")), default="every", help="spacing")
     count: Value = option_field(Int(min=1), default=100, help="interval (every) or number of records (log)")
     observables: tuple[Observable, ...] = ()
+
+    def label(self, name: str) -> str:
+        return self.mode if name == "count" and isinstance(self.mode, str) else name
 
     def validate(self) -> None:
         seen: dict[str, Observable] = {}
@@ -464,13 +478,19 @@ class Sweep(Node):
         names = self.names
         if "width" not in names:
             self.fail(None, "the sweep has no 'width'", hint="add e.g. sweep { width = [64, 256, 1024] }")
+        kinds: dict[str, Kind] = {"width": Int(min=1), "seed": Int(min=0, max=2**32 - 1)}
         for var in self.variables:
-            if var.name == "width":
-                ListOf(Int(min=1), min_length=1).check(var.values, var.span, "width")
-            elif var.name == "seed":
-                ListOf(Int(min=0, max=2**32 - 1), min_length=1).check(var.values, var.span, "seed")
-            else:
-                ListOf(AnyValue(), min_length=1).check(var.values, var.span, var.name)
+            # Each value is checked where it is written (``spans["values[i]"]``, set for
+            # a list), so ``width = [64, 0]`` points at the 0.
+            kind = kinds.get(var.name, AnyValue())
+            seen: set[Any] = set()
+            for i, value in enumerate(var.values):
+                where = var.spans.get(f"values[{i}]") or var.where("values")
+                value = kind.check(value, where, var.name)
+                if value in seen:
+                    raise SpecError(f"'{var.name}' lists {ex.describe(value)} twice", where)
+                seen.add(value)
+            ListOf(AnyValue(), min_length=1).check(var.values, var.where("values"), var.name)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -523,11 +543,15 @@ class Spec(Node):
             if train.loss == "cross_entropy" and kind == "regression":
                 train.fail("loss", "cross_entropy needs class labels; the teacher task is regression")
         if train.epochs is not None and not is_expr(self.data.train) and self.data.train == "online":
-            train.fail("epochs", "'epochs' needs a finite training set, but the data is online", hint="use 'steps'")
+            train.fail(
+                "epochs", "'epochs' needs a finite training set, but the data is online", hint="use 'steps'"
+            )
         if self.record is not None and kind == "regression":
             for obs in self.record.observables:
                 if obs.name == "test_accuracy":
-                    raise SpecError("test_accuracy needs class labels; the teacher task is regression", obs.span)
+                    raise SpecError(
+                        "test_accuracy needs class labels; the teacher task is regression", obs.span
+                    )
 
     def _check_layers(self, depth: int) -> None:
         last = depth + 1
@@ -539,7 +563,7 @@ class Spec(Node):
                     node.fail(
                         name,
                         f"layer {layer} is not {what}: the network has {depth} hidden layer(s), "
-                        f"so {what}s are {allowed.start}..{allowed.stop - 1}",
+                        f"so its {what.removeprefix('a ')}s are {allowed.start}..{allowed.stop - 1}",
                     )
             return layers
 
@@ -583,4 +607,3 @@ def describe_options(options: tuple[Option, ...]) -> str:
         default = "required" if opt.default is REQUIRED else f"default {opt.default!r}"
         lines.append(f"{opt.name}: {opt.kind.describe()} ({default}) — {opt.help}")
     return "\n".join(lines)
-

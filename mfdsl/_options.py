@@ -8,6 +8,7 @@ specs and third-party backends' options, so all of them get the same messages.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -65,6 +66,10 @@ class Int(Kind):
         return value
 
 
+def _finite(value: int | float) -> bool:
+    return abs(value) <= sys.float_info.max if isinstance(value, int) else math.isfinite(value)
+
+
 @dataclass(frozen=True)
 class Float(Kind):
     """A finite real number within bounds (``open_min``: the bound itself excluded)."""
@@ -85,7 +90,7 @@ class Float(Kind):
         return "a number" + (" " + " and ".join(parts) if parts else "")
 
     def check(self, value: Any, span: Span | None, key: str) -> Any:
-        if not _is_number(value) or not math.isfinite(value):
+        if not _is_number(value) or not _finite(value):
             raise self._wrong(value, span, key)
         low_bad = self.min is not None and (value <= self.min if self.open_min else value < self.min)
         high_bad = self.max is not None and (value >= self.max if self.open_max else value > self.max)
@@ -138,9 +143,7 @@ class Choice(Kind):
             hint = f"did you mean '{alias}'?" if alias else None
             hint = hint or (did_you_mean(value, self.choices) if isinstance(value, str) else None)
             if isinstance(value, str):
-                raise SpecError(
-                    f"unknown {key} '{value}'; expected {one_of(self.choices)}", span, hint=hint
-                )
+                raise SpecError(f"unknown {key} '{value}'; expected {one_of(self.choices)}", span, hint=hint)
             raise self._wrong(value, span, key, hint)
         return value
 

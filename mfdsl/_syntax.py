@@ -7,17 +7,20 @@ builder in ``_build`` gives it meaning.  It keeps comments and positions, which 
 
 from __future__ import annotations
 
+import builtins
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
-from typing import Any, Union
+from typing import Any
 
 import lark
 from lark import Lark, Token, v_args
+from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedToken, VisitError
+from lark.parsers.lalr_interactive_parser import InteractiveParser
 from lark.visitors import Transformer_NonRecursive
-from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedToken
 
 from . import _expr as ex
 from ._errors import Span, SpecError, did_you_mean
@@ -36,6 +39,7 @@ KEYWORDS = (
 )
 
 MAX_SOURCE = 10_000_000  # characters; a spec is a few hundred
+MAX_DIGITS = 1000  # an integer literal longer than this is refused (Python caps int() at 4300)
 
 
 def _span() -> Any:
@@ -61,7 +65,7 @@ class Rule:
     span: Span | None = _span()
 
 
-Item = Union[Entry, Rule, ex.Expr]
+Item = Entry | Rule | ex.Expr
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -116,30 +120,33 @@ class _ToSyntax(Transformer_NonRecursive):
 
     # -- expressions
     @v_args(meta=True)
-    def int(self, meta: Any, children: list[Token]) -> ex.Expr:
-        return ex.Num(value=int(children[0]), span=Span.of(meta))
+    def int(self, meta: Any, children: builtins.list[Token]) -> ex.Expr:
+        text = str(children[0])
+        if len(text) > MAX_DIGITS:
+            raise SpecError(f"number too large ({len(text)} digits)", Span.of(meta))
+        return ex.Num(value=int(text), span=Span.of(meta))
 
     @v_args(meta=True)
-    def float(self, meta: Any, children: list[Token]) -> ex.Expr:
+    def float(self, meta: Any, children: builtins.list[Token]) -> ex.Expr:
         value = float(children[0])
         if value == float("inf"):
             raise SpecError(f"number too large: {children[0]}", Span.of(meta))
         return ex.Num(value=value, span=Span.of(meta))
 
     @v_args(meta=True)
-    def string(self, meta: Any, children: list[Token]) -> ex.Expr:
+    def string(self, meta: Any, children: builtins.list[Token]) -> ex.Expr:
         raw = str(children[0])[1:-1]
         return ex.Str(value=_unescape(raw), span=Span.of(meta))
 
     @v_args(meta=True)
-    def name(self, meta: Any, children: list[Token]) -> ex.Expr:
+    def name(self, meta: Any, children: builtins.list[Token]) -> ex.Expr:
         text = str(children[0])
         if text in ("true", "false"):
             return ex.Bool(value=text == "true", span=Span.of(meta))
         return ex.Name(id=text, span=Span.of(meta))
 
     @v_args(meta=True)
-    def call(self, meta: Any, children: list[Any]) -> ex.Expr:
+    def call(self, meta: Any, children: builtins.list[Any]) -> ex.Expr:
         func, *args = children
         positional = tuple(a for a in args if not isinstance(a, tuple))
         keywords = tuple(a[:2] for a in args if isinstance(a, tuple))
@@ -151,34 +158,36 @@ class _ToSyntax(Transformer_NonRecursive):
                 seen[a[0]] = a
             elif seen:
                 raise SpecError("positional argument after a keyword argument", a.span)
-        node = ex.Call(func=str(func), args=positional, kwargs=keywords, span=Span.of(meta), func_span=Span.of(func))
+        node = ex.Call(
+            func=str(func), args=positional, kwargs=keywords, span=Span.of(meta), func_span=Span.of(func)
+        )
         return _nested(node, meta)
 
     @v_args(meta=True)
-    def kwarg(self, meta: Any, children: list[Any]) -> tuple[str, ex.Expr, Span | None]:
+    def kwarg(self, meta: Any, children: builtins.list[Any]) -> tuple[str, ex.Expr, Span | None]:
         return (str(children[0]), children[1], Span.of(children[0]))
 
     @v_args(meta=True)
-    def list(self, meta: Any, children: list[Any]) -> ex.Expr:
+    def list(self, meta: Any, children: builtins.list[Any]) -> ex.Expr:
         return _nested(ex.List(items=tuple(children), span=Span.of(meta)), meta)
 
     @v_args(meta=True)
-    def range(self, meta: Any, children: list[Any]) -> ex.Expr:
+    def range(self, meta: Any, children: builtins.list[Any]) -> ex.Expr:
         return _nested(ex.Range(lo=children[0], hi=children[1], span=Span.of(meta)), meta)
 
     @v_args(meta=True)
-    def neg(self, meta: Any, children: list[Any]) -> ex.Expr:
+    def neg(self, meta: Any, children: builtins.list[Any]) -> ex.Expr:
         (operand,) = children
         if isinstance(operand, ex.Num):  # a negative literal is a literal
             return ex.Num(value=-operand.value, span=Span.of(meta))
         return _nested(ex.Neg(operand=operand, span=Span.of(meta)), meta)
 
-    def pos(self, children: list[Any]) -> ex.Expr:
-        return children[0]  # type: ignore[no-any-return]
+    def pos(self, children: builtins.list[Any]) -> ex.Expr:
+        return children[0]
 
     def _binop(op: str) -> Callable[..., ex.Expr]:  # type: ignore[misc]
         @v_args(meta=True)
-        def build(self: Any, meta: Any, children: list[Any]) -> ex.Expr:
+        def build(self: Any, meta: Any, children: builtins.list[Any]) -> ex.Expr:
             node = ex.BinOp(op=op, left=children[0], right=children[1], span=Span.of(meta))
             return _nested(node, meta)
 
@@ -192,20 +201,20 @@ class _ToSyntax(Transformer_NonRecursive):
 
     # -- block contents
     @v_args(meta=True)
-    def entry(self, meta: Any, children: list[Any]) -> Entry:
+    def entry(self, meta: Any, children: builtins.list[Any]) -> Entry:
         key, value = children
         return Entry(key=str(key), value=value, span=Span.of(meta), key_span=Span.of(key))
 
     @v_args(meta=True)
-    def rule(self, meta: Any, children: list[Any]) -> Rule:
+    def rule(self, meta: Any, children: builtins.list[Any]) -> Rule:
         _, selector, dist = children
         return Rule(selector=selector, dist=dist, span=Span.of(meta))
 
-    def block(self, children: list[Any]) -> tuple[Item, ...]:
+    def block(self, children: builtins.list[Any]) -> tuple[Item, ...]:
         return tuple(children)
 
     @v_args(meta=True)
-    def observable(self, meta: Any, children: list[Token]) -> ex.Expr:
+    def observable(self, meta: Any, children: builtins.list[Token]) -> ex.Expr:
         return ex.Name(id=str(children[0]), span=Span.of(meta))
 
     observable_call = call
@@ -213,7 +222,7 @@ class _ToSyntax(Transformer_NonRecursive):
     # -- statements
     def _statement(keyword: str) -> Callable[..., Statement]:  # type: ignore[misc]
         @v_args(meta=True)
-        def build(self: Any, meta: Any, children: list[Any]) -> Statement:
+        def build(self: Any, meta: Any, children: builtins.list[Any]) -> Statement:
             names = [c for c in children if isinstance(c, Token) and c.type == "NAME"]
             heads = [c for c in children if isinstance(c, Token) and c.type in ("EVERY", "LOG")]
             body = next((c for c in children if isinstance(c, tuple)), None)
@@ -245,7 +254,7 @@ class _ToSyntax(Transformer_NonRecursive):
     backends = _statement("backends")
     options = _statement("options")
 
-    def start(self, children: list[Any]) -> tuple[Statement, ...]:
+    def start(self, children: builtins.list[Any]) -> tuple[Statement, ...]:
         return tuple(c for c in children if isinstance(c, Statement))
 
 
@@ -273,8 +282,8 @@ def _cache_file() -> str | bool:
     folder = os.path.join(base, "mfdsl")
     try:
         os.makedirs(folder, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=folder, delete=True)
-        probe.close()
+        with tempfile.NamedTemporaryFile(dir=folder, delete=True):
+            pass  # the folder is writable
     except OSError:
         return False
     return os.path.join(folder, f"grammar-lark{lark.__version__}.cache")
@@ -307,6 +316,8 @@ def parse_text(source: str, path: str | None = None) -> Module:
         raise _translate(error, source, "start").located(path, source) from None
     except SpecError as error:
         raise error.located(path, source) from None
+    except VisitError as error:  # a check inside the transformer; lark wraps it
+        raise _unwrap(error).located(path, source) from None
     except RecursionError:
         raise SpecError("spec nested too deeply", path=path) from None
     lines = source.split("\n")
@@ -331,14 +342,26 @@ def parse_value(source: str, path: str | None = None) -> ex.Expr:
         raise _translate(error, source, "value").located(path, source) from None
     except SpecError as error:
         raise error.located(path, source) from None
+    except VisitError as error:
+        raise _unwrap(error).located(path, source) from None
     return value
+
+
+def _unwrap(error: VisitError) -> SpecError:
+    """The SpecError that a check inside the transformer raised (lark wraps it)."""
+    if isinstance(error.orig_exc, SpecError):
+        return error.orig_exc
+    if isinstance(error.orig_exc, RecursionError):
+        return SpecError("spec nested too deeply")
+    raise error.orig_exc from None
 
 
 def read_source(path: str | os.PathLike[str]) -> str:
     """A spec file's text; unreadable or non-UTF-8 files raise :class:`SpecError`."""
     name = os.fspath(path)
     try:
-        data = open(name, "rb").read(MAX_SOURCE + 1)
+        with open(name, "rb") as file:
+            data = file.read(MAX_SOURCE + 1)
     except FileNotFoundError:
         raise SpecError("no such file", path=name) from None
     except IsADirectoryError:
@@ -380,6 +403,11 @@ _TERMINAL_WORDS = {
 _OPERATORS = {"+", "-", "*", "/", "**", ".."}
 _VALUE_STARTS = {"INT", "FLOAT", "STRING", "NAME", "LSQB", "LPAR"}
 
+_TOP_LEVEL = "statements sit at the top level, one after another; is a '}' missing above?"
+_COMMAS = "items of a list are separated by commas"
+_EXTRA_BRACE = "this '}' closes no block; is there one too many?"
+_UNCLOSED = "a block is missing its closing '}'"
+
 # Common mistakes, recognised by the parser state they leave (lark's match_examples).
 _EXAMPLES: dict[str, list[str]] = {
     "use '=' between a key and its value": [
@@ -394,10 +422,19 @@ _EXAMPLES: dict[str, list[str]] = {
         "init { layer 1..2 = normal(0, 1) }",
         "init { layer 1..2 normal(0, 1) }",
     ],
-    "each init rule starts with 'layer'": ["init { 1 ~ normal(0, 1) }", "init { layers 1 ~ normal(0, 1) }"],
-    "items of a list are separated by commas": [
+    "each init rule starts with 'layer'": [
+        "init { 1 ~ normal(0, 1) }",
+        "init { layers 1 ~ normal(0, 1) }",
+        "init { layer 1 ~ normal(0, 1) 2 ~ normal(0, 1) }",
+        "init { layer 1 ~ normal(0, 1) layers 2 ~ normal(0, 1) }",
+    ],
+    _COMMAS: [
         "sweep { width = [1 2] }",
         "sweep { width = [1, 2 3] }",
+        "sweep { width = [1, 2.5 3.5] }",
+        "sweep { width = [a b] }",
+        'sweep { width = ["a" "b"] }',
+        "sweep { width = [[1] [2]] }",
     ],
     "'record' needs 'every N' or 'log N' before its braces, e.g. 'record every 100 { train_loss }'": [
         "record { train_loss }",
@@ -409,11 +446,7 @@ _EXAMPLES: dict[str, list[str]] = {
         "train { steps = ; }",
         "train { steps = \n batch = 1 }",
     ],
-    "backend names are separated by commas, e.g. 'backends torch, jax'": [
-        "backends torch jax",
-        "backends torch jax;",
-    ],
-    "a block is missing its closing '}'": [
+    _UNCLOSED: [
         "train { steps = 10 ",
         "train { steps = 10, ",
         "data teacher { dim = 3 ",
@@ -423,21 +456,51 @@ _EXAMPLES: dict[str, list[str]] = {
     "a '(' is never closed": ["train { optimizer = sgd(lr = 0.1 }", "train { a = (1 + 2 }"],
     "a '[' is never closed": ["sweep { width = [1, 2 }"],
     "a statement starts with a keyword (experiment, data, network, scaling, init, train, record, "
-    "sweep, backends) or a backend's name followed by '{'": ["steps = 10", "lr = 0.1", "x = 1; data teacher {}"],
+    "sweep, backends) or a backend's name followed by '{'": [
+        "steps = 10",
+        "lr = 0.1",
+        "x = 1; data teacher {}",
+        "= 1",
+        "1",
+        "[1]",
+        '"x"',
+    ],
+    _EXTRA_BRACE: ["train { steps = 10 } }", "}"],
     "'..' makes a range of integers, e.g. 0..4": ["sweep { seed = 0.. }", "sweep { seed = ..4 }"],
-    "statements sit at the top level, one after another; is a '}' missing above?": [
+    _TOP_LEVEL: [
         "train { steps = 10 record every 5 { train_loss } }",
         "train { steps = 10 sweep { width = [1] } }",
         "data teacher { dim = 3 train { steps = 1 } }",
     ],
 }
 
-_HINTS = {"'": "strings use double quotes: \"like this\""}
+# Labels that fit only an error at the same kind of token as their example: in the
+# same parser state, another token usually means another mistake.
+_BY_TOKEN = {
+    "each init rule starts with 'layer'",
+    _COMMAS,
+    _UNCLOSED,
+    "a '(' is never closed",
+    "a '[' is never closed",
+    _EXTRA_BRACE,
+    _TOP_LEVEL,
+}
+# Keywords that are also keys (``data teacher { train = 100 }``).
+_KEYWORD_KEYS = {"train"}
+
+_HINTS = {
+    "'": 'strings use double quotes: "like this"',
+    '"': "this string is never closed (a string ends on the line it starts)",
+}
+_WINDOW = 200  # characters before an error searched for context
+_BACKENDS_HINT = "backend names are separated by commas, e.g. 'backends torch, jax'"
+# ``backends torch jax``: the parser takes ``jax`` for the start of an options block.
+_BACKENDS_LIST = re.compile(r"\bbackends[ \t]+\w+([ \t]*,[ \t]*\w+)*[ \t]+\w+\s*$")
 
 
 def _words(names: set[str], parser_: Lark) -> str:
     names = set(names)
-    if _VALUE_STARTS <= names:
+    if names >= _VALUE_STARTS:
         names -= _VALUE_STARTS | {"MINUS", "PLUS", "TRUE", "FALSE"}
         names.add("<value>")
     words: list[str] = []
@@ -464,22 +527,90 @@ def _words(names: set[str], parser_: Lark) -> str:
     return quoted[0] if len(quoted) == 1 else ", ".join(quoted[:-1]) + " or " + quoted[-1]
 
 
+def _accepts(state: Any) -> set[str] | None:
+    """The terminals the parser accepts in ``state`` (``None`` if it cannot tell)."""
+    try:
+        return set(InteractiveParser(None, state, state.lexer).accepts())
+    except Exception:  # noqa: BLE001 - fall back to lark's (looser) expected set
+        return None
+
+
+def _position(state: Any) -> Any:
+    return getattr(state, "position", state)
+
+
+def _match_examples(error: UnexpectedInput, start: str) -> str | None:
+    """The label of the example in :data:`_EXAMPLES` that fails like ``error``.
+
+    Like lark's ``match_examples``, but parser states are compared by their LALR state
+    and the tokens they accept: lark also compares the stack depth, so an example would
+    only match an error with as many statements or entries before it.
+    """
+    p = parser()
+    state = getattr(error, "state", None)
+    here = _position(state)
+    if here is None:
+        return None
+    accepts = _accepts(state)
+    token = getattr(error, "token", None)
+    char = getattr(error, "char", None)
+    same_state: str | None = None
+    same_type: str | None = None
+    for label, examples in _EXAMPLES.items():
+        for text in examples:
+            try:
+                p.parse(text, start=start)
+            except UnexpectedInput as other:
+                if _position(getattr(other, "state", None)) != here:
+                    continue
+                if _accepts(other.state) != accepts:
+                    continue  # the same LALR state, reached in another context
+                other_token = getattr(other, "token", None)
+                if token is not None and other_token is not None:
+                    if other_token.type == token.type and str(other_token) == str(token):
+                        return label
+                    if other_token.type == token.type and same_type is None:
+                        same_type = label
+                elif char is not None:
+                    # an unexpected character matches only an example with the same one
+                    if getattr(other, "char", None) == char:
+                        return label
+                    continue
+                if same_state is None and label not in _BY_TOKEN:
+                    same_state = label
+    return same_type or same_state
+
+
+def _starts_line(source: str, pos: int) -> bool:
+    return not source[source.rfind("\n", 0, pos) + 1 : pos].strip()
+
+
 def _translate(error: UnexpectedInput, source: str, start: str) -> SpecError:
     p = parser()
     line, column = error.line, error.column
+    try:
+        label = _match_examples(error, start)
+    except Exception:  # noqa: BLE001 - a failed lookup must not hide the real error
+        label = None
     if isinstance(error, UnexpectedCharacters):
-        char = source[error.pos_in_stream] if error.pos_in_stream < len(source) else ""
-        span = Span(
-            line=line, column=column, end_line=line, end_column=column + 1, start_pos=error.pos_in_stream
-        )
+        pos = error.pos_in_stream or 0
+        char = source[pos] if pos < len(source) else ""
+        span: Span | None = Span(line=line, column=column, end_line=line, end_column=column + 1, start_pos=pos)
         shown = f"'{char}'" if char.isprintable() else repr(char)
+        allowed = _accepts(error.state) if error.state is not None else None
+        if allowed is None:
+            allowed = set(error.allowed or ())
         hint = _HINTS.get(char)
         if char == ".":
             hint = "numbers need a digit on both sides of the point, e.g. 0.5"
+        elif char == ":" and "EQUAL" in allowed:
+            hint = "use '=' between a key and its value"
+        elif char.isalpha() and not char.isascii():
+            hint = "names use ASCII letters, digits and '_' (other characters are fine inside strings)"
         return SpecError(
             f"unexpected character {shown}",
             span,
-            hint=hint or f"expected {_words(set(error.allowed or ()), p)}",
+            hint=hint or label or f"expected {_words(allowed, p)}",
         )
     assert isinstance(error, UnexpectedToken)
     token = error.token
@@ -488,43 +619,55 @@ def _translate(error: UnexpectedInput, source: str, start: str) -> SpecError:
     except Exception:  # noqa: BLE001 - fall back to lark's (looser) expected set
         acceptable = set(error.expected)
     expected = _words(acceptable, p)
-    label: str | None = None
-    try:
-        label = error.match_examples(
-            lambda text: p.parse(text, start=start), _EXAMPLES, token_type_match_fallback=True, use_accepts=True
-        )
-    except Exception:  # noqa: BLE001 - a failed lookup must not hide the real error
-        label = None
     if token.type == "$END":
-        line = source.count("\n") + 1
-        column = len(source) - (source.rfind("\n") + 1) + 1
-        span = Span(line=line, column=column, end_line=line, end_column=column + 1, start_pos=len(source))
-        return SpecError(f"unexpected end of file; expected {expected}", span, hint=label)
-    if acceptable == {"LBRACE"}:
+        # Point just past the last thing written, not at the blank line after it.
+        end = len(source.rstrip()) or len(source)
+        line = source.count("\n", 0, end) + 1
+        column = end - (source.rfind("\n", 0, end) + 1) + 1
+        span = Span(
+            line=line, column=column, end_line=line, end_column=column + 1, start_pos=end, end_pos=end
+        )
+        if acceptable == {"LBRACE"} and _BACKENDS_LIST.search(source[max(0, end - _WINDOW) : end]):
+            label = _BACKENDS_HINT
+        end_of = "the value" if start == "value" else "file"
+        return SpecError(f"unexpected end of {end_of}; expected {expected}", span, hint=label)
+    # Only the text just before the token is searched: a regex over a 1 MB line is slow.
+    window = max(0, (token.start_pos or 0) - _WINDOW)
+    before = re.search(r"([A-Za-z_][A-Za-z0-9_]*)[ \t]*$", source[window : token.start_pos or 0])
+    if acceptable == {"LBRACE"} and _BACKENDS_LIST.search(source[window : token.start_pos or 0]):
+        label = _BACKENDS_HINT
+    elif acceptable == {"LBRACE"}:
         # ``foo bar`` at the top level: ``foo`` was taken for a backend's option block,
         # but is far more likely a misspelt keyword.
-        import re
-
-        before = re.search(r"([A-Za-z_][A-Za-z0-9_]*)[ \t]*$", source[: token.start_pos or 0])
         suggestion = did_you_mean(before.group(1), KEYWORDS) if before else None
         if before and suggestion:
-            start_pos = before.start(1)
+            start_pos = window + before.start(1)
             line = source.count("\n", 0, start_pos) + 1
             column = start_pos - (source.rfind("\n", 0, start_pos) + 1) + 1
-            span = Span(
+            where = Span(
                 line=line,
                 column=column,
                 end_line=line,
                 end_column=column + len(before.group(1)),
                 start_pos=start_pos,
-                end_pos=before.end(1),
+                end_pos=window + before.end(1),
             )
-            return SpecError(f"unknown statement '{before.group(1)}'", span, hint=suggestion)
+            return SpecError(f"unknown statement '{before.group(1)}'", where, hint=suggestion)
     text = str(token)
     span = Span.of(token)
     if len(text) > 40:
         text = text[:37] + "..."
     hint = label
+    keyword = before.group(1) if before else None
+    if acceptable == {"EQUAL"} and keyword in KEYWORDS and (keyword not in _KEYWORD_KEYS or token == "{"):
+        # ``record every 5 {`` or ``backends torch`` inside a block: a '}' is missing.
+        hint = _TOP_LEVEL
+    elif str(token) in KEYWORDS and "RBRACE" in acceptable:
+        # ``init { ... train {``: the block before is not closed
+        hint = _TOP_LEVEL
+    elif acceptable & {"RSQB", "RPAR"} and _starts_line(source, token.start_pos or 0):
+        # the list or call went on past the end of its line: it was never closed
+        hint = "a '[' is never closed" if "RSQB" in acceptable else "a '(' is never closed"
     if token.type == "NAME" and not hint and str(token) not in KEYWORDS and "'init'" in expected:
         hint = did_you_mean(str(token), KEYWORDS)
     return SpecError(f"unexpected '{text}'; expected {expected}", span, hint=hint)

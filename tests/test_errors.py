@@ -1,0 +1,628 @@
+"""Error reports: every invalid spec gets ``path:line:col: message``, the source line with
+a caret under the right column, words instead of grammar terminal names, and a hint where
+one helps; and no input at all, however broken, ends in a Python traceback."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import mfdsl
+
+SPECS = Path(__file__).resolve().parents[1] / "specs"
+
+# A small valid spec; every case below changes one thing in it.  Line numbers matter.
+BASE = """\
+experiment demo
+data isotropic_gaussian { dim = 20, delta = 0.5, train = online, test = 2000 }
+network mlp { hidden = 1, activation = relu }
+scaling mean_field
+init {
+  layer 1 ~ normal(0, 1 / sqrt(dim))
+  layer 2 ~ normal(0, 1)
+}
+train {
+  optimizer = sgd(lr = 0.05)
+  loss = mse
+  batch = 8
+  steps = 2000
+}
+record every 50 { train_loss, test_loss, test_accuracy }
+sweep {
+  width = [64, 256]
+  seed = 0..1
+}
+backends torch
+torch { device = cpu }
+"""
+
+# Lark's names for terminals must never reach a user.
+TERMINALS = re.compile(
+    r"\b(LBRACE|RBRACE|NAME|INT|FLOAT|STRING|EQUAL|COMMA|__ANON\w*|\$END|LSQB|RSQB|LPAR|RPAR)\b"
+)
+
+
+def with_(old: str, new: str, text: str = BASE) -> str:
+    """``text`` with the one occurrence of ``old`` replaced by ``new``."""
+    assert text.count(old) == 1, f"{old!r} is not unique in the base spec"
+    return text.replace(old, new)
+
+
+def sweeping(extra: str, text: str) -> str:
+    """``text`` with another sweep variable (``extra`` is ``name = values``)."""
+    return with_("  seed = 0..1\n", f"  seed = 0..1\n  {extra}\n", text)
+
+
+def check(text: str, overrides: tuple[str, ...] = ()) -> mfdsl.Spec:
+    """Parse, build and expand every sweep point (as ``mfdsl check`` does)."""
+    spec = mfdsl.parse(text, "t.mf", overrides=list(overrides))
+    mfdsl.check_all(spec)
+    return spec
+
+
+def test_base_spec_is_valid() -> None:
+    assert mfdsl.size(check(BASE)) == 4
+
+
+def case(id: str, text: str, line: int, column: int, *words: str) -> object:
+    return pytest.param(text, line, column, words, id=id)
+
+
+PARSE_ERRORS = [
+    case(
+        "colon-for-equals", with_("steps = 2000", "steps: 2000"), 13, 8, "unexpected character ':'", "use '='"
+    ),
+    case("missing-equals", with_("steps = 2000", "steps 2000"), 13, 9, "expected '='", "use '='"),
+    case("missing-value", with_("steps = 2000", "steps ="), 14, 1, "expected a value", "value is missing"),
+    case("unclosed-block", with_("  seed = 0..1\n}", "  seed = 0..1"), 19, 10, "'}' missing"),
+    case(
+        "list-without-comma",
+        with_("[64, 256]", "[64 256]"),
+        17,
+        15,
+        "expected ',' or ']'",
+        "separated by commas",
+    ),
+    case("unclosed-list", with_("[64, 256]", "[64, 256"), 18, 3, "'[' is never closed"),
+    case("unclosed-call", with_("sgd(lr = 0.05)", "sgd(lr = 0.05"), 11, 3, "'(' is never closed"),
+    case(
+        "init-rule-with-equals",
+        with_("layer 2 ~", "layer 2 ="),
+        7,
+        11,
+        "expected '~'",
+        "layer N ~ distribution",
+    ),
+    case("init-rule-without-layer", with_("layer 2 ~", "2 ~"), 7, 3, "starts with 'layer'"),
+    case("record-without-mode", with_("record every 50", "record 50"), 15, 8, "'every' or 'log'"),
+    case(
+        "backends-without-comma", with_("backends torch", "backends torch jax"), 21, 1, "separated by commas"
+    ),
+    case(
+        "misspelt-keyword",
+        with_("experiment demo", "experimnt demo"),
+        1,
+        1,
+        "unknown statement",
+        "'experiment'",
+    ),
+    case("misspelt-block-keyword", with_("network mlp {", "netwrk mlp {"), 3, 1, "did you mean 'network'"),
+    case("single-quotes", with_("lr = 0.05", "lr = '0.05'"), 10, 24, "unexpected character", "double quotes"),
+    case(
+        "leading-point",
+        with_("lr = 0.05", "lr = .05"),
+        10,
+        24,
+        "unexpected character '.'",
+        "digit on both sides",
+    ),
+    case("stray-character", with_("lr = 0.05", "lr = 0.05 @"), 10, 29, "'@'", "expected ',' or ')'"),
+    case(
+        "extra-brace", with_("steps = 2000\n}", "steps = 2000\n}\n}"), 15, 1, "unexpected '}'", "one too many"
+    ),
+    case(
+        "statement-inside-block",
+        with_("batch = 8", "batch = 8 record every 5 { train_loss }"),
+        12,
+        20,
+        "top level",
+    ),
+    case("open-range", with_("seed = 0..1", "seed = 0.."), 19, 1, "expected a value", "range of integers"),
+    case(
+        "end-of-file-in-block", with_("cpu }\n", "cpu\n\n"), 21, 21, "end of file", "missing its closing '}'"
+    ),
+    case("unicode-name", with_("experiment demo", "experiment dëmo"), 1, 13, "'ë'", "ASCII"),
+    case(
+        "unclosed-string",
+        with_("device = cpu", 'device = "cpu'),
+        21,
+        18,
+        "unexpected character '\"'",
+        "never closed",
+    ),
+    case("argument-twice", with_("sgd(lr = 0.05)", "sgd(lr = 0.05, lr = 0.1)"), 10, 30, "'lr' given twice"),
+    case("number-overflows", with_("lr = 0.05", "lr = 1e999"), 10, 24, "number too large"),
+    case(
+        "deep-nesting",
+        with_("lr = 0.05", "lr = " + "[" * 200 + "1" + "]" * 200),
+        10,
+        123,
+        "nested more than 100",
+    ),
+]
+
+VALIDATION_ERRORS = [
+    # out of range, wrong type or arity
+    case("negative-lr", with_("lr = 0.05", "lr = -0.05"), 10, 24, "'lr' must be a positive number", "-0.05"),
+    case("zero-width", with_("[64, 256]", "[64, 0]"), 17, 16, "'width' must be a positive integer", "got 0"),
+    case("zero-hidden", with_("hidden = 1", "hidden = 0"), 3, 24, "'hidden' must be an integer from 1 to 64"),
+    case(
+        "float-for-int",
+        with_("batch = 8", "batch = 8.5"),
+        12,
+        11,
+        "'batch' must be a positive integer",
+        "8.5",
+    ),
+    case(
+        "number-for-choice",
+        with_("activation = relu", "activation = 3"),
+        3,
+        40,
+        "'activation' must be one of",
+    ),
+    case("list-for-number", with_("lr = 0.05", "lr = [0.05]"), 10, 24, "must be a positive number", "a list"),
+    case("missing-argument", with_("normal(0, 1)", "normal(0)"), 7, 13, "normal needs 'std'"),
+    case("too-many-arguments", with_("normal(0, 1)", "normal(0, 1, 2)"), 7, 26, "at most 2 argument"),
+    case("huge-power", with_("steps = 2000", "steps = 10**10**10"), 13, 11, "number too large"),
+    case("duplicate-width", with_("[64, 256]", "[64, 256, 64]"), 17, 21, "'width' lists 64 twice"),
+    # layers
+    case(
+        "layer-beyond-depth", with_("layer 2 ~", "layer 3 ~"), 7, 9, "layer 3 is not a weight layer", "1..2"
+    ),
+    case("layer-initialised-twice", with_("layer 2 ~", "layer 1 ~"), 7, 9, "initialised twice", "line 6"),
+    case("layer-not-initialised", with_("  layer 2 ~ normal(0, 1)\n", ""), 5, 1, "no init rule for layer 2"),
+    case("range-to-last", with_("layer 2 ~", "layer 2..last ~"), 7, 12, "'last'", "cannot bound a range"),
+    case(
+        "freeze-layer-zero",
+        with_("steps = 2000", "steps = 2000, freeze = [0]"),
+        13,
+        26,
+        "'freeze'",
+        "numbered from 1",
+    ),
+    # duplicates
+    case(
+        "duplicate-key",
+        with_("batch = 8", "batch = 8\n  batch = 16"),
+        13,
+        3,
+        "duplicate key 'batch'",
+        "line 12",
+    ),
+    case("duplicate-block", with_("sweep {", "train { steps = 1 }\nsweep {"), 16, 1, "duplicate 'train'"),
+    case("duplicate-sweep-variable", sweeping("seed = [3]", BASE), 19, 3, "duplicate sweep variable 'seed'"),
+    case(
+        "observable-twice", with_("test_accuracy }", "train_loss }"), 15, 42, "'train_loss' is recorded twice"
+    ),
+    # names
+    case("unknown-key", with_("lr = 0.05", "lrr = 0.05"), 10, 25, "unknown key 'lrr'", "did you mean 'lr'"),
+    case(
+        "undefined-variable", with_("normal(0, 1)", "normal(0, tau3)"), 7, 23, "unknown name 'tau3'", "sweep"
+    ),
+    case("unknown-function", with_("sqrt(dim)", "sqr(dim)"), 6, 27, "'sqr(...)'", "did you mean 'sqrt'"),
+    case(
+        "unknown-optimizer",
+        with_("sgd(lr", "adam(lr"),
+        10,
+        15,
+        "unknown optimizer 'adam'",
+        "'sgd' or 'langevin'",
+    ),
+    case(
+        "misspelt-loss",
+        with_("loss = mse", "loss = msee"),
+        11,
+        10,
+        "unknown loss 'msee'",
+        "did you mean 'mse'",
+    ),
+    case(
+        "misspelt-scaling",
+        with_("scaling mean_field", "scaling meanfield"),
+        4,
+        9,
+        "did you mean 'mean_field'",
+    ),
+    case("unknown-network", with_("network mlp", "network cnn"), 3, 9, "unknown network 'cnn'", "'mlp'"),
+    case("no-sweep", with_("sweep {\n  width = [64, 256]\n  seed = 0..1\n}\n", ""), 1, 1, "no 'sweep' block"),
+    case("sweeping-dim", sweeping("dim = [1, 2]", BASE), 19, 3, "'dim'", "cannot be swept"),
+    # training length
+    case(
+        "steps-and-epochs",
+        with_("steps = 2000", "steps = 2000\n  epochs = 3"),
+        14,
+        12,
+        "either 'steps' or 'epochs'",
+    ),
+    case(
+        "epochs-on-online-data", with_("steps = 2000", "epochs = 3"), 13, 12, "finite training set", "'steps'"
+    ),
+    # data
+    case(
+        "unknown-data-kind",
+        with_("isotropic_gaussian", "isotropic_gausian"),
+        2,
+        6,
+        "unknown data kind",
+        "did you mean",
+    ),
+    case(
+        "unknown-data-key",
+        with_("delta = 0.5", "delt = 0.5"),
+        2,
+        37,
+        "unknown key 'delt'",
+        "did you mean 'delta'",
+    ),
+    case(
+        "data-kind-as-block",
+        with_("backends torch", "mnist { train = 100 }\nbackends torch"),
+        20,
+        1,
+        "data mnist {",
+    ),
+    # observables
+    case("unknown-observable", with_("test_loss,", "test_los,"), 15, 31, "unknown observable", "'test_loss'"),
+    case(
+        "observable-unknown-argument",
+        with_("test_loss,", "output(probe = 3),"),
+        15,
+        46,
+        "'probe'",
+        "'probes'",
+    ),
+    case("observable-takes-no-argument", with_("test_loss,", "test_loss(3),"), 15, 31, "takes no arguments"),
+    case(
+        "observable-argument-range", with_("test_loss,", "output(0),"), 15, 38, "'probes' must be an integer"
+    ),
+    # backends
+    case(
+        "device-gpu",
+        with_("device = cpu", "device = gpu"),
+        21,
+        18,
+        "unknown device 'gpu'",
+        "did you mean 'cuda'",
+    ),
+    case(
+        "misspelt-backend-option",
+        with_("device = cpu", "devise = cpu"),
+        21,
+        9,
+        "unknown key 'devise'",
+        "'device'",
+    ),
+    case("unknown-backend", with_("backends torch", "backends torhc"), 20, 10, "unknown backend", "'torch'"),
+    # only wrong at one sweep point: the report points at the expression and names the point
+    case(
+        "sweep-point-lr",
+        sweeping("base = [0.1, -1]", with_("lr = 0.05", "lr = base")),
+        10,
+        24,
+        "'lr' must be a positive number, got -1",
+        "base = -1",
+    ),
+    case(
+        "sweep-point-every",
+        sweeping("n = [10, 0.5]", with_("every 50", "every n")),
+        15,
+        14,
+        "'every' must be a positive integer",
+        "n = 0.5",
+    ),
+    case(
+        "sweep-point-depth",
+        with_("hidden = 1", "hidden = width / 32"),
+        5,
+        1,
+        "no init rule for layer 3",
+        "width = 64",
+    ),
+    case(
+        "sweep-point-division",
+        with_("lr = 0.05", "lr = 1 / (width - 64)"),
+        10,
+        24,
+        "division by zero",
+        "width = 64",
+    ),
+    # layout: tabs and CRLF line endings keep columns right
+    case(
+        "tabs",
+        with_("  batch = 8\n  steps = 2000", "\tbatch\t=\t8\n\tsteps\t=\t0"),
+        13,
+        10,
+        "'steps'",
+        "got 0",
+    ),
+    case("crlf", with_("lr = 0.05", "lrr = 0.05").replace("\n", "\r\n"), 10, 25, "unknown key 'lrr'"),
+]
+
+
+def assert_report(error: mfdsl.SpecError, path: str, source: str, line: int, column: int) -> None:
+    """``path:line:col: message``, then the line and a caret under ``column``."""
+    report = str(error)
+    first, *rest = report.split("\n")
+    assert first == f"{path}:{line}:{column}: {error.message}"
+    shown, caret = rest[0], rest[1]
+    gutter = shown.index(" | ") + 3
+    assert shown[: gutter - 3].strip() == str(line)
+    assert caret[:gutter].strip() == "|"
+    at = caret.index("^")
+    written = source.split("\n")[line - 1].removesuffix("\r").replace("\t", " ")
+    if len(written) <= 100:
+        assert shown[gutter:] == written
+        assert at == gutter + column - 1
+    if column <= len(written):
+        assert shown[at] == written[column - 1]
+    if error.hint:
+        assert rest[2] == f"hint: {error.hint}"
+
+
+def assert_in_words(error: mfdsl.SpecError, words: tuple[str, ...]) -> None:
+    text = f"{error.message}\nhint: {error.hint}"
+    for word in words:
+        assert word in text, f"{word!r} not in:\n{error}"
+    # ``sweep.NAME`` is the placeholder in the list of overridable paths, not a terminal
+    assert not TERMINALS.search(text.replace("sweep.NAME", "")), f"grammar terminal name in:\n{error}"
+
+
+@pytest.mark.parametrize(("text", "line", "column", "words"), PARSE_ERRORS + VALIDATION_ERRORS)
+def test_error_report(text: str, line: int, column: int, words: tuple[str, ...]) -> None:
+    with pytest.raises(mfdsl.SpecError) as info:
+        check(text)
+    error = info.value
+    assert (error.line, error.column) == (line, column), str(error)
+    assert_in_words(error, words)
+    assert_report(error, "t.mf", text, line, column)
+
+
+OVERRIDE_ERRORS = [
+    pytest.param("train.steps=-5", 13, ("'steps' must be a positive integer",), id="out-of-range"),
+    pytest.param("train.stepz=5", 7, ("unknown key 'stepz'", "did you mean 'steps'"), id="unknown-key"),
+    pytest.param("trian.steps=5", 1, ("unknown block 'trian'", "did you mean 'train'"), id="unknown-block"),
+    pytest.param(
+        "torch.device=gpu", 14, ("unknown device 'gpu'", "did you mean 'cuda'"), id="backend-option"
+    ),
+    pytest.param("sweep.width=[64, 0]", 18, ("'width' must be a positive integer",), id="zero-width"),
+    pytest.param("record.every=0", 14, ("'every' must be a positive integer",), id="record-every"),
+    pytest.param("train.steps", 1, ("PATH=VALUE",), id="no-equals"),
+    pytest.param("record.foo=1", 1, ("cannot override 'record.foo'",), id="not-overridable"),
+    pytest.param("data.dim=d", 10, ("unknown name 'd'",), id="undefined-name"),
+    pytest.param("backends=[torch, torhc]", 18, ("unknown backend 'torhc'", "'torch'"), id="unknown-backend"),
+    pytest.param(
+        "network.hidden=width - 64", 16, ("'hidden'", "at sweep point width = 64"), id="sweep-point"
+    ),
+]
+
+
+@pytest.mark.parametrize(("override", "column", "words"), OVERRIDE_ERRORS)
+def test_override_error_report(override: str, column: int, words: tuple[str, ...]) -> None:
+    with pytest.raises(mfdsl.SpecError) as info:
+        check(BASE, (override,))
+    error = info.value
+    assert (error.path, error.line, error.column) == ("--set", 1, column), str(error)
+    assert_in_words(error, words)
+    assert_report(error, "--set", override, 1, column)
+
+
+@pytest.mark.parametrize(
+    ("override", "column", "words"),
+    [
+        ("train.steps=[1,", 16, ("unexpected end of the value", "expected ']' or a value")),
+        ("train.steps=", 13, ("unexpected end of the value", "expected a value")),
+        ("train.steps=1 2", 15, ("unexpected '2'",)),
+    ],
+)
+def test_override_parse_error_points_into_the_argument(
+    override: str, column: int, words: tuple[str, ...]
+) -> None:
+    with pytest.raises(mfdsl.SpecError) as info:
+        check(BASE, (override,))
+    error = info.value
+    assert (error.path, error.line, error.column) == ("--set", 1, column)
+    assert_in_words(error, words)
+
+
+def test_case_count() -> None:
+    assert len(PARSE_ERRORS) + len(VALIDATION_ERRORS) + len(OVERRIDE_ERRORS) >= 40
+
+
+def test_long_line_is_cut_around_the_caret() -> None:
+    text = with_("lr = 0.05", "lr = 0.05" + " + 0" * 3_000 + " @")
+    with pytest.raises(mfdsl.SpecError) as info:
+        check(text)
+    error = info.value
+    assert (error.line, error.column) == (10, 24 + 4 + 4 * 3_000 + 1)
+    shown = str(error).split("\n")[1]
+    assert len(shown) < 120 and "…" in shown
+    assert_report(error, "t.mf", text, error.line, error.column)
+
+
+def test_file_errors(tmp_path: Path) -> None:
+    with pytest.raises(mfdsl.SpecError, match="no such file"):
+        mfdsl.load(tmp_path / "missing.mf")
+    with pytest.raises(mfdsl.SpecError, match="directory"):
+        mfdsl.load(tmp_path)
+    bad = tmp_path / "latin1.mf"
+    bad.write_bytes(BASE.replace("demo", "d\xe9mo").encode("latin-1"))
+    with pytest.raises(mfdsl.SpecError, match="not UTF-8") as info:
+        mfdsl.load(bad)
+    assert (info.value.line, info.value.column) == (1, 13)
+    nul = tmp_path / "nul.mf"
+    nul.write_bytes(BASE.replace("demo", "de\x00mo").encode())
+    with pytest.raises(mfdsl.SpecError, match="NUL") as info:
+        mfdsl.load(nul)
+    assert (info.value.line, info.value.column) == (1, 14)
+
+
+def test_crlf_and_tabs_parse() -> None:
+    assert check(BASE.replace("\n", "\r\n")) == check(BASE)
+    assert check(BASE.replace("  ", "\t")) == check(BASE)
+
+
+# ---- nothing ends in a traceback ------------------------------------------------------
+
+GARBAGE = {
+    "empty": "",
+    "whitespace": " \n\t\r\n ",
+    "comment only": "# nothing here\n",
+    "semicolons": ";;;;",
+    "lone brace": "}",
+    "keyword only": "experiment",
+    "1 MB line": "x" * 1_000_000,
+    "1 MB statement name": "experiment " + "a" * 1_000_000,
+    "1 MB number": "train { steps = " + "9" * 1_000_000 + " }",
+    "deep parentheses": "train { steps = " + "(" * 10_000 + "1" + ")" * 10_000 + " }",
+    "unclosed parentheses": "train { steps = " + "(" * 10_000,
+    "deep brackets": "sweep { width = " + "[" * 10_000 + "1" + "]" * 10_000 + " }",
+    "deep minus": BASE.replace("steps = 2000", "steps = " + "-" * 10_000 + "1"),
+    "deep minus name": BASE.replace("steps = 2000", "steps = " + "-" * 10_000 + "width"),
+    "deep plus": BASE.replace("steps = 2000", "steps = " + "+" * 10_000 + "1"),
+    "deep calls": "train { steps = " + "sqrt(" * 10_000 + "1" + ")" * 10_000 + " }",
+    "long power chain": "train { steps = " + "2**" * 5_000 + "1 }",
+    "long sum": "train { steps = " + "1+" * 10_000 + "1 }",
+    "1e999": BASE.replace("lr = 0.05", "lr = 1e999"),
+    "-1e999": BASE.replace("lr = 0.05", "lr = -1e999"),
+    "10**10**10": BASE.replace("steps = 2000", "steps = 10**10**10"),
+    "float power overflow": BASE.replace("lr = 0.05", "lr = 10.0**400"),
+    "huge integer times float": BASE.replace("lr = 0.05", "lr = " + "9" * 400 + " * 1.0"),
+    "huge integer lr": BASE.replace("lr = 0.05", "lr = " + "9" * 400),
+    "huge integer steps": BASE.replace("steps = 2000", "steps = " + "9" * 400),
+    "huge range": BASE.replace("seed = 0..1", "seed = 0.." + "9" * 400),
+    "exp overflow": BASE.replace("lr = 0.05", "lr = exp(1000)"),
+    "sqrt of negative": BASE.replace("lr = 0.05", "lr = sqrt(-1)"),
+    "log of zero": BASE.replace("lr = 0.05", "lr = log(0)"),
+    "fractional power of negative": BASE.replace("lr = 0.05", "lr = (-8)**(1/3)"),
+    "string arithmetic": BASE.replace("steps = 2000", 'steps = "a" * 3'),
+    "unicode identifier": BASE.replace("experiment demo", "experiment dëmo"),
+    "unicode key": BASE.replace("batch = 8", "bätch = 8"),
+    "emoji value": BASE.replace("batch = 8", "batch = 😀"),
+    "unicode string": BASE.replace("device = cpu", 'device = "ßπ😀"'),
+    "CRLF": BASE.replace("\n", "\r\n"),
+    "CR only": BASE.replace("\n", "\r"),
+    "tabs": BASE.replace("  ", "\t"),
+    "NUL": BASE.replace("demo", "de\x00mo"),
+    "control characters": "\x01\x02\x1b[31m",
+    "BOM": "\ufeff" + BASE,
+    "surrogate-free binary": "".join(chr(c) for c in range(1, 0x800)),
+    "unterminated string": BASE.replace("device = cpu", 'device = "cpu\\'),
+}
+
+
+def survives(text: str) -> None:
+    """Parse, build and expand the first point, or raise SpecError; nothing else."""
+    try:
+        spec = mfdsl.parse(text, "g.mf")
+        next(iter(mfdsl.expand(spec)))
+    except mfdsl.SpecError as error:
+        report = str(error)
+        assert report.startswith("g.mf")
+        assert not TERMINALS.search(f"{error.message}\n{error.hint}"), report
+
+
+@pytest.mark.parametrize("text", list(GARBAGE.values()), ids=list(GARBAGE))
+def test_garbage_text(text: str) -> None:
+    survives(text)
+
+
+BINARY = {
+    "random bytes": bytes(range(256)) * 4,
+    "gzip header": b"\x1f\x8b\x08\x00" + bytes(100),
+    "png header": b"\x89PNG\r\n\x1a\n" + bytes(50),
+    "utf-16": BASE.encode("utf-16"),
+    "latin-1": BASE.replace("demo", "démo").encode("latin-1"),
+    "truncated utf-8": "experiment dé".encode()[:-1],
+    "NUL bytes": bytes(1000),
+}
+
+
+@pytest.mark.parametrize("data", list(BINARY.values()), ids=list(BINARY))
+def test_garbage_bytes(data: bytes, tmp_path: Path) -> None:
+    path = tmp_path / "g.mf"
+    path.write_bytes(data)
+    with pytest.raises(mfdsl.SpecError) as info:
+        mfdsl.load(path)
+    assert str(info.value).startswith(str(path))
+
+
+EXAMPLES = [*(p.read_text(encoding="utf-8") for p in sorted(SPECS.glob("*.mf"))), BASE]
+# Characters that matter to the grammar, so mutations reach deep into the parser.
+PIECES = [
+    *"{}[]()=~,;.+-*/\"'#\n\t ",
+    *("..", "**", "layer", "every", "sweep", "train", "width", "dim", "last", "1", "0", "-1", "1e999"),
+    *("normal(0, 1)", "sgd(lr = 1)", "é", "\r\n", "x", "}", "= ["),
+]
+
+
+@st.composite
+def mutated(draw: st.DrawFn) -> str:
+    """An example spec with a few random cuts, insertions and duplications."""
+    text = draw(st.sampled_from(EXAMPLES))
+    for _ in range(draw(st.integers(1, 4))):
+        i = draw(st.integers(0, len(text)))
+        j = draw(st.integers(i, min(len(text), i + 20)))
+        action = draw(st.sampled_from(["cut", "insert", "replace", "repeat"]))
+        if action == "cut":
+            text = text[:i] + text[j:]
+        elif action == "insert":
+            text = text[:i] + draw(st.sampled_from(PIECES) | st.text(max_size=5)) + text[i:]
+        elif action == "replace":
+            text = text[:i] + draw(st.sampled_from(PIECES)) + text[j:]
+        else:
+            text = text[:j] + text[i:j] + text[j:]
+    return text
+
+
+_SETTINGS = settings(
+    max_examples=200, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
+
+
+@_SETTINGS
+@given(mutated())
+def test_mutated_specs(text: str) -> None:
+    survives(text)
+
+
+@settings(_SETTINGS, max_examples=150)
+@given(st.lists(st.sampled_from(PIECES) | st.characters(codec="utf-8"), max_size=80).map("".join))
+def test_random_text(text: str) -> None:
+    survives(text)
+
+
+@settings(
+    max_examples=100,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(
+    data=st.sampled_from(EXAMPLES).map(lambda t: t.encode()),
+    edits=st.lists(st.tuples(st.integers(0, 2000), st.binary(max_size=4)), min_size=1, max_size=4),
+)
+def test_mutated_bytes(data: bytes, edits: list[tuple[int, bytes]], tmp_path: Path) -> None:
+    for at, new in edits:
+        at %= len(data) + 1
+        data = data[:at] + new + data[at + len(new) :]
+    path = tmp_path / "g.mf"
+    path.write_bytes(data)
+    try:
+        mfdsl.load(path)
+    except mfdsl.SpecError as error:
+        assert str(error).startswith(str(path))
