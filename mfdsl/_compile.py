@@ -30,10 +30,9 @@ from typing import Any
 import numpy as np
 
 from . import _ir as ir
-from ._plan import DistPlan, LayerPlan, ObservablePlan, OptimizerPlan, RunPlan, SchedulePlan
+from ._plan import DEFAULT_PROBES, DistPlan, LayerPlan, ObservablePlan, OptimizerPlan, RunPlan, SchedulePlan
 from ._plugins import available_backends
 
-DEFAULT_PROBES = 16
 DEFAULT_SAMPLE = 100
 
 
@@ -160,9 +159,57 @@ def layer_plans(spec: ir.Spec, width: int) -> tuple[LayerPlan, ...]:
     return tuple(plans)
 
 
+def limit_layer_plans(spec: ir.Spec) -> tuple[LayerPlan, ...]:
+    """The layer plans of the infinite-width limit (``width = inf``).
+
+    A limit has no width to resolve the multipliers with: every hidden fan is ``1``,
+    every ``forward_mult``, ``lr_mult`` and ``bias_lr_mult`` is ``1`` and decay and noise
+    act per weight at rate lr (``decay_mult = 1``).  A limit backend scales these by its
+    own particle counts.  ``init`` is the law of the mean-field weight function
+    ``w_ℓ(0, ·)``: the spec's law under ``mean_field``; under ``mup`` (whose only
+    mean-field limit is at two layers) ``W_1``'s law scaled by ``1/√dim`` as at any
+    width, and the output layer's law unscaled (the mean-field ``a = n·v`` of μP's
+    ``v ~ law/n``).  Other scalings have no mean-field limit: their laws are the
+    spec's.
+    """
+    depth = int(spec.network.hidden)
+    dim = int(ir.data_dim(spec.data))
+    k = outputs(spec)
+    frozen = {depth + 1 if f == "last" else int(f) for f in spec.train.freeze}
+    laws = _init_laws(spec, depth, dim)
+    plans = []
+    for layer in range(1, depth + 2):
+        scale = 1.0 / math.sqrt(dim) if (spec.scaling == "mup" and layer == 1) else 1.0
+        plans.append(
+            LayerPlan(
+                index=layer,
+                fan_in=dim if layer == 1 else 1,
+                fan_out=k if layer == depth + 1 else 1,
+                forward_mult=1.0,
+                lr_mult=1.0,
+                init=_dist(laws[layer], scale),
+                bias=bool(spec.network.bias),
+                bias_lr_mult=1.0,
+                decay_mult=1.0,
+                bias_decay_mult=1.0,
+                frozen=layer in frozen,
+            )
+        )
+    return tuple(plans)
+
+
+def test_size(data: ir.Data) -> int:
+    """The test-set size."""
+    if data.test == "all":
+        return ir.IMAGE_SIZES[data.kind][1]
+    return int(data.test)
+
+
 def _observables(spec: ir.Spec) -> tuple[ObservablePlan, ...]:
     depth = int(spec.network.hidden)
     record = spec.record.observables if spec.record is not None else default_observables(spec)
+    # the probe inputs are the first test points: a small test set has fewer by default
+    default_probes = min(DEFAULT_PROBES, test_size(spec.data))
     out = []
     for obs in record:
         if obs.layer is not None:
@@ -175,7 +222,7 @@ def _observables(spec: ir.Spec) -> tuple[ObservablePlan, ...]:
             layers = (1,)
         else:
             layers = ()
-        probes = int(obs.probes) if obs.probes is not None else DEFAULT_PROBES
+        probes = int(obs.probes) if obs.probes is not None else default_probes
         sample = int(obs.sample) if obs.sample is not None else DEFAULT_SAMPLE
         out.append(
             ObservablePlan(
@@ -227,7 +274,7 @@ def compile_point(spec: ir.Spec, coords: dict[str, Any], backend: str) -> RunPla
         width=float(width),
         seed=int(coords["seed"]),
         scaling=str(spec.scaling),
-        layers=layer_plans(spec, int(width)),
+        layers=layer_plans(spec, int(width)) if math.isfinite(width) else limit_layer_plans(spec),
         activation=str(spec.network.activation),
         output=str(spec.network.output),
         loss=spec.train.loss,

@@ -8,11 +8,14 @@ to worker processes and imports neither torch nor jax.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
+
+# probe inputs of output/neuron_spread when the spec names none
+DEFAULT_PROBES = 16
 
 DistKind = Literal["normal", "uniform", "constant"]
 
@@ -135,6 +138,25 @@ class ObservablePlan:
     layers: tuple[int, ...] = ()
     probes: int = 0
     sample: int = 0
+
+    def layers_or(self, default: Iterable[int], lo: int, hi: int) -> tuple[int, ...]:
+        """The chosen layers, or ``default`` when none were; each must lie in ``lo … hi``."""
+        layers = tuple(int(ell) for ell in self.layers) or tuple(default)
+        for ell in layers:
+            if not lo <= ell <= hi:
+                raise ValueError(f"{self.name}: layer {ell} is outside {lo} … {hi}")
+        return layers
+
+    def probe_count(self, n_test: int) -> int:
+        """How many probe inputs (the first test points): ``probes``, or by default
+        ``min(DEFAULT_PROBES, n_test)``."""
+        if self.probes < 0:
+            raise ValueError(f"{self.name}: probes must be ≥ 0")
+        if self.probes == 0:
+            return min(DEFAULT_PROBES, n_test)
+        if self.probes > n_test:
+            raise ValueError(f"{self.name}: {self.probes} probes but only {n_test} test points")
+        return int(self.probes)
 
 
 @dataclass(frozen=True, kw_only=True)

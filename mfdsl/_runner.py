@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import contextlib
 import math
 import multiprocessing as mp
 import os
@@ -19,6 +20,7 @@ import signal
 import threading
 import time
 import traceback
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -85,7 +87,9 @@ def default_store(spec: ir.Spec) -> str:
 # ---- planning ------------------------------------------------------------------------
 
 
-def plan_tasks(spec: ir.Spec, points: Sequence[Point], backends: Sequence[Backend]) -> tuple[Layout, list[Task]]:
+def plan_tasks(
+    spec: ir.Spec, points: Sequence[Point], backends: Sequence[Backend]
+) -> tuple[Layout, list[Task]]:
     """Every task of the sweep, and the store layout that holds them all."""
     widths = [float(w) for w in spec.sweep["width"]]
     if any(b.limit for b in backends):
@@ -101,7 +105,7 @@ def plan_tasks(spec: ir.Spec, points: Sequence[Point], backends: Sequence[Backen
             if backend.limit and point.index[0] != 0:
                 continue  # one limit per (seed, other variables), not one per width
             coords = dict(point.coords)
-            index = dict(zip(sweep_dims(spec), point.index))
+            index = dict(zip(sweep_dims(spec), point.index, strict=True))
             if backend.limit:
                 coords["width"] = math.inf
                 index["width"] = len(widths) - 1
@@ -116,11 +120,20 @@ def plan_tasks(spec: ir.Spec, points: Sequence[Point], backends: Sequence[Backen
     if len(lrs) == 1:
         time_coord: tuple[tuple[str, ...], np.ndarray] = (("step",), lrs.pop() * steps.astype(np.float64))
     else:
-        dims = tuple(sweep)
-        values = np.full([len(v) for v in sweep.values()] + [steps.size], np.nan)
+        # time spans the sweep dimensions the learning rate varies over (docs/store.md)
+        lr = np.full([len(v) for v in sweep.values()], np.nan)
         for t in tasks:
-            values[tuple(t.index[d] for d in dims)] = t.plan.optimizer.lr * steps
-        time_coord = ((*dims, "step"), values)
+            lr[tuple(t.index[d] for d in sweep)] = t.plan.optimizer.lr
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN slices: cells no task fills
+            varies = [
+                not np.array_equal(np.nanmin(lr, axis=axis), np.nanmax(lr, axis=axis), equal_nan=True)
+                for axis in range(lr.ndim)
+            ]
+            drop = tuple(axis for axis in range(lr.ndim) if not varies[axis])
+            lr = np.nanmax(lr, axis=drop) if drop else lr
+        lr_dims = tuple(d for d, v in zip(sweep, varies, strict=True) if v)
+        time_coord = ((*lr_dims, "step"), lr[..., None] * steps.astype(np.float64))
 
     from ._store import VariableSpec
 
@@ -186,9 +199,12 @@ def _init_worker(progress_queue: Any, threads: int) -> None:
         os.environ[var] = str(threads)
 
 
-def execute(task: Task, store: str, layer_coord: Sequence[int]) -> tuple[str, str, str]:
+def execute(
+    task: Task, store: str, layer_coord: Sequence[int], shapes: Mapping[str, tuple[int, ...]] | None = None
+) -> tuple[str, str, str]:
     """Run one task and write its cell.  Returns ``(key, status, message)``; an
-    exception inside the backend becomes a failed cell, not a crash."""
+    exception inside the backend (or in writing its records) becomes a failed cell,
+    not a crash.  ``shapes`` gives each variable's store dimensions after ``step``."""
     from ._store import Status, write_run
 
     def progress(step: int, loss: float) -> None:
@@ -199,27 +215,94 @@ def execute(task: Task, store: str, layer_coord: Sequence[int]) -> tuple[str, st
     try:
         backend = get_backend(task.backend)
         result = backend.run(task.plan, progress=progress)
-        records = _place(task.plan, dict(result["records"]), layer_coord)
+        records = _place(task.plan, dict(result["records"]), layer_coord, shapes or {})
         status = Status.DIVERGED if result.get("status") == "diverged" else Status.DONE
         message = str(result.get("message", ""))
+        write_run(store, index=task.index, records=records, steps=steps, status=status, message=message)
+        _save_run_attrs(store, task, result.get("attrs"))
     except Exception as error:  # noqa: BLE001 - a failed run is recorded, the sweep goes on
         lines = traceback.format_exception(error)
-        write_run(store, index=task.index, records={}, steps=steps, status=Status.FAILED, message="".join(lines))
+        write_run(
+            store, index=task.index, records={}, steps=steps, status=Status.FAILED, message="".join(lines)
+        )
         return task.key, "failed", f"{type(error).__name__}: {error}"
-    write_run(store, index=task.index, records=records, steps=steps, status=status, message=message)
     return task.key, status.name.lower(), message
 
 
-def _place(plan: RunPlan, records: dict[str, np.ndarray], layer_coord: Sequence[int]) -> dict[str, np.ndarray]:
-    """Records reshaped onto the store's shared extra dimensions (``layer``)."""
+def _attrs_folder(store: str) -> str:
+    return f"{store}.attrs"
+
+
+def _save_run_attrs(store: str, task: Task, attrs: Mapping[str, Any] | None) -> None:
+    """Keep a run's ``attrs`` (facts a backend reports about the run, e.g. the limit's
+    reductions) in a file of its own beside the store: the store's root attributes are
+    one file that concurrent writers must not share.  :func:`_merge_run_attrs` moves
+    them into the store when the sweep ends."""
+    if not attrs:
+        return
+    import json
+
+    folder = _attrs_folder(store)
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, "-".join(str(task.index[d]) for d in task.index) + ".json")
+    with open(f"{path}.tmp", "w", encoding="utf-8") as file:
+        json.dump({"key": task.key, "attrs": dict(attrs)}, file)
+    os.replace(f"{path}.tmp", path)
+
+
+def _merge_run_attrs(store: str) -> None:
+    """Root attribute ``NAME`` = ``{run key: value}`` for every ``NAME`` a run reported
+    (merged into what the store holds, so a resumed sweep keeps earlier runs')."""
+    import json
+
+    import zarr
+
+    folder = _attrs_folder(store)
+    if not os.path.isdir(folder):
+        return
+    entries = []
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".json"):
+            with open(os.path.join(folder, name), encoding="utf-8") as file:
+                entries.append(json.load(file))
+    if entries:
+        group = zarr.open_group(store, mode="r+", zarr_format=3, use_consolidated=False)
+        merged: dict[str, dict[str, Any]] = {}
+        for entry in entries:
+            for name, value in entry["attrs"].items():
+                if name not in merged:
+                    before = group.attrs.get(name)
+                    merged[name] = dict(before) if isinstance(before, Mapping) else {}
+                merged[name][entry["key"]] = value
+        group.attrs.update(merged)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _place(
+    plan: RunPlan,
+    records: dict[str, np.ndarray],
+    layer_coord: Sequence[int],
+    shapes: Mapping[str, tuple[int, ...]],
+) -> dict[str, np.ndarray]:
+    """Records reshaped onto the store's shared extra dimensions: ``layer`` by
+    coordinate; ``probe``, ``particle`` (which may be longer in the store when the
+    sweep varies ``probes`` or ``sample``) padded with NaN."""
     out = dict(records)
     for obs in plan.observables:
-        if obs.name in ("neuron_spread", "weight_change") and obs.name in out:
-            rec = np.asarray(out[obs.name], dtype=np.float64)
+        if obs.name not in out:
+            continue
+        rec = np.asarray(out[obs.name], dtype=np.float64)
+        if obs.name in ("neuron_spread", "weight_change"):
             placed = np.full((rec.shape[0], len(layer_coord)), np.nan)
             for j, layer in enumerate(obs.layers):
                 placed[:, list(layer_coord).index(layer)] = rec[:, j]
             out[obs.name] = placed
+        elif obs.name in shapes and rec.ndim == 1 + len(shapes[obs.name]):
+            shape = shapes[obs.name]
+            if rec.shape[1:] != shape and all(a <= b for a, b in zip(rec.shape[1:], shape, strict=True)):
+                placed = np.full((rec.shape[0], *shape), np.nan)
+                placed[(slice(None), *(slice(0, n) for n in rec.shape[1:]))] = rec
+                out[obs.name] = placed
     return out
 
 
@@ -246,6 +329,8 @@ def run_command(args: argparse.Namespace, spec: ir.Spec) -> int:
     prepared = _prepare_store(store, spec, spec_yaml, layout, args, err, backends)
     if prepared is None:
         return EXIT_USAGE
+    if not args.resume:
+        shutil.rmtree(_attrs_folder(store), ignore_errors=True)  # left by a replaced store
     todo = [t for t in tasks if prepared[tuple(t.index[d] for d in layout.sweep)] not in (1, 3)]
     skipped = len(tasks) - len(todo)
     if skipped:
@@ -254,9 +339,11 @@ def run_command(args: argparse.Namespace, spec: ir.Spec) -> int:
     # The widest networks take longest: start them first so no worker idles at the end.
     todo.sort(key=lambda t: -_cost(t.plan))
     layer_coord = [int(x) for x in layout.extra.get("layer", [])]
-    outcomes, interrupted = _execute_all(todo, store, layer_coord, workers, console)
+    shapes = {v.name: tuple(len(layout.extra[d]) for d in v.dims) for v in layout.variables}
+    outcomes, interrupted = _execute_all(todo, store, layer_coord, shapes, workers, console)
     from ._store import finalize
 
+    _merge_run_attrs(store)
     finalize(store)
     _write_log(store, outcomes)
     _summary(console, store, spec)
@@ -269,7 +356,9 @@ def run_command(args: argparse.Namespace, spec: ir.Spec) -> int:
         for key, _, message in failed[:5]:
             err.print(f"  {escape(key)}: {escape(message)}")
     if interrupted:
-        err.print(f"[yellow]interrupted[/yellow]: finished runs are kept; finish with mfdsl run {spec.path} --resume")
+        err.print(
+            f"[yellow]interrupted[/yellow]: finished runs are kept; finish with mfdsl run {spec.path} --resume"
+        )
         return EXIT_INTERRUPTED
     return EXIT_FAILED if failed else EXIT_OK
 
@@ -286,7 +375,9 @@ def _backends(spec: ir.Spec, requested: Sequence[str] | None, err: Any) -> list[
     out: list[Backend] = []
     for name in names:
         if name not in available_backends():
-            err.print(f"[red]error:[/red] unknown backend '{name}' (installed: {', '.join(available_backends())})")
+            err.print(
+                f"[red]error:[/red] unknown backend '{name}' (installed: {', '.join(available_backends())})"
+            )
             return None
         backend = get_backend(name)
         try:
@@ -339,6 +430,8 @@ def _prepare_store(
         return read_status(store)
     if exists and args.overwrite:
         shutil.rmtree(store)
+        if os.path.exists(f"{store}.log"):  # the replaced store's failures are history
+            os.remove(f"{store}.log")
     os.makedirs(os.path.dirname(os.path.abspath(store)), exist_ok=True)
     create_store(
         store,
@@ -372,20 +465,25 @@ def _versions() -> dict[str, str]:
 
     out = {"mfdsl": __version__}
     for package in ("torch", "jax", "lark"):
-        try:
+        with contextlib.suppress(PackageNotFoundError):
             out[package] = version(package)
-        except PackageNotFoundError:
-            pass
     return out
 
 
 def _cost(plan: RunPlan) -> float:
+    if not math.isfinite(plan.width):
+        return math.inf  # a limit run is usually the longest: start it first
     params = sum(layer.fan_in * layer.fan_out for layer in plan.layers)
     return float(plan.steps) * float(plan.batch) * params
 
 
 def _execute_all(
-    tasks: list[Task], store: str, layer_coord: list[int], workers: int, console: Any
+    tasks: list[Task],
+    store: str,
+    layer_coord: list[int],
+    shapes: Mapping[str, tuple[int, ...]],
+    workers: int,
+    console: Any,
 ) -> tuple[list[tuple[str, str, str]], bool]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -426,10 +524,12 @@ def _execute_all(
 
         pumper = threading.Thread(target=pump, daemon=True)
         pumper.start()
-        pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker, initargs=(updates, threads))
+        pool = cf.ProcessPoolExecutor(
+            max_workers=workers, mp_context=ctx, initializer=_init_worker, initargs=(updates, threads)
+        )
         futures: dict[cf.Future[tuple[str, str, str]], Task] = {}
         try:
-            futures = {pool.submit(execute, t, store, layer_coord): t for t in tasks}
+            futures = {pool.submit(execute, t, store, layer_coord, shapes): t for t in tasks}
             for future in cf.as_completed(futures):
                 task = futures[future]
                 try:
@@ -470,7 +570,14 @@ def _terminate(pool: cf.ProcessPoolExecutor) -> None:
 def _mark_failed(store: str, task: Task, message: str) -> None:
     from ._store import Status, write_run
 
-    write_run(store, index=task.index, records={}, steps=task.plan.record_steps, status=Status.FAILED, message=message)
+    write_run(
+        store,
+        index=task.index,
+        records={},
+        steps=task.plan.record_steps,
+        status=Status.FAILED,
+        message=message,
+    )
 
 
 def _counts(outcomes: Iterable[tuple[str, str, str]]) -> str:
@@ -520,4 +627,3 @@ def _summary(console: Any, store: str, spec: ir.Spec) -> None:
             if others:
                 console.print(f"(averaged over {', '.join(others)} as well)")
     console.print(f"results: [bold]{store}[/bold] — open with  xarray.open_zarr({store!r})")
-
