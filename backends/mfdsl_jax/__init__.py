@@ -1,6 +1,10 @@
 """mfdsl's JAX backend: the infinite-width (mean-field) limit, computed directly.
 
-This module imports no jax; the solver is imported when a run starts.
+This module imports no jax; the solver (``_solver``, whose docstring gives the
+semantics: particles, reductions, time, data, observables) is imported when a run
+starts.  ``run`` returns, beside the records, ``attrs``: JSON-able facts about the
+computation (``limit_reductions``, ``limit_collapsed_layers``, ``limit_particles``,
+``limit_solver``) that ``mfdsl run`` writes into the store's root attributes.
 """
 
 from __future__ import annotations
@@ -9,7 +13,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, final
 
 from mfdsl import Backend, BackendUnavailable, Option, SpecError
-from mfdsl._ir import Spec
+from mfdsl._ir import Langevin, Spec
 from mfdsl._options import Choice, Float, Int
 from mfdsl._plan import RunPlan
 
@@ -59,14 +63,63 @@ class JaxBackend(Backend):
             ) from None
 
     def check(self, spec: Spec) -> None:
-        if spec.scaling != "mean_field" and not (
-            isinstance(spec.network.hidden, int) and spec.network.hidden == 1
-        ):
+        """Reject what has no mean-field limit, at ``mfdsl check`` time.
+
+        ``mean_field`` has one at every depth.  ``mup`` coincides with it at two layers
+        (``hidden = 1``: μP's output weights ``v ~ law/n`` are the mean-field ``a = n·v``,
+        and its per-layer learning rates give the same flow) — but not beyond, and not
+        with weight decay or Langevin noise, which μP applies at its own per-layer rates.
+        ``ntk`` and ``standard`` have a kernel (lazy) limit at any depth, not this one.
+        """
+        from mfdsl._ir import is_expr
+
+        scaling, hidden = spec.scaling, spec.network.hidden
+        where = spec.where("scaling")
+        if not is_expr(scaling):
+            if scaling in ("ntk", "standard"):
+                raise SpecError(
+                    f"the jax backend computes the mean-field limit, and '{scaling}' scaling has none: "
+                    "its infinite-width limit is a kernel (lazy-training) limit, at any depth",
+                    where,
+                    hint="use 'scaling mean_field' (or 'mup' for two layers), or drop jax from 'backends'",
+                )
+            if scaling == "mup" and not is_expr(hidden) and hidden > 1:
+                raise SpecError(
+                    "the jax backend computes the mean-field limit; 'mup' coincides with it only at two "
+                    f"layers (hidden = 1), and this network has {hidden} hidden layers",
+                    where,
+                    hint="use 'scaling mean_field' for the mean-field limit of a deeper network, "
+                    "or drop jax from 'backends' for this spec",
+                )
+            opt = spec.train.optimizer
+            decay = getattr(opt, "weight_decay", 0.0)
+            noisy = isinstance(opt, Langevin)
+            if scaling == "mup" and ((not is_expr(decay) and decay > 0) or noisy):
+                raise SpecError(
+                    "under 'mup' weight decay and Langevin noise act at μP's per-layer rates, which "
+                    "have no mean-field limit; the jax backend cannot compute this spec",
+                    where,
+                    hint="use 'scaling mean_field' (decay and noise at rate lr on every weight)",
+                )
+        self._check_options(spec)
+
+    def _check_options(self, spec: Spec) -> None:
+        from mfdsl._ir import is_expr
+
+        block = spec.options_for(self.name)
+        opt = spec.train.optimizer
+        momentum = getattr(opt, "momentum", 0.0)
+        if block is None or is_expr(momentum) or not momentum:
+            return
+        dt, solver = block.get("dt"), block.get("solver", "euler")
+        lr = opt.lr
+        bad_dt = dt is not None and not is_expr(dt) and not is_expr(lr) and abs(dt - lr) > 1e-12 * lr
+        if bad_dt or solver == "heun":
             raise SpecError(
-                f"the jax backend computes the mean-field limit, and '{spec.scaling}' scaling has none "
-                f"beyond two layers (this network has {spec.network.hidden} hidden layers)",
-                spec.where("scaling"),
-                hint="use 'scaling mean_field', or drop jax from 'backends' for this spec",
+                "momentum is a discrete recursion with step lr: the jax backend integrates it only "
+                "with solver = euler and dt = lr",
+                block.where("dt" if bad_dt else "solver"),
+                hint="drop 'dt' and 'solver' from the jax block, or use momentum = 0",
             )
 
     def run(
@@ -76,4 +129,26 @@ class JaxBackend(Backend):
         progress: Callable[[int, float], None] | None = None,
     ) -> Mapping[str, Any]:
         self.require()
-        raise BackendUnavailable("the jax mean-field solver is not implemented yet (issue #4)")
+        from mfdsl._data import make_dataset
+
+        from ._solver import solve
+
+        options = plan.options
+        dataset = make_dataset(plan.data, plan.seed)
+        result = solve(
+            plan,
+            dataset,
+            particles=int(options.get("particles", 4096)),
+            data_samples=int(options.get("data_samples", 1024)),
+            dt=options.get("dt"),
+            solver=str(options.get("solver", "euler")),
+            reduce=str(options.get("reduce", "auto")),
+            dtype=str(options.get("dtype", "float32")),
+            progress=progress,
+        )
+        return {
+            "records": result.records,
+            "status": result.status,
+            "message": result.message,
+            "attrs": result.attrs,
+        }
