@@ -1,4 +1,4 @@
-"""The ``mfdsl`` command line: check, show, fmt, run.
+"""The ``mfdsl`` command line: check, show, fmt, run, plot, report.
 
 Exit codes: 0 success, 1 a run failed (or ``fmt --check`` found changes), 2 a bad spec
 or bad usage.
@@ -69,29 +69,87 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"mfdsl {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    check = sub.add_parser("check", help="validate a spec and summarise its sweep", description="Validate a spec (.mf or .yaml) and print a table of its sweep.")
+    check = sub.add_parser(
+        "check",
+        help="validate a spec and summarise its sweep",
+        description="Validate a spec (.mf or .yaml) and print a table of its sweep.",
+    )
     check.add_argument("spec", help="the spec file")
     _add_set(check)
 
-    show = sub.add_parser("show", help="print the validated spec as YAML", description="Print the validated IR of a spec as YAML (a .yaml spec with the same content is accepted wherever a .mf is).")
+    show = sub.add_parser(
+        "show",
+        help="print the validated spec as YAML",
+        description="Print the validated IR of a spec as YAML (a .yaml spec with the same content is accepted wherever a .mf is).",
+    )
     show.add_argument("spec", help="the spec file")
     _add_set(show)
 
-    fmt = sub.add_parser("fmt", help="format a spec canonically (comments kept)", description="Print a .mf spec in canonical format, keeping comments.")
+    fmt = sub.add_parser(
+        "fmt",
+        help="format a spec canonically (comments kept)",
+        description="Print a .mf spec in canonical format, keeping comments.",
+    )
     fmt.add_argument("spec", help="the .mf spec file")
     group = fmt.add_mutually_exclusive_group()
-    group.add_argument("--check", action="store_true", help="exit 1 if the file is not formatted; change nothing")
+    group.add_argument(
+        "--check", action="store_true", help="exit 1 if the file is not formatted; change nothing"
+    )
     group.add_argument("--write", action="store_true", help="rewrite the file in place")
 
-    run = sub.add_parser("run", help="train every sweep point and write the zarr store", description="Train the spec's networks at every sweep point (width × seed × ...) and write all trajectories into one zarr store.")
+    run = sub.add_parser(
+        "run",
+        help="train every sweep point and write the zarr store",
+        description="Train the spec's networks at every sweep point (width × seed × ...) and write all trajectories into one zarr store.",
+    )
     run.add_argument("spec", help="the spec file")
     run.add_argument("-o", "--output", metavar="PATH", help="the store (default: runs/<experiment>.zarr)")
-    run.add_argument("--backend", action="append", metavar="NAME", help="run only this backend (repeatable; default: the spec's 'backends')")
-    run.add_argument("--workers", type=int, metavar="N", help="parallel worker processes (default: the usable cores)")
+    run.add_argument(
+        "--backend",
+        action="append",
+        metavar="NAME",
+        help="run only this backend (repeatable; default: the spec's 'backends')",
+    )
+    run.add_argument(
+        "--workers", type=int, metavar="N", help="parallel worker processes (default: the usable cores)"
+    )
     mode = run.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true", help="finish the runs an existing store has not done")
     mode.add_argument("--overwrite", action="store_true", help="replace an existing store")
     _add_set(run)
+
+    plot = sub.add_parser(
+        "plot",
+        help="draw a store's curves, width convergence or particles",
+        description="Draw figures of a results store (needs matplotlib: pip install 'mfdsl[plot]').",
+    )
+    plot.add_argument("store", help="the zarr store written by 'mfdsl run'")
+    plot.add_argument(
+        "--kind",
+        choices=("curves", "convergence", "particles"),
+        default="curves",
+        help="curves: variables against time, a line per width (default); convergence: distance to the limit against width, log-log, with the fitted slope; particles: the sampled neurons at the first, middle and last record",
+    )
+    plot.add_argument(
+        "--var",
+        action="append",
+        metavar="NAME",
+        help="plot only this variable, e.g. test_loss or weight_change[layer=1] (repeatable; default: every scalar variable)",
+    )
+    plot.add_argument(
+        "-o",
+        "--output",
+        metavar="FILE",
+        help="the figure, .png, .svg or .pdf (default: <store name>.png here, <name>-<kind>.png for the other kinds)",
+    )
+
+    report = sub.add_parser(
+        "report",
+        help="tabulate final metrics, distance to the limit and fitted rates",
+        description="Print, for each slice of the sweep's other variables: final metrics per width (mean ± std over seeds, runs done), the distance of each width's seed-mean trajectory to the limit (or to the widest run), and the log-log rate with its 95% confidence interval.",
+    )
+    report.add_argument("store", help="the zarr store written by 'mfdsl run'")
+    report.add_argument("--json", action="store_true", help="print the same as JSON on stdout")
     return parser
 
 
@@ -100,7 +158,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        handler = {"check": _check, "show": _show, "fmt": _fmt, "run": _run}[args.command]
+        handler = {
+            "check": _check,
+            "show": _show,
+            "fmt": _fmt,
+            "run": _run,
+            "plot": _plot,
+            "report": _report,
+        }[args.command]
         return handler(args)
     except SpecError as error:
         print_error(error)
@@ -143,7 +208,14 @@ def _check(args: argparse.Namespace) -> int:
     data = spec.data
     table.add_row("data", data.kind)
     table.add_row("network", f"mlp, {spec.network.hidden} hidden layer(s), {spec.network.activation}")
-    table.add_row("scaling", str(spec.scaling if isinstance(spec.scaling, str) else ", ".join(sorted({str(p.spec.scaling) for p in points}))))
+    table.add_row(
+        "scaling",
+        str(
+            spec.scaling
+            if isinstance(spec.scaling, str)
+            else ", ".join(sorted({str(p.spec.scaling) for p in points}))
+        ),
+    )
     console.print(table)
     console.print(f"[green]✓[/green] {args.spec} is valid")
     return EXIT_OK
@@ -188,6 +260,36 @@ def _run(args: argparse.Namespace) -> int:
     from ._runner import run_command
 
     return run_command(args, _load(args))
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from ._plot import PlotError, plot_store
+    from ._report import StoreError
+
+    try:
+        path = plot_store(args.store, kind=args.kind, variables=args.var, output=args.output)
+    except (StoreError, PlotError) as error:
+        _console(stderr=True).print(Text("error: ", style="bold red") + Text(str(error)))
+        return EXIT_USAGE
+    _console().print(Text(path))
+    return EXIT_OK
+
+
+def _report(args: argparse.Namespace) -> int:
+    import json
+
+    from ._report import StoreError, render, summarize
+
+    try:
+        summary = summarize(args.store)
+    except StoreError as error:
+        _console(stderr=True).print(Text("error: ", style="bold red") + Text(str(error)))
+        return EXIT_USAGE
+    if args.json:
+        sys.stdout.write(json.dumps(summary, indent=2, allow_nan=False) + "\n")
+    else:
+        render(summary, _console())
+    return EXIT_OK
 
 
 if __name__ == "__main__":  # pragma: no cover

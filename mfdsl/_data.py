@@ -35,6 +35,32 @@ times.
 
 The test set is the first ``test`` examples of the test stream.  Nothing depends on
 the network's width, so every width of a sweep sees the same data for the same seed.
+
+Real images (``mnist``, ``fashion_mnist``, ``cifar10``; files read by
+:mod:`mfdsl._datasets` from the local folder ``root``, ``~`` expanded, relative to the
+current directory):
+
+* **Classes.**  ``classes = [c_0, c_1, …]`` keeps the examples of those classes and
+  relabels ``c_i`` as ``i``, in the order given.  Two classes make a binary task: ``c_0``
+  is −1 and ``c_1`` is +1 (``classes = [0, 1]``: digit 0 → −1, digit 1 → +1; float64
+  labels, one output).  More classes make a multiclass task: int64 labels 0 … K−1 and
+  ``outputs = K``.
+* **Subsets.**  Of the ``P`` training examples of those classes (file order), the
+  training set is ``pool[perm[:train]]`` with ``perm = default_rng([seed, 1,
+  0]).permutation(P)``; the test set likewise from ``[seed, 2, 0]`` over the test
+  examples; ``all`` takes the whole permutation.  A smaller set is therefore a prefix
+  of a larger one for the same seed, and every seed sees its own subsample.  The
+  epoch walk over the training set is the one above (stream 3).
+* **Pixels.**  Flattened (MNIST row-major 28 × 28 = 784; CIFAR-10 in its file order,
+  the 1024 red, 1024 green, then 1024 blue values: 3072), divided by 255, then
+  standardised *globally*: ``x ← (x − μ) / σ`` with the scalar mean and standard
+  deviation of every pixel of every training-split image of the selected classes (all
+  of them, not the seed's subsample, so the transform depends on neither the seed nor
+  ``train``), and the same ``μ, σ`` for the test set.  One scalar rather than one per
+  pixel: MNIST's border pixels are constant (σ = 0), and per-pixel statistics of a
+  small subsample would blow up rare pixels; a global scale keeps the image as it is
+  and makes the mean squared coordinate 1, like the Gaussian sources, so the same
+  ``init`` laws (``normal(0, 1 / sqrt(dim))``) fit both.
 """
 
 from __future__ import annotations
@@ -54,6 +80,8 @@ STREAM_TEST = 2
 STREAM_EPOCH = 3
 STREAM_TEACHER = 4
 
+IMAGE_KINDS = ("mnist", "fashion_mnist", "cifar10")
+
 # Three words of 32 bits each keep the key layout unambiguous (a larger seed would
 # spill into a second word and could collide with another key).
 _MAX_SEED = 2**32
@@ -61,13 +89,13 @@ _MAX_SEED = 2**32
 # Enough to keep the block (or epoch) a step-by-step caller sits on, plus its neighbour.
 _CACHE_SIZE = 2
 
-Task = Literal["binary", "regression"]
+Task = Literal["binary", "multiclass", "regression"]
 _Draw = Callable[[np.random.Generator, int], tuple[np.ndarray, np.ndarray]]
 
 
 class DataError(Exception):
-    """A data source that cannot be built: an unknown kind, a bad parameter, or a
-    loader that does not exist yet."""
+    """A data source that cannot be built: an unknown kind, a bad parameter, or data
+    files that are missing or damaged."""
 
 
 def _erf(z: np.ndarray) -> np.ndarray:
@@ -87,18 +115,25 @@ _ACTIVATIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
 
 
 class Dataset:
-    """Training batches by step index and a fixed test set, all float64.
+    """Training batches by step index and a fixed test set.
 
-    ``task`` is ``"binary"`` (labels ±1) or ``"regression"``; ``outputs`` is the number of
-    network outputs ``K`` (1 for both).  Labels are ``(…,)`` arrays, one per example.
-    ``n_train`` is ``None`` for online data; for a finite training set ``train_x`` and
-    ``train_y`` hold it (the empirical measure a limit computation averages over).
+    ``task`` is ``"binary"`` (float64 labels ±1), ``"multiclass"`` (int64 labels
+    0 … K−1) or ``"regression"`` (float64); ``outputs`` is the number of network outputs
+    ``K`` (1 unless multiclass).  Inputs are float64; labels are ``(…,)`` arrays, one per
+    example.  ``n_train`` is ``None`` for online data; for a finite training set
+    ``train_x`` and ``train_y`` hold it (the empirical measure a limit computation
+    averages over).
+
+    A generated source passes ``draw`` (examples come from the seeded streams); a source
+    read from files passes ``fixed = (train_x, train_y, test_x, test_y)`` instead, and
+    its training set is walked in epochs exactly like a generated finite one.
     """
 
     def __init__(
         self,
         *,
-        draw: _Draw,
+        draw: _Draw | None = None,
+        fixed: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None,
         seed: int,
         dim: int,
         task: Task,
@@ -106,6 +141,10 @@ class Dataset:
         n_test: int,
         outputs: int = 1,
     ) -> None:
+        if (draw is None) == (fixed is None):
+            raise DataError(
+                "a Dataset needs exactly one of draw (generated data) and fixed (arrays read from files)"
+            )
         self._draw = draw
         self.seed = seed
         self.dim = dim
@@ -114,9 +153,14 @@ class Dataset:
         self.n_train = n_train
         self._blocks: OrderedDict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = OrderedDict()
         self._perms: OrderedDict[int, np.ndarray] = OrderedDict()
-        self.test_x, self.test_y = self._examples(STREAM_TEST, 0, n_test)
         self.train_x: np.ndarray | None = None
         self.train_y: np.ndarray | None = None
+        if fixed is not None:
+            self.train_x, self.train_y, self.test_x, self.test_y = fixed
+            if n_train != self.train_x.shape[0] or n_test != self.test_x.shape[0]:
+                raise DataError("the fixed arrays do not have n_train and n_test examples")
+            return
+        self.test_x, self.test_y = self._examples(STREAM_TEST, 0, n_test)
         if n_train is not None:
             self.train_x, self.train_y = self._examples(STREAM_TRAIN, 0, n_train)
         # Blocks drawn for the fixed sets are not revisited; keep the cache for steps.
@@ -201,6 +245,7 @@ class Dataset:
         key = (stream, block)
         cached = self._blocks.get(key)
         if cached is None:
+            assert self._draw is not None, "a dataset read from files has no streams to draw"
             cached = self._draw(np.random.default_rng([self.seed, stream, block]), BLOCK)
             _remember(self._blocks, key, cached)
         return cached
@@ -225,8 +270,8 @@ def make_dataset(data: Any, seed: int) -> Dataset:
         return _isotropic_gaussian(data, seed)
     if kind == "teacher":
         return _teacher(data, seed)
-    if kind in ("mnist", "fashion_mnist", "cifar10"):
-        raise DataError(f"the {kind} loader is not available yet")
+    if kind in IMAGE_KINDS:
+        return _images(data, seed)
     raise DataError(f"unknown data kind {kind!r}")
 
 
@@ -309,3 +354,112 @@ def teacher_network(spec: Any, dim: int, seed: int) -> Callable[[np.ndarray], np
         return h
 
     return f
+
+
+# ---- real images -------------------------------------------------------------------------
+
+# (files read, classes) → (μ, σ) of the pixels in [0, 1]: cheap to recompute, but a
+# sweep asks for the same few many times.
+_STATS: OrderedDict[tuple[Any, ...], tuple[float, float]] = OrderedDict()
+_STATS_SIZE = 8
+
+
+def image_sizes(data: Any) -> tuple[int, int]:
+    """``(n_train, n_test)`` of an image data block: what ``train`` and ``test`` resolve
+    to for its classes (``all`` counts the examples of those classes).  Reads the label
+    files only, so a caller can size a run (``epochs`` → steps) or check the files
+    before a sweep starts."""
+    from ._datasets import load_labels
+
+    kind, classes = data.kind, _classes(data)
+    train_labels, test_labels = load_labels(kind, str(data.root))
+    pools = (int(np.isin(train_labels, classes).sum()), int(np.isin(test_labels, classes).sum()))
+    return (
+        _subset_size(data.train, pools[0], "train", kind, classes),
+        _subset_size(data.test, pools[1], "test", kind, classes),
+    )
+
+
+def _classes(data: Any) -> tuple[int, ...]:
+    classes = data.classes
+    if isinstance(classes, (str, bytes)) or not hasattr(classes, "__iter__"):
+        raise DataError(f"{data.kind} classes must be a list of class numbers (got {classes!r})")
+    out = tuple(classes)
+    if len(out) < 2 or not all(_is_int(c) and 0 <= c <= 9 for c in out):
+        raise DataError(f"{data.kind} classes must be at least two of 0 … 9 (got {list(out)})")
+    if len(set(out)) != len(out):
+        raise DataError(f"{data.kind} classes list a class twice: {list(out)}")
+    return tuple(int(c) for c in out)
+
+
+def _subset_size(size: Any, pool: int, split: str, kind: str, classes: tuple[int, ...]) -> int:
+    if pool == 0:
+        raise DataError(f"{kind} has no {split} images of classes {list(classes)}")
+    if size == "all":
+        return pool
+    if not _is_int(size) or size < 1:
+        raise DataError(f"{kind} {split} must be 'all' or a positive integer (got {size!r})")
+    if size > pool:
+        raise DataError(f"{kind} has only {pool} {split} images of classes {list(classes)}, asked for {size}")
+    return int(size)
+
+
+def _images(data: Any, seed: int) -> Dataset:
+    from ._datasets import load_images
+
+    kind, classes = data.kind, _classes(data)
+    images = load_images(kind, str(data.root))
+    pools = [
+        np.flatnonzero(np.isin(images.train_y, classes)),
+        np.flatnonzero(np.isin(images.test_y, classes)),
+    ]
+    n_train = _subset_size(data.train, pools[0].size, "train", kind, classes)
+    n_test = _subset_size(data.test, pools[1].size, "test", kind, classes)
+    mean, std = _pixel_stats(images.key, images.train_x, pools[0], classes)
+    # Class c_i → i; uint8 labels index a table, so relabelling is one gather.
+    relabel = np.full(256, -1, dtype=np.int64)
+    relabel[list(classes)] = np.arange(len(classes))
+    binary = len(classes) == 2
+
+    def subset(
+        x: np.ndarray, y: np.ndarray, pool: np.ndarray, n: int, stream: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        chosen = pool[np.random.default_rng([seed, stream, 0]).permutation(pool.size)[:n]]
+        # Standardise in pixel units, (p − 255μ) / (255σ), straight from uint8.
+        xs = (x[chosen].astype(np.float64) - 255.0 * mean) / (255.0 * std)
+        index = relabel[y[chosen]]
+        ys = np.where(index == 0, -1.0, 1.0) if binary else index
+        return xs, ys
+
+    train_x, train_y = subset(images.train_x, images.train_y, pools[0], n_train, STREAM_TRAIN)
+    test_x, test_y = subset(images.test_x, images.test_y, pools[1], n_test, STREAM_TEST)
+    return Dataset(
+        fixed=(train_x, train_y, test_x, test_y),
+        seed=seed,
+        dim=int(train_x.shape[1]),
+        task="binary" if binary else "multiclass",
+        n_train=n_train,
+        n_test=n_test,
+        outputs=1 if binary else len(classes),
+    )
+
+
+def _pixel_stats(
+    key: Any, train_x: np.ndarray, pool: np.ndarray, classes: tuple[int, ...]
+) -> tuple[float, float]:
+    """Mean and standard deviation of the pixels (scaled to [0, 1]) of the training
+    images ``pool``: exact, from a histogram of the 256 byte values."""
+    cache_key = (key, tuple(sorted(classes)))
+    stats = _STATS.get(cache_key)
+    if stats is None:
+        counts = np.bincount(train_x[pool].reshape(-1), minlength=256).astype(np.float64)
+        values = np.arange(256, dtype=np.float64) / 255.0
+        total = counts.sum()
+        mean = float(counts @ values / total)
+        var = float(counts @ (values - mean) ** 2 / total)
+        # Constant pixels (a blank test image) have no scale to divide by: centre only.
+        stats = (mean, math.sqrt(var) if var > 0 else 1.0)
+        _STATS[cache_key] = stats
+        while len(_STATS) > _STATS_SIZE:
+            _STATS.popitem(last=False)
+    return stats
