@@ -37,8 +37,7 @@ class FakeData:
     seed: int = 7
 
     def __post_init__(self) -> None:
-        self.test_x, self.test_y = self._draw(np.random.default_rng([self.seed, 10**9]),
-                                              self.n_test)
+        self.test_x, self.test_y = self._draw(np.random.default_rng([self.seed, 10**9]), self.n_test)
 
     def _draw(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
         x = rng.normal(size=(n, self.dim))
@@ -53,8 +52,10 @@ class FakeData:
         return x, y
 
     def train_chunk(self, start: int, n: int, batch: int) -> tuple[np.ndarray, np.ndarray]:
-        xs, ys = zip(*(self._draw(np.random.default_rng([self.seed, s]), batch)
-                       for s in range(start, start + n)), strict=True)
+        xs, ys = zip(
+            *(self._draw(np.random.default_rng([self.seed, s]), batch) for s in range(start, start + n)),
+            strict=True,
+        )
         return np.stack(xs), np.stack(ys)
 
 
@@ -89,31 +90,54 @@ def make_plan(
             width_out = 1 if ell == depth + 1 else fan_out
             mult = 1.0 / width_in
             lr_mult, bias_mult = float(width_in * width_out), float(width_out)
-            init = (DistPlan(kind="normal", a=0.0, b=1 / math.sqrt(dim)) if ell == 1
-                    else DistPlan(kind="normal", a=1.0 if ell <= depth else 0.0, b=1.0))
+            init = (
+                DistPlan(kind="normal", a=0.0, b=1 / math.sqrt(dim))
+                if ell == 1
+                else DistPlan(kind="normal", a=1.0 if ell <= depth else 0.0, b=1.0)
+            )
         else:  # standard
             mult, lr_mult, bias_mult = 1.0, 1.0, 1.0
             init = DistPlan(kind="normal", a=0.0, b=1 / math.sqrt(fan_in))
         if inits is not None:
             init = inits[ell - 1]
-        layers.append(LayerPlan(index=ell, fan_in=fan_in, fan_out=fan_out,
-                                forward_mult=mult, lr_mult=float(lr_mult), init=init,
-                                bias=bias, bias_lr_mult=float(bias_mult),
-                                frozen=ell in frozen))
+        layers.append(
+            LayerPlan(
+                index=ell,
+                fan_in=fan_in,
+                fan_out=fan_out,
+                forward_mult=mult,
+                lr_mult=float(lr_mult),
+                init=init,
+                bias=bias,
+                bias_lr_mult=float(bias_mult),
+                frozen=ell in frozen,
+            )
+        )
     if record_steps is None:
         record_steps = np.arange(steps + 1)
     return RunPlan(
-        experiment="test", coords={}, width=float(widths[0]), seed=seed, scaling=scaling,
-        layers=tuple(layers), activation=activation, output=output, loss=loss,  # type: ignore[arg-type]
-        data=None, batch=batch, steps=steps,
+        experiment="test",
+        coords={},
+        width=float(widths[0]),
+        seed=seed,
+        scaling=scaling,
+        layers=tuple(layers),
+        activation=activation,
+        output=output,
+        loss=loss,  # type: ignore[arg-type]
+        data=None,
+        batch=batch,
+        steps=steps,
         optimizer=optimizer or OptimizerPlan(kind="sgd", lr=0.1),
         schedule=schedule or SchedulePlan(),
         record_steps=np.asarray(record_steps, dtype=np.int64),
-        observables=observables)
+        observables=observables,
+    )
 
 
-def one_update(plan: RunPlan, data: FakeData, start: int = 0
-               ) -> tuple[list[Any], list[Any], list[Any], list[Any]]:
+def one_update(
+    plan: RunPlan, data: FakeData, start: int = 0
+) -> tuple[list[Any], list[Any], list[Any], list[Any]]:
     """Weights and biases before and after the update at step ``start``."""
     net = Network(plan)
     trainer = Trainer(net, plan, data.task, data.outputs)
@@ -128,8 +152,14 @@ def rel_err(a: Any, b: Any) -> float:
     return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b))
 
 
-ACTS = {"relu": torch.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid,
-        "gelu": torch.nn.functional.gelu, "erf": torch.erf, "identity": lambda h: h}
+ACTS = {
+    "relu": torch.relu,
+    "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid,
+    "gelu": torch.nn.functional.gelu,
+    "erf": torch.erf,
+    "identity": lambda h: h,
+}
 PSIS = {"identity": lambda z: z, "tanh": torch.tanh, "sigmoid": torch.sigmoid}
 
 
@@ -185,11 +215,21 @@ def test_update_matches_autograd_of_explicit_network(case: tuple[Any, ...]) -> N
     depth = len(widths)
     # Non-zero biases would be invisible at init (they start at 0); a second step
     # exercises them, so compare the update at step 1 from the state after step 0.
-    plan = make_plan(widths=widths, outputs=k, bias=bias, activation=act, output=out,
-                     loss=loss, optimizer=OptimizerPlan(kind="sgd", lr=lr), batch=5,
-                     inits=(DistPlan(kind="normal", a=0.1, b=1.0),
-                            *[DistPlan(kind="normal", a=0.5, b=1.0)] * (depth - 1),
-                            DistPlan(kind="normal", a=0.0, b=1.0)))
+    plan = make_plan(
+        widths=widths,
+        outputs=k,
+        bias=bias,
+        activation=act,
+        output=out,
+        loss=loss,
+        optimizer=OptimizerPlan(kind="sgd", lr=lr),
+        batch=5,
+        inits=(
+            DistPlan(kind="normal", a=0.1, b=1.0),
+            *[DistPlan(kind="normal", a=0.5, b=1.0)] * (depth - 1),
+            DistPlan(kind="normal", a=0.0, b=1.0),
+        ),
+    )
     net = Network(plan)
     trainer = Trainer(net, plan, task, k)
     xs, ys = trainer.prepare_chunk(*data.train_chunk(0, 2, plan.batch))
@@ -215,12 +255,13 @@ def test_update_matches_autograd_of_explicit_network(case: tuple[Any, ...]) -> N
 
 def test_train_agrees_with_network_and_trainer() -> None:
     data = FakeData()
-    plan = make_plan(widths=(6, 5), steps=1,
-                     observables=(ObservablePlan(name="weight_change"),))
+    plan = make_plan(widths=(6, 5), steps=1, observables=(ObservablePlan(name="weight_change"),))
     w0, w1, _, _ = one_update(plan, data)
     got = train(plan, data).records["weight_change"]
-    want = [float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b))
-            for a, b in zip(w1, w0, strict=True)]
+    want = [
+        float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b))
+        for a, b in zip(w1, w0, strict=True)
+    ]
     np.testing.assert_allclose(got[1], want, rtol=1e-12)
     assert np.all(got[0] == 0)
 
@@ -238,15 +279,26 @@ def update_sizes(scaling: str, width: int) -> tuple[np.ndarray, np.ndarray]:
     data = FakeData(dim=5)
     inits = None
     if scaling == "mean_field":
-        inits = (DistPlan(kind="normal", a=0.0, b=1 / math.sqrt(5)),
-                 *[DistPlan(kind="normal", a=1.0, b=1.0)] * 3)
-    plan = make_plan(widths=(width,) * 3, dim=5, scaling=scaling, activation="relu",
-                     optimizer=OptimizerPlan(kind="sgd", lr=0.01), batch=8, seed=3,
-                     inits=inits)
+        inits = (
+            DistPlan(kind="normal", a=0.0, b=1 / math.sqrt(5)),
+            *[DistPlan(kind="normal", a=1.0, b=1.0)] * 3,
+        )
+    plan = make_plan(
+        widths=(width,) * 3,
+        dim=5,
+        scaling=scaling,
+        activation="relu",
+        optimizer=OptimizerPlan(kind="sgd", lr=0.01),
+        batch=8,
+        seed=3,
+        inits=inits,
+    )
     w0, w1, _, _ = one_update(plan, data)
     diffs = [a - b for a, b in zip(w1, w0, strict=True)]
-    return (np.array([float(d.abs().max()) for d in diffs]),
-            np.array([float(d.square().mean().sqrt()) for d in diffs]))
+    return (
+        np.array([float(d.abs().max()) for d in diffs]),
+        np.array([float(d.square().mean().sqrt()) for d in diffs]),
+    )
 
 
 def test_mean_field_update_per_weight_is_order_lr_at_every_width() -> None:
@@ -274,13 +326,26 @@ def test_standard_scaling_update_shrinks_with_width_unlike_mean_field() -> None:
 
 def test_runs_are_bitwise_deterministic() -> None:
     data = FakeData()
-    obs = tuple(ObservablePlan(name=n) for n in
-                ("train_loss", "test_loss", "test_accuracy", "output", "neuron_spread",
-                 "weight_change", "particles"))
-    plan = make_plan(widths=(8, 6), bias=True, steps=12, record_steps=[0, 3, 12],
-                     optimizer=OptimizerPlan(kind="langevin", lr=0.05, momentum=0.5,
-                                             weight_decay=1e-3, temperature=1e-4),
-                     observables=obs)
+    obs = tuple(
+        ObservablePlan(name=n)
+        for n in (
+            "train_loss",
+            "test_loss",
+            "test_accuracy",
+            "output",
+            "neuron_spread",
+            "weight_change",
+            "particles",
+        )
+    )
+    plan = make_plan(
+        widths=(8, 6),
+        bias=True,
+        steps=12,
+        record_steps=[0, 3, 12],
+        optimizer=OptimizerPlan(kind="langevin", lr=0.05, momentum=0.5, weight_decay=1e-3, temperature=1e-4),
+        observables=obs,
+    )
     a, b = train(plan, data), train(plan, data)
     assert a.status == b.status == "done"
     for name in a.records:
@@ -289,11 +354,13 @@ def test_runs_are_bitwise_deterministic() -> None:
 
 def test_chunking_does_not_change_results() -> None:
     data = FakeData()
-    plan = make_plan(widths=(8,), steps=9, record_steps=[0, 4, 9],
-                     optimizer=OptimizerPlan(kind="langevin", lr=0.05, momentum=0.9,
-                                             temperature=1e-3),
-                     observables=(ObservablePlan(name="train_loss"),
-                                  ObservablePlan(name="weight_change")))
+    plan = make_plan(
+        widths=(8,),
+        steps=9,
+        record_steps=[0, 4, 9],
+        optimizer=OptimizerPlan(kind="langevin", lr=0.05, momentum=0.9, temperature=1e-3),
+        observables=(ObservablePlan(name="train_loss"), ObservablePlan(name="weight_change")),
+    )
     a, b = train(plan, data), train(plan, data, chunk_steps=2)
     for name in a.records:
         np.testing.assert_array_equal(a.records[name], b.records[name])
@@ -301,9 +368,12 @@ def test_chunking_does_not_change_results() -> None:
 
 def test_frozen_layers_never_move() -> None:
     data = FakeData()
-    plan = make_plan(widths=(8, 6, 5), bias=True, frozen=(1, 4),
-                     optimizer=OptimizerPlan(kind="langevin", lr=0.1, momentum=0.5,
-                                             weight_decay=0.1, temperature=0.01))
+    plan = make_plan(
+        widths=(8, 6, 5),
+        bias=True,
+        frozen=(1, 4),
+        optimizer=OptimizerPlan(kind="langevin", lr=0.1, momentum=0.5, weight_decay=0.1, temperature=0.01),
+    )
     net = Network(plan)
     trainer = Trainer(net, plan, data.task, data.outputs)
     w0 = [w.clone() for w in net.W]
@@ -316,8 +386,7 @@ def test_frozen_layers_never_move() -> None:
         assert not torch.equal(net.W[i], w0[i])
         assert not torch.equal(net.b[i], torch.zeros_like(net.b[i]))
 
-    plan = replace(plan, observables=(ObservablePlan(name="weight_change"),),
-                   record_steps=np.array([0, 3]))
+    plan = replace(plan, observables=(ObservablePlan(name="weight_change"),), record_steps=np.array([0, 3]))
     change = train(plan, data).records["weight_change"][1]
     assert change[0] == 0 and change[3] == 0 and change[1] > 0 and change[2] > 0
 
@@ -328,10 +397,16 @@ def test_momentum_weight_decay_and_schedule_against_hand_calculation(mu: float) 
     data = FakeData(dim=2, task="regression")
     lr, wd, steps = 0.3, 0.05, 3
     sched = SchedulePlan(kind="linear", final=0.25)
-    plan = make_plan(widths=(3,), dim=2, activation="identity", bias=True, batch=4,
-                     steps=steps, schedule=sched,
-                     optimizer=OptimizerPlan(kind="sgd", lr=lr, momentum=mu,
-                                             weight_decay=wd))
+    plan = make_plan(
+        widths=(3,),
+        dim=2,
+        activation="identity",
+        bias=True,
+        batch=4,
+        steps=steps,
+        schedule=sched,
+        optimizer=OptimizerPlan(kind="sgd", lr=lr, momentum=mu, weight_decay=wd),
+    )
     net = Network(plan)
     trainer = Trainer(net, plan, data.task, 1)
     xs, ys = trainer.prepare_chunk(*data.train_chunk(0, steps, plan.batch))
@@ -379,9 +454,13 @@ def test_schedule_scales_the_update() -> None:
         assert rel_err(c - a, xi * (b - a)) < 1e-12
 
     # A step schedule that stops learning after the first update.
-    stop = replace(base, steps=5, record_steps=np.array([0, 1, 5]),
-                   schedule=SchedulePlan(kind="step", every=1, factor=0.0),
-                   observables=(ObservablePlan(name="weight_change"),))
+    stop = replace(
+        base,
+        steps=5,
+        record_steps=np.array([0, 1, 5]),
+        schedule=SchedulePlan(kind="step", every=1, factor=0.0),
+        observables=(ObservablePlan(name="weight_change"),),
+    )
     change = train(stop, data).records["weight_change"]
     assert np.all(change[1] > 0)
     np.testing.assert_array_equal(change[1], change[2])
@@ -393,8 +472,14 @@ def test_langevin_noise_variance() -> None:
     data = FakeData(dim=6)
     lr, temp, s = 0.02, 1e-5, 4
     opt = OptimizerPlan(kind="langevin", lr=lr, temperature=temp)
-    noisy = make_plan(widths=(96, 80), dim=6, bias=True, steps=10, optimizer=opt,
-                      schedule=SchedulePlan(kind="linear", final=0.5))
+    noisy = make_plan(
+        widths=(96, 80),
+        dim=6,
+        bias=True,
+        steps=10,
+        optimizer=opt,
+        schedule=SchedulePlan(kind="linear", final=0.5),
+    )
     clean = replace(noisy, optimizer=replace(opt, kind="sgd"))
     xi = float(noisy.schedule(s, noisy.steps))
     _, wn, _, bn = one_update(noisy, data, start=s)
@@ -415,12 +500,18 @@ def test_langevin_noise_variance() -> None:
 def test_huge_learning_rate_diverges_without_exception() -> None:
     data = FakeData(task="regression")
     calls: list[tuple[int, float]] = []
-    plan = make_plan(widths=(8, 8), activation="relu", steps=200,
-                     record_steps=np.arange(0, 201, 10),
-                     optimizer=OptimizerPlan(kind="sgd", lr=1e4),
-                     observables=(ObservablePlan(name="train_loss"),
-                                  ObservablePlan(name="test_loss"),
-                                  ObservablePlan(name="weight_change")))
+    plan = make_plan(
+        widths=(8, 8),
+        activation="relu",
+        steps=200,
+        record_steps=np.arange(0, 201, 10),
+        optimizer=OptimizerPlan(kind="sgd", lr=1e4),
+        observables=(
+            ObservablePlan(name="train_loss"),
+            ObservablePlan(name="test_loss"),
+            ObservablePlan(name="weight_change"),
+        ),
+    )
     res = train(plan, data, progress=lambda s, v: calls.append((s, v)))
     assert isinstance(res, Result)
     assert res.status == "diverged"
@@ -437,8 +528,7 @@ def test_huge_learning_rate_diverges_without_exception() -> None:
 # --------------------------------------------------------------------------- observables
 
 
-def numpy_forward(plan: RunPlan, x: np.ndarray
-                  ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+def numpy_forward(plan: RunPlan, x: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Initial weights and pre-activations ``[H_1 … H_L, z]`` (mean-field, no bias)."""
     rng = np.random.default_rng([plan.seed, 1])
     ws = [layer.init.sample(rng, (layer.fan_in, layer.fan_out)) for layer in plan.layers]
@@ -451,26 +541,34 @@ def numpy_forward(plan: RunPlan, x: np.ndarray
 
 def test_observables_at_step_zero_match_numpy() -> None:
     data = FakeData(dim=4, n_test=30)
-    obs = (ObservablePlan(name="train_loss"), ObservablePlan(name="test_loss"),
-           ObservablePlan(name="test_accuracy"), ObservablePlan(name="output", probes=5),
-           ObservablePlan(name="neuron_spread", layers=(1, 3), probes=7),
-           ObservablePlan(name="weight_change", layers=(1, 2, 4)),
-           ObservablePlan(name="particles", layers=(2,), sample=4))
-    plan = make_plan(widths=(9, 6, 5), steps=3, record_steps=[0, 1, 3], batch=6,
-                     observables=obs)
+    obs = (
+        ObservablePlan(name="train_loss"),
+        ObservablePlan(name="test_loss"),
+        ObservablePlan(name="test_accuracy"),
+        ObservablePlan(name="output", probes=5),
+        ObservablePlan(name="neuron_spread", layers=(1, 3), probes=7),
+        ObservablePlan(name="weight_change", layers=(1, 2, 4)),
+        ObservablePlan(name="particles", layers=(2,), sample=4),
+    )
+    plan = make_plan(widths=(9, 6, 5), steps=3, record_steps=[0, 1, 3], batch=6, observables=obs)
     res = train(plan, data)
     r = res.records
     assert list(r) == [o.name for o in obs]
-    shapes = {"train_loss": (3,), "test_loss": (3,), "test_accuracy": (3,),
-              "output": (3, 5), "neuron_spread": (3, 2), "weight_change": (3, 3),
-              "particles": (3, 4, 4)}
+    shapes = {
+        "train_loss": (3,),
+        "test_loss": (3,),
+        "test_accuracy": (3,),
+        "output": (3, 5),
+        "neuron_spread": (3, 2),
+        "weight_change": (3, 3),
+        "particles": (3, 4, 4),
+    }
     assert {k: v.shape for k, v in r.items()} == shapes
     assert all(np.all(np.isfinite(v)) for v in r.values())
 
     ws, hs = numpy_forward(plan, data.test_x)
     yhat = hs[-1][:, 0]
-    np.testing.assert_allclose(r["test_loss"][0], np.mean(0.5 * (yhat - data.test_y) ** 2),
-                               rtol=1e-12)
+    np.testing.assert_allclose(r["test_loss"][0], np.mean(0.5 * (yhat - data.test_y) ** 2), rtol=1e-12)
     assert r["test_accuracy"][0] == np.mean(np.sign(yhat) == data.test_y)
     np.testing.assert_allclose(r["output"][0], yhat[:5], rtol=1e-12)
     spread = [hs[ell - 1][:7].std(axis=1).mean() for ell in (1, 3)]
@@ -478,18 +576,19 @@ def test_observables_at_step_zero_match_numpy() -> None:
     assert np.all(r["weight_change"][0] == 0) and np.all(r["weight_change"][1] > 0)
     x0, y0 = data.train_chunk(0, 1, plan.batch)
     h0 = numpy_forward(plan, x0[0])[1][-1][:, 0]
-    np.testing.assert_allclose(r["train_loss"][0], np.mean(0.5 * (h0 - y0[0]) ** 2),
-                               rtol=1e-12)
+    np.testing.assert_allclose(r["train_loss"][0], np.mean(0.5 * (h0 - y0[0]) ** 2), rtol=1e-12)
     idx = np.sort(np.random.default_rng([plan.seed, 2]).choice(6, 4, replace=False))
-    want = np.stack([ws[1][0, idx], ws[1][1, idx], np.linalg.norm(ws[1][:, idx], axis=0),
-                     ws[2][idx, 0]], axis=1)
+    want = np.stack(
+        [ws[1][0, idx], ws[1][1, idx], np.linalg.norm(ws[1][:, idx], axis=0), ws[2][idx, 0]], axis=1
+    )
     np.testing.assert_allclose(r["particles"][0], want, rtol=1e-12)
 
 
 def test_train_loss_is_mean_of_update_losses_since_last_record() -> None:
     data = FakeData()
-    plan = make_plan(widths=(8,), steps=7, record_steps=[0, 3, 7],
-                     observables=(ObservablePlan(name="train_loss"),))
+    plan = make_plan(
+        widths=(8,), steps=7, record_steps=[0, 3, 7], observables=(ObservablePlan(name="train_loss"),)
+    )
     calls: list[tuple[int, float]] = []
     got = train(plan, data, progress=lambda s, v: calls.append((s, v)))
     net = Network(plan)
@@ -505,19 +604,29 @@ def test_train_loss_is_mean_of_update_losses_since_last_record() -> None:
 
 def test_multiclass_shapes_defaults_and_repeated_record_steps() -> None:
     data = FakeData(task="multiclass", outputs=3, n_test=20)
-    obs = (ObservablePlan(name="test_accuracy"), ObservablePlan(name="output"),
-           ObservablePlan(name="neuron_spread"), ObservablePlan(name="weight_change"),
-           ObservablePlan(name="particles", sample=12))
-    plan = make_plan(widths=(10, 8), outputs=3, loss="cross_entropy", steps=4,
-                     record_steps=[0, 2, 2, 4], observables=obs, dim=1 + 3)
+    obs = (
+        ObservablePlan(name="test_accuracy"),
+        ObservablePlan(name="output"),
+        ObservablePlan(name="neuron_spread"),
+        ObservablePlan(name="weight_change"),
+        ObservablePlan(name="particles", sample=12),
+    )
+    plan = make_plan(
+        widths=(10, 8),
+        outputs=3,
+        loss="cross_entropy",
+        steps=4,
+        record_steps=[0, 2, 2, 4],
+        observables=obs,
+        dim=1 + 3,
+    )
     r = train(plan, data).records
     assert r["output"].shape == (4, 16, 3)
     assert r["neuron_spread"].shape == (4, 2)
     assert r["weight_change"].shape == (4, 3)
     # 12 particles asked of a width-10 layer: the last two rows are padding.
     assert r["particles"].shape == (4, 12, 4)
-    assert np.all(np.isnan(r["particles"][:, 10:])) and np.all(
-        np.isfinite(r["particles"][:, :10]))
+    assert np.all(np.isnan(r["particles"][:, 10:])) and np.all(np.isfinite(r["particles"][:, :10]))
     np.testing.assert_array_equal(r["output"][1], r["output"][2])
     _, hs = numpy_forward(plan, data.test_x)
     assert r["test_accuracy"][0] == np.mean(np.argmax(hs[-1], axis=1) == data.test_y)
@@ -531,11 +640,9 @@ def test_float32_and_invalid_requests() -> None:
     assert a.dtype == np.float64
     np.testing.assert_allclose(a, b, rtol=1e-5)
     with pytest.raises(ValueError, match="regression"):
-        train(replace(plan, observables=(ObservablePlan(name="test_accuracy"),)),
-              FakeData(task="regression"))
+        train(replace(plan, observables=(ObservablePlan(name="test_accuracy"),)), FakeData(task="regression"))
     with pytest.raises(ValueError, match="layer"):
-        train(replace(plan, observables=(ObservablePlan(name="neuron_spread",
-                                                        layers=(2,)),)), data)
+        train(replace(plan, observables=(ObservablePlan(name="neuron_spread", layers=(2,)),)), data)
     with pytest.raises(ValueError, match="cross_entropy"):
         train(replace(plan, loss="cross_entropy"), data)
     bad = replace(plan.layers[1], fan_in=7)
@@ -546,10 +653,12 @@ def test_float32_and_invalid_requests() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_cuda_matches_cpu() -> None:
     data = FakeData()
-    plan = make_plan(widths=(16, 16), steps=20, bias=True,
-                     observables=(ObservablePlan(name="test_loss"),
-                                  ObservablePlan(name="weight_change")))
+    plan = make_plan(
+        widths=(16, 16),
+        steps=20,
+        bias=True,
+        observables=(ObservablePlan(name="test_loss"), ObservablePlan(name="weight_change")),
+    )
     a, b = train(plan, data, device="cuda"), train(plan, data)
     for name in a.records:
-        np.testing.assert_allclose(a.records[name], b.records[name], rtol=1e-9,
-                                   atol=1e-12)
+        np.testing.assert_allclose(a.records[name], b.records[name], rtol=1e-9, atol=1e-12)

@@ -8,8 +8,15 @@ scaling already resolved into per-layer numbers by the plan::
     z   = m_{L+1} · φ(H_L) @ W_{L+1} (+ b_{L+1}),    ŷ = ψ(z)
 
 where ``m_ℓ = LayerPlan.forward_mult``.  The backward pass is derived by hand (no
-autograd), runs under ``torch.no_grad`` and fuses each weight gradient into its update
-(``W.addmm_``), so a step costs one pass over each weight matrix beyond the matmuls.
+autograd: every activation, output map and loss the plans name is covered), runs under
+``torch.no_grad`` and fuses each weight gradient into its update (a rank-``B``
+``W ← W + aᵀ(c·g)`` in place), so no gradient tensor is materialised and a step costs
+one pass over each weight matrix beyond the matrix products.
+
+The training itself lives in :mod:`._ensemble`: :func:`train` is
+:func:`~._ensemble.train_ensemble` with one member, and an ensemble's members get, bit
+for bit, the results they get alone (see that module for how).  :class:`Network` and
+:class:`Trainer` are one-member views of it, for tests and inspection.
 
 Conventions that are this engine's choices (the plan leaves them open):
 
@@ -71,13 +78,13 @@ Divergence: the per-step losses stay on the device and are checked once per data
 (chunks end at record steps and hold at most ``chunk_steps`` steps).  The first
 non-finite minibatch loss at step ``s`` stops the run: records after step ``s`` stay NaN,
 ``status = "diverged"`` and ``steps_done = s`` (the number of updates whose loss was
-finite).
+finite).  In an ensemble only that member stops.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -87,7 +94,7 @@ from torch import Tensor
 
 from mfdsl._plan import LayerPlan, ObservablePlan, RunPlan
 
-__all__ = ["Dataset", "Network", "Result", "Trainer", "train"]
+__all__ = ["Dataset", "MemberNet", "Network", "Result", "Trainer", "train"]
 
 # The numpy/torch streams derived from plan.seed; fixed so tests and other backends
 # can rebuild the exact same initial weights and neuron samples.
@@ -95,7 +102,6 @@ INIT_STREAM = 1
 PARTICLE_STREAM = 2
 NOISE_STREAM = 3
 
-DEFAULT_PROBES = 16
 # A data chunk holds at most this many input entries, so a large batch × dim input
 # (MNIST) does not pull hundreds of MB per chunk.
 _CHUNK_ELEMENTS = 1 << 23
@@ -167,30 +173,6 @@ def _identity(h: Tensor) -> Tensor:
     return h
 
 
-_SQRT_HALF = math.sqrt(0.5)
-_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
-_TWO_OVER_SQRT_PI = 2.0 / math.sqrt(math.pi)
-
-
-def _backprop_activation(name: str, g: Tensor, h: Tensor, a: Tensor) -> Tensor:
-    """``g · φ'(h)`` in place on ``g`` (a fresh matmul result), given ``a = φ(h)``."""
-    if name == "relu":
-        # autograd's own relu backward: one fused kernel, 0 where h ≤ 0
-        out: Tensor = torch.ops.aten.threshold_backward(g, h, 0.0)
-        return out
-    if name == "tanh":
-        return g.mul_(1.0 - a * a)
-    if name == "sigmoid":
-        return g.mul_(a * (1.0 - a))
-    if name == "gelu":
-        cdf = torch.erf(h * _SQRT_HALF).add_(1.0).mul_(0.5)
-        pdf = torch.exp(h * h * -0.5).mul_(_INV_SQRT_2PI)
-        return g.mul_(cdf.addcmul_(h, pdf))
-    if name == "erf":
-        return g.mul_(torch.exp(-(h * h)).mul_(_TWO_OVER_SQRT_PI))
-    return g
-
-
 def _output_map(name: str) -> Callable[[Tensor], Tensor]:
     if name == "identity":
         return _identity
@@ -201,15 +183,6 @@ def _output_map(name: str) -> Callable[[Tensor], Tensor]:
     raise ValueError(f"unknown output map {name!r}")
 
 
-def _output_map_grad(name: str, g: Tensor, yhat: Tensor) -> Tensor:
-    """``g · ψ'(z)`` in place, from ``ŷ = ψ(z)``."""
-    if name == "tanh":
-        return g.mul_(1.0 - yhat * yhat)
-    if name == "sigmoid":
-        return g.mul_(yhat * (1.0 - yhat))
-    return g
-
-
 def _example_losses(loss: str, yhat: Tensor, y: Tensor) -> Tensor:
     """Per-example loss, shape ``(B,)``; ``y`` as prepared by :func:`_prepare_targets`."""
     if loss == "mse":
@@ -218,23 +191,6 @@ def _example_losses(loss: str, yhat: Tensor, y: Tensor) -> Tensor:
         return torch.nn.functional.softplus(-(y * yhat)).sum(dim=1)
     logp = torch.log_softmax(yhat, dim=1)
     return -logp.gather(1, y[:, None])[:, 0]
-
-
-def _loss_and_grad(loss: str, yhat: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-    """Batch-mean loss (0-d) and its gradient in ŷ, ``(B, K)``."""
-    inv_b = 1.0 / yhat.shape[0]
-    if loss == "mse":
-        r = yhat - y
-        return r.square().sum().mul_(0.5 * inv_b), r.mul_(inv_b)
-    if loss == "logistic":
-        margin = -(y * yhat)
-        value = torch.nn.functional.softplus(margin).sum().mul_(inv_b)
-        return value, torch.sigmoid(margin).mul_(y).mul_(-inv_b)
-    logp = torch.log_softmax(yhat, dim=1)
-    value = logp.gather(1, y[:, None]).sum().mul_(-inv_b)
-    grad = logp.exp_()
-    grad.scatter_add_(1, y[:, None], torch.full_like(grad[:, :1], -1.0))
-    return value, grad.mul_(inv_b)
 
 
 def _check_compatible(loss: str, task: str, outputs: int) -> None:
@@ -251,7 +207,13 @@ def _check_compatible(loss: str, task: str, outputs: int) -> None:
 
 
 def _prepare_targets(
-    y: np.ndarray, *, lead: int, loss: str, task: str, outputs: int, device: torch.device,
+    y: np.ndarray,
+    *,
+    lead: int,
+    loss: str,
+    task: str,
+    outputs: int,
+    device: torch.device,
     dtype: torch.dtype,
 ) -> Tensor:
     """Targets as the loss functions take them: integer labels for cross-entropy,
@@ -274,39 +236,34 @@ def _prepare_targets(
 # --------------------------------------------------------------------------- network
 
 
-class Network:
-    """The parameters of one finite network and its forward pass.
+class MemberNet:
+    """The parameters of one finite network and its forward pass (plain 2-D products):
+    one member of an :class:`~._ensemble.Ensemble`, as the observables see it.
 
-    ``W[i]``/``b[i]`` hold weight layer ``i + 1``; ``b[i]`` is ``None`` without a bias.
+    ``W[i]``/``b[i]`` hold weight layer ``i + 1`` (views into the ensemble, so they
+    follow its training); ``b[i]`` is ``None`` without a bias.
     """
 
-    def __init__(self, plan: RunPlan, *, device: str | torch.device = "cpu",
-                 dtype: str | torch.dtype = "float64") -> None:
-        self.device = torch.device(device)
-        self.dtype = _DTYPES[dtype] if isinstance(dtype, str) else dtype
-        if self.dtype not in _DTYPES.values():
-            raise ValueError(f"dtype must be float32 or float64, not {dtype}")
-        self.layers: tuple[LayerPlan, ...] = tuple(plan.layers)
-        if len(self.layers) < 2:
-            raise ValueError("a network needs at least one hidden layer")
-        for i, layer in enumerate(self.layers):
-            if layer.index != i + 1:
-                raise ValueError(f"layer {i + 1} has index {layer.index}")
-            if i and layer.fan_in != self.layers[i - 1].fan_out:
-                raise ValueError(f"layer {i + 1}: fan_in {layer.fan_in} does not match "
-                                 f"fan_out {self.layers[i - 1].fan_out} of layer {i}")
-        self.activation = plan.activation
-        self.output = plan.output
-        self.phi = _activation(plan.activation)
-        self.psi = _output_map(plan.output)
-        rng = np.random.default_rng([plan.seed, INIT_STREAM])
-        self.W: list[Tensor] = []
-        self.b: list[Tensor | None] = []
-        for layer in self.layers:
-            w = np.asarray(layer.init.sample(rng, (layer.fan_in, layer.fan_out)), np.float64)
-            self.W.append(torch.as_tensor(w).to(device=self.device, dtype=self.dtype))
-            self.b.append(torch.zeros(layer.fan_out, device=self.device, dtype=self.dtype)
-                          if layer.bias else None)
+    def __init__(
+        self,
+        *,
+        layers: tuple[LayerPlan, ...],
+        W: list[Tensor],
+        b: list[Tensor | None],
+        activation: str,
+        output: str,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
+        self.layers = layers
+        self.W = W
+        self.b = b
+        self.activation = activation
+        self.output = output
+        self.phi = _activation(activation)
+        self.psi = _output_map(output)
+        self.device = device
+        self.dtype = dtype
 
     @property
     def depth(self) -> int:
@@ -334,150 +291,67 @@ class Network:
         return hs, acts
 
     def predict(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """``(z, ŷ)`` for inputs ``x`` of shape ``(n, dim)``."""
+        """The output before and after ψ: ``(z, ŷ)``."""
         z = self.forward(x)[0][-1]
         return z, self.psi(z)
+
+
+class Network(MemberNet):
+    """A single network of ``plan``, initialised as :func:`train` initialises it (an
+    ensemble of one, see :class:`~._ensemble.Ensemble`)."""
+
+    def __init__(
+        self, plan: RunPlan, *, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float64"
+    ) -> None:
+        from ._ensemble import Ensemble
+
+        self.ensemble = Ensemble([plan], device=device, dtype=dtype)
+        member = self.ensemble.member(0)
+        super().__init__(
+            layers=member.layers,
+            W=member.W,
+            b=member.b,
+            activation=member.activation,
+            output=member.output,
+            device=member.device,
+            dtype=member.dtype,
+        )
 
 
 # --------------------------------------------------------------------------- training
 
 
 class Trainer:
-    """SGD / Langevin on a :class:`Network`, chunk by chunk, without host syncs."""
+    """The optimiser of one :class:`Network`: a one-member
+    :class:`~._ensemble.EnsembleTrainer`."""
 
     def __init__(self, net: Network, plan: RunPlan, task: str, outputs: int) -> None:
+        from ._ensemble import EnsembleTrainer
+
+        if net.ensemble.plans[0] is not plan:
+            net.ensemble.plans[0] = plan
+        _check_compatible(plan.loss, task, outputs)
         self.net = net
-        self.loss = plan.loss
-        self.task = task
-        self.outputs = outputs
-        opt = plan.optimizer
-        if opt.kind not in ("sgd", "langevin"):
-            raise ValueError(f"unknown optimizer {opt.kind!r}")
-        self.lr = float(opt.lr)
-        self.momentum = float(opt.momentum)
-        self.weight_decay = float(opt.weight_decay)
-        self.temperature = float(opt.temperature) if opt.kind == "langevin" else 0.0
-        if self.temperature < 0:
-            raise ValueError("the Langevin temperature must be ≥ 0")
-        self.schedule = plan.schedule
-        self.total_steps = int(plan.steps)
-        trainable = [i for i, layer in enumerate(net.layers) if not layer.frozen]
-        # Backpropagation stops below the lowest layer that learns.
-        self.lowest = min(trainable) if trainable else len(net.layers)
-        self.vW: list[Tensor | None] = [None] * len(net.layers)
-        self.vb: list[Tensor | None] = [None] * len(net.layers)
-        if self.momentum:
-            for i in trainable:
-                self.vW[i] = torch.zeros_like(net.W[i])
-                bias = net.b[i]
-                if bias is not None:
-                    self.vb[i] = torch.zeros_like(bias)
-        self.generator: torch.Generator | None = None
-        if self.temperature > 0:
-            seed = int(np.random.SeedSequence([plan.seed, NOISE_STREAM])
-                       .generate_state(1, np.uint64)[0]) & (2**63 - 1)
-            self.generator = torch.Generator(device=net.device)
-            self.generator.manual_seed(seed)
+        self.core = EnsembleTrainer(net.ensemble, [task], outputs)
 
     def prepare_chunk(self, x: np.ndarray, y: np.ndarray) -> tuple[Tensor, Tensor]:
-        """Move one chunk of minibatches to the device in the engine's layout."""
-        net = self.net
-        xt = torch.as_tensor(np.asarray(x)).to(device=net.device, dtype=net.dtype)
-        if xt.dim() != 3 or xt.shape[2] != net.layers[0].fan_in:
-            raise ValueError(f"train_chunk gave x of shape {tuple(xt.shape)}, expected "
-                             f"(n, batch, {net.layers[0].fan_in})")
-        yt = _prepare_targets(y, lead=2, loss=self.loss, task=self.task,
-                              outputs=self.outputs, device=net.device, dtype=net.dtype)
-        if yt.shape[:2] != xt.shape[:2]:
-            raise ValueError(f"train_chunk gave y of shape {tuple(np.shape(y))} for x of "
-                             f"shape {tuple(xt.shape)}")
-        return xt, yt
+        """One chunk of minibatches on the device: ``(n, batch, dim)`` and the targets."""
+        xs, ys = self.core.prepare_chunk([(x, y)])
+        return xs[0], ys[0]
+
+    def _members(self, t: Tensor) -> Tensor:
+        """``t`` (one member's) in the ensemble's layout: a dummy's zero slot added."""
+        full = t.new_zeros((self.net.ensemble.Ea, *t.shape))
+        full[0].copy_(t)
+        return full
 
     def minibatch_loss(self, x: Tensor, y: Tensor) -> Tensor:
         """Batch-mean loss of one minibatch at the current weights (0-d tensor)."""
-        yhat = self.net.predict(x)[1]
-        return _example_losses(self.loss, yhat, y).mean()
+        return self.core.minibatch_loss(self._members(x), self._members(y))[0]
 
     def run(self, xs: Tensor, ys: Tensor, start: int) -> Tensor:
         """Do ``len(xs)`` updates from step ``start``; return their losses (device)."""
-        n = xs.shape[0]
-        xi = np.asarray(self.schedule(np.arange(start, start + n), self.total_steps),
-                        dtype=np.float64) * self.lr
-        losses = torch.empty(n, device=self.net.device, dtype=self.net.dtype)
-        with torch.no_grad():
-            for k in range(n):
-                losses[k] = self.step(xs[k], ys[k], float(xi[k]))
-        return losses
-
-    def step(self, x: Tensor, y: Tensor, lr: float) -> Tensor:
-        """One update at base rate ``lr`` (= lr · ξ); returns the loss before it."""
-        net = self.net
-        hs, acts = net.forward(x)
-        yhat = net.psi(hs[-1])
-        value, g = _loss_and_grad(self.loss, yhat, y)
-        g = _output_map_grad(net.output, g, yhat)
-        for i in range(len(net.layers) - 1, self.lowest - 1, -1):
-            layer = net.layers[i]
-            # The gradient below must see W_i before its update.
-            g_below = None
-            if i > self.lowest:
-                g_below = torch.mm(g, net.W[i].t())
-                if layer.forward_mult != 1.0:
-                    g_below.mul_(layer.forward_mult)
-                g_below = _backprop_activation(net.activation, g_below, hs[i - 1],
-                                               acts[i])
-            if not layer.frozen:
-                self._update(i, lr, acts[i], g)
-            if g_below is None:
-                break
-            g = g_below
-        return value
-
-    def _update(self, i: int, lr: float, a: Tensor, g: Tensor) -> None:
-        net = self.net
-        layer = net.layers[i]
-        eta = lr * layer.lr_mult
-        decay = layer.lr_mult if layer.decay_mult is None else layer.decay_mult
-        # Decay enters the gradient divided by lr_mult so that, after the step's η, it
-        # acts at the per-entry rate lr · decay_mult.
-        wd = self.weight_decay * decay / layer.lr_mult
-        w = net.W[i]
-        v = self.vW[i]
-        if v is None:
-            if wd:
-                w.mul_(1.0 - eta * wd)
-            w.addmm_(a.t(), g, alpha=-eta * layer.forward_mult)
-        else:
-            v.mul_(self.momentum).addmm_(a.t(), g, alpha=layer.forward_mult)
-            if wd:
-                v.add_(w, alpha=wd)
-            w.add_(v, alpha=-eta)
-        self._noise(w, lr * decay)
-        bias = net.b[i]
-        if bias is None:
-            return
-        eta_b = lr * layer.bias_lr_mult
-        decay_b = layer.bias_lr_mult if layer.bias_decay_mult is None else layer.bias_decay_mult
-        wd_b = self.weight_decay * decay_b / layer.bias_lr_mult
-        gb = g.sum(dim=0)
-        vb = self.vb[i]
-        if vb is None:
-            if wd_b:
-                gb.add_(bias, alpha=wd_b)
-            bias.add_(gb, alpha=-eta_b)
-        else:
-            vb.mul_(self.momentum).add_(gb)
-            if wd_b:
-                vb.add_(bias, alpha=wd_b)
-            bias.add_(vb, alpha=-eta_b)
-        self._noise(bias, lr * decay_b)
-
-    def _noise(self, p: Tensor, eta: float) -> None:
-        if self.generator is None or eta <= 0:
-            return
-        noise = torch.randn(p.shape, generator=self.generator, device=p.device,
-                            dtype=p.dtype)
-        p.add_(noise, alpha=math.sqrt(2.0 * eta * self.temperature))
+        return self.core.run(self._members(xs), self._members(ys), start)[:, 0]
 
 
 # --------------------------------------------------------------------------- observing
@@ -487,7 +361,7 @@ class Trainer:
 class _Observer:
     """Computes the records at one record point."""
 
-    net: Network
+    net: MemberNet
     plan: RunPlan
     loss: str
     task: str
@@ -512,8 +386,10 @@ class _Observer:
                 loss, acc = self._test()
                 out["test_loss"] = np.asarray(loss)
                 out["test_accuracy"] = np.asarray(acc)
-            n_probe = max(self.probes_output if "output" in names else 0,
-                          self.probes_spread if "neuron_spread" in names else 0)
+            n_probe = max(
+                self.probes_output if "output" in names else 0,
+                self.probes_spread if "neuron_spread" in names else 0,
+            )
             if n_probe:
                 hs, _ = self.net.forward(self.test_x[:n_probe])
                 if "output" in names:
@@ -522,12 +398,13 @@ class _Observer:
                         yhat = yhat[:, 0]
                     out["output"] = _host(yhat)
                 if "neuron_spread" in names:
-                    spread = [hs[ell - 1][: self.probes_spread].std(dim=1, correction=0)
-                              .mean() for ell in self.spread_layers]
+                    spread = [
+                        hs[ell - 1][: self.probes_spread].std(dim=1, correction=0).mean()
+                        for ell in self.spread_layers
+                    ]
                     out["neuron_spread"] = _host(torch.stack(spread))
             if "weight_change" in names:
-                out["weight_change"] = _host(torch.stack(
-                    [self._change(ell) for ell in self.change_layers]))
+                out["weight_change"] = _host(torch.stack([self._change(ell) for ell in self.change_layers]))
             if "particles" in names:
                 out["particles"] = self._particles()
         return out
@@ -536,17 +413,16 @@ class _Observer:
         n = self.test_x.shape[0]
         if n == 0:
             return math.nan, math.nan
-        width = max(max(layer.fan_out for layer in self.net.layers),
-                    self.net.layers[0].fan_in)
+        width = max(max(layer.fan_out for layer in self.net.layers), self.net.layers[0].fan_in)
         block = max(1, _EVAL_ELEMENTS // width)
         loss_sum = torch.zeros((), device=self.net.device, dtype=torch.float64)
         correct = torch.zeros((), device=self.net.device, dtype=torch.int64)
         for s in range(0, n, block):
-            z, yhat = self.net.predict(self.test_x[s:s + block])
-            losses = _example_losses(self.loss, yhat, self.test_y[s:s + block])
+            z, yhat = self.net.predict(self.test_x[s : s + block])
+            losses = _example_losses(self.loss, yhat, self.test_y[s : s + block])
             loss_sum += losses.sum(dtype=torch.float64)
             if self.test_labels is not None:
-                labels = self.test_labels[s:s + block]
+                labels = self.test_labels[s : s + block]
                 if self.task == "binary":
                     correct += (torch.sign(z[:, 0]) == labels).sum()
                 else:
@@ -574,8 +450,7 @@ class _Observer:
         cols = torch.as_tensor(take, device=w_in.device)
         sel = w_in[:, cols]
         rows = min(2, sel.shape[0])
-        parts = [sel[:rows].t(), torch.linalg.vector_norm(sel, dim=0)[:, None],
-                 w_out[cols, :1]]
+        parts = [sel[:rows].t(), torch.linalg.vector_norm(sel, dim=0)[:, None], w_out[cols, :1]]
         block = _host(torch.cat(parts, dim=1))
         filled = out[: take.size]
         filled[:, :rows] = block[:, :rows]
@@ -585,25 +460,6 @@ class _Observer:
 
 def _host(t: Tensor) -> np.ndarray:
     return t.detach().to("cpu", torch.float64).numpy()
-
-
-def _layers_or(obs: ObservablePlan, default: Sequence[int], lo: int, hi: int
-               ) -> tuple[int, ...]:
-    layers = tuple(int(ell) for ell in obs.layers) or tuple(default)
-    for ell in layers:
-        if not lo <= ell <= hi:
-            raise ValueError(f"{obs.name}: layer {ell} is outside {lo} … {hi}")
-    return layers
-
-
-def _probes(obs: ObservablePlan, n_test: int) -> int:
-    if obs.probes < 0:
-        raise ValueError(f"{obs.name}: probes must be ≥ 0")
-    if obs.probes == 0:
-        return min(DEFAULT_PROBES, n_test)
-    if obs.probes > n_test:
-        raise ValueError(f"{obs.name}: {obs.probes} probes but only {n_test} test points")
-    return int(obs.probes)
 
 
 # --------------------------------------------------------------------------- train
@@ -623,86 +479,24 @@ def train(
     ``progress(step, train_loss)`` is called at each record step (in order) with the
     same value ``train_loss`` records.  ``chunk_steps`` caps the steps per
     ``train_chunk`` call (chunks also end at record steps).  Nothing global (threads,
-    default dtype, RNG state) is changed.  See the module docstring for the semantics.
+    default dtype, RNG state) is changed.  See the module docstring for the semantics;
+    this is :func:`~._ensemble.train_ensemble` with one member.
     """
-    if chunk_steps < 1:
-        raise ValueError("chunk_steps must be ≥ 1")
-    task = str(dataset.task)
-    outputs = int(dataset.outputs)
-    _check_compatible(plan.loss, task, outputs)
-    net = Network(plan, device=device, dtype=dtype)
-    if net.layers[0].fan_in != int(dataset.dim):
-        raise ValueError(f"layer 1 has fan_in {net.layers[0].fan_in}, the data dim "
-                         f"{dataset.dim}")
-    if net.layers[-1].fan_out != outputs:
-        raise ValueError(f"the last layer has fan_out {net.layers[-1].fan_out}, the data "
-                         f"{outputs} outputs")
-    batch = int(plan.batch)
-    if batch < 1:
-        raise ValueError("batch must be ≥ 1")
+    from ._ensemble import train_ensemble
 
-    record_steps = np.asarray(plan.record_steps, dtype=np.int64).reshape(-1)
-    if record_steps.size and (np.any(np.diff(record_steps) < 0) or record_steps[0] < 0
-                              or record_steps[-1] > plan.steps):
-        raise ValueError(f"record_steps must be sorted within [0, {plan.steps}]")
-    # Repeated record steps are observed once and copied.
-    steps_u, inverse = np.unique(record_steps, return_inverse=True)
+    member_progress = None
+    if progress is not None:
+        report = progress
 
-    observer = _make_observer(net, plan, dataset, task, outputs)
-    records = _allocate(observer, len(steps_u))
-    trainer = Trainer(net, plan, task, outputs)
+        def member_progress(member: int, step: int, loss: float) -> None:
+            report(step, loss)
 
-    def record(k: int, train_loss: float) -> None:
-        values = observer.observe()
-        values["train_loss"] = np.asarray(train_loss)
-        for name, arr in records.items():
-            arr[k] = values[name]
-        if progress is not None:
-            progress(int(steps_u[k]), float(train_loss))
-
-    status, message, steps_done = "done", "", 0
-    k = 0
-    if steps_u.size and steps_u[0] == 0:
-        x0, y0 = trainer.prepare_chunk(*dataset.train_chunk(0, 1, batch))
-        with torch.no_grad():
-            loss0 = float(trainer.minibatch_loss(x0[0], y0[0]).item())
-        record(0, loss0)
-        k = 1
-    end = int(steps_u[-1]) if steps_u.size else 0
-    step = 0
-    interval: list[np.ndarray] = []
-    per_chunk = max(1, min(chunk_steps, _CHUNK_ELEMENTS // max(1, batch * int(dataset.dim))))
-    while step < end:
-        target = int(steps_u[k])
-        n = min(target - step, per_chunk)
-        xs, ys = trainer.prepare_chunk(*dataset.train_chunk(step, n, batch))
-        if xs.shape[0] != n or xs.shape[1] != batch:
-            raise ValueError(f"train_chunk({step}, {n}, {batch}) gave x of shape "
-                             f"{tuple(xs.shape)}")
-        losses = trainer.run(xs, ys, step).to("cpu", torch.float64).numpy()
-        bad = ~np.isfinite(losses)
-        if bad.any():
-            first = step + int(np.argmax(bad))
-            status = "diverged"
-            steps_done = first
-            message = (f"diverged: the minibatch loss at step {first} is "
-                       f"{losses[first - step]}; records after step {first} are NaN")
-            break
-        interval.append(losses)
-        step += n
-        steps_done = step
-        if step == target:
-            record(k, float(np.concatenate(interval).mean()))
-            interval = []
-            k += 1
-    if status == "done":
-        message = f"trained {steps_done} steps"
-    return Result(records={name: arr[inverse] for name, arr in records.items()},
-                  status=status, message=message, steps_done=steps_done)
+    return train_ensemble(
+        [plan], [dataset], progress=member_progress, device=device, dtype=dtype, chunk_steps=chunk_steps
+    )[0]
 
 
-def _make_observer(net: Network, plan: RunPlan, dataset: Dataset, task: str,
-                   outputs: int) -> _Observer:
+def _make_observer(net: MemberNet, plan: RunPlan, dataset: Dataset, task: str, outputs: int) -> _Observer:
     seen: set[str] = set()
     for obs in plan.observables:
         if obs.name in seen:
@@ -710,21 +504,21 @@ def _make_observer(net: Network, plan: RunPlan, dataset: Dataset, task: str,
         seen.add(obs.name)
     test_x_np = np.asarray(dataset.test_x, dtype=np.float64)
     if test_x_np.ndim != 2 or test_x_np.shape[1] != net.layers[0].fan_in:
-        raise ValueError(f"test_x has shape {test_x_np.shape}, expected (n, "
-                         f"{net.layers[0].fan_in})")
+        raise ValueError(f"test_x has shape {test_x_np.shape}, expected (n, {net.layers[0].fan_in})")
     n_test = test_x_np.shape[0]
     test_x = torch.as_tensor(test_x_np).to(device=net.device, dtype=net.dtype)
-    test_y = _prepare_targets(dataset.test_y, lead=1, loss=plan.loss, task=task,
-                              outputs=outputs, device=net.device, dtype=net.dtype)
+    test_y = _prepare_targets(
+        dataset.test_y, lead=1, loss=plan.loss, task=task, outputs=outputs, device=net.device, dtype=net.dtype
+    )
     if test_y.shape[0] != n_test:
         raise ValueError("test_x and test_y differ in length")
     test_labels: Tensor | None = None
     if task == "binary":
-        test_labels = torch.as_tensor(np.asarray(dataset.test_y, np.float64).reshape(-1)
-                                      ).to(device=net.device, dtype=net.dtype)
+        test_labels = torch.as_tensor(np.asarray(dataset.test_y, np.float64).reshape(-1)).to(
+            device=net.device, dtype=net.dtype
+        )
     elif task == "multiclass":
-        test_labels = torch.as_tensor(np.asarray(dataset.test_y, np.int64).reshape(-1),
-                                      device=net.device)
+        test_labels = torch.as_tensor(np.asarray(dataset.test_y, np.int64).reshape(-1), device=net.device)
     if "test_accuracy" in seen and test_labels is None:
         raise ValueError("test_accuracy is undefined for a regression dataset")
 
@@ -736,16 +530,16 @@ def _make_observer(net: Network, plan: RunPlan, dataset: Dataset, task: str,
     particle_idx: np.ndarray | None = None
     particle_layer = 1
     if "output" in by_name:
-        probes_output = _probes(by_name["output"], n_test)
+        probes_output = by_name["output"].probe_count(n_test)
     if "neuron_spread" in by_name:
         obs = by_name["neuron_spread"]
-        probes_spread = _probes(obs, n_test)
-        spread_layers = _layers_or(obs, range(1, L + 1), 1, L)
+        probes_spread = obs.probe_count(n_test)
+        spread_layers = obs.layers_or(range(1, L + 1), 1, L)
     if "weight_change" in by_name:
-        change_layers = _layers_or(by_name["weight_change"], range(1, L + 2), 1, L + 1)
+        change_layers = by_name["weight_change"].layers_or(range(1, L + 2), 1, L + 1)
     if "particles" in by_name:
         obs = by_name["particles"]
-        chosen = _layers_or(obs, (1,), 1, L)
+        chosen = obs.layers_or((1,), 1, L)
         if len(chosen) != 1:
             raise ValueError("particles takes a single layer")
         particle_layer = chosen[0]
@@ -759,11 +553,23 @@ def _make_observer(net: Network, plan: RunPlan, dataset: Dataset, task: str,
         particle_idx[: take.size] = take
     w0 = {ell: net.W[ell - 1].clone() for ell in change_layers}
     return _Observer(
-        net=net, plan=plan, loss=plan.loss, task=task, outputs=outputs, test_x=test_x,
-        test_y=test_y, test_labels=test_labels, observables=tuple(plan.observables),
-        w0=w0, particle_idx=particle_idx, particle_layer=particle_layer,
-        probes_output=probes_output, probes_spread=probes_spread,
-        spread_layers=spread_layers, change_layers=change_layers)
+        net=net,
+        plan=plan,
+        loss=plan.loss,
+        task=task,
+        outputs=outputs,
+        test_x=test_x,
+        test_y=test_y,
+        test_labels=test_labels,
+        observables=tuple(plan.observables),
+        w0=w0,
+        particle_idx=particle_idx,
+        particle_layer=particle_layer,
+        probes_output=probes_output,
+        probes_spread=probes_spread,
+        spread_layers=spread_layers,
+        change_layers=change_layers,
+    )
 
 
 def _allocate(obs: _Observer, n: int) -> dict[str, np.ndarray]:
@@ -772,8 +578,7 @@ def _allocate(obs: _Observer, n: int) -> dict[str, np.ndarray]:
         if o.name in ("train_loss", "test_loss", "test_accuracy"):
             shapes[o.name] = ()
         elif o.name == "output":
-            shapes[o.name] = ((obs.probes_output,) if obs.outputs == 1
-                              else (obs.probes_output, obs.outputs))
+            shapes[o.name] = (obs.probes_output,) if obs.outputs == 1 else (obs.probes_output, obs.outputs)
         elif o.name == "neuron_spread":
             shapes[o.name] = (len(obs.spread_layers),)
         elif o.name == "weight_change":
@@ -784,3 +589,13 @@ def _allocate(obs: _Observer, n: int) -> dict[str, np.ndarray]:
         else:
             raise ValueError(f"unknown observable {o.name!r}")
     return {name: np.full((n, *shape), np.nan) for name, shape in shapes.items()}
+
+
+def __getattr__(name: str) -> object:
+    # train_ensemble and the grouping helpers live in ._ensemble (which imports this
+    # module); reach them from here too without an import cycle.
+    if name in ("train_ensemble", "group_plans", "ensemble_key", "Ensemble", "EnsembleTrainer"):
+        from . import _ensemble
+
+        return getattr(_ensemble, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
