@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, NoReturn
 
 import yaml
 
@@ -13,7 +14,7 @@ from . import _expr as ex
 from . import _ir as ir
 from ._build import build
 from ._errors import Span, SpecError, did_you_mean
-from ._options import Str
+from ._options import Option, Str
 from ._plugins import available_backends
 from ._syntax import KEYWORDS, Entry, Module, Rule, Statement, parse_text, parse_value, read_source
 
@@ -55,9 +56,28 @@ def _override(module: Module, text: str) -> Module:
     path = path.strip()
     if not eq or not path:
         raise SpecError("an override reads PATH=VALUE, e.g. train.steps=500", where).located(None, None)
-    # Padding keeps the value's columns equal to its columns in the whole argument.
-    value = _retag(parse_value(" " * (len(path) + 1) + raw, "--set"), text)
     block, _, key = path.partition(".")
+    if not key and block not in ("experiment", "scaling", "backends"):
+        at = text.index(block)
+        _no_such_path(block, dataclasses.replace(where, column=at + 1, end_column=at + len(block) + 1))
+    offset = len(text) - len(raw)  # the value's columns are its columns in the whole argument
+
+    def shift(span: Span) -> Span:
+        return dataclasses.replace(
+            span,
+            column=span.column + offset if span.line == 1 else span.column,
+            end_column=span.end_column + offset if span.end_line == 1 else span.end_column,
+            start_pos=span.start_pos + offset,
+            end_pos=span.end_pos + offset,
+            path="--set",
+            text=text,
+        )
+
+    try:
+        value = _parse_at(raw, shift)
+    except SpecError as error:
+        error.hint = _quote_hint(module, block, key, raw) or error.hint
+        raise error.located(None, None) from None
     statements = list(module.statements)
 
     def find(keyword: str, name: str | None = None) -> int | None:
@@ -93,10 +113,6 @@ def _override(module: Module, text: str) -> Module:
             raise SpecError("the spec has no 'record' statement to change", where).located(None, None)
         statements[index] = dataclasses.replace(statements[index], names=(key,), arg=value)
     elif block in ("data", "network", "train", "sweep") or (block not in KEYWORDS and block):
-        if not key:
-            raise SpecError(f"say which key of '{block}' to set, e.g. {block}.KEY=VALUE", where).located(
-                None, None
-            )
         keyword = block if block in KEYWORDS else "options"
         if keyword == "options" and block not in available_backends():
             hint = did_you_mean(block, list(KEYWORDS) + sorted(available_backends()))
@@ -120,23 +136,112 @@ def _override(module: Module, text: str) -> Module:
             body = [i for i in stmt.body or () if not (isinstance(i, Entry) and i.key == key)]
             statements[index] = dataclasses.replace(stmt, body=(*body, entry))
     else:
-        hint = "overridable: experiment, scaling, backends, data.KEY, network.KEY, train.KEY, "
-        hint += "record.every, record.log, sweep.NAME, BACKEND.KEY"
-        raise SpecError(f"cannot override '{path}'", where, hint=hint).located(None, None)
+        raise SpecError(f"cannot override '{path}'", where, hint=_OVERRIDABLE).located(None, None)
     return dataclasses.replace(module, statements=tuple(statements))
 
 
-def _retag(expr: ex.Expr, text: str) -> Any:
+_OVERRIDABLE = (
+    "overridable: experiment, scaling, backends, data.KEY, network.KEY, train.KEY, "
+    "record.every, record.log, sweep.NAME, BACKEND.KEY"
+)
+
+
+def _no_such_path(name: str, where: Span) -> NoReturn:
+    """``--set NAME=VALUE`` with a bare name that is neither ``experiment``, ``scaling``
+    nor ``backends``: say which block it belongs to."""
+    if name in KEYWORDS or name in available_backends():
+        raise SpecError(
+            f"say which key of '{name}' to set, e.g. {name}.KEY=VALUE", where, hint=_OVERRIDABLE
+        ).located(None, None)
+    paths = _key_paths()
+    owners = [p for p in paths if p.partition(".")[2] == name]
+    calls = [
+        (path, str(cls.constructor))  # type: ignore[attr-defined]
+        for path, table in (("train.optimizer", ir.OPTIMIZERS), ("train.schedule", ir.SCHEDULES))
+        for cls in table.values()
+        if any(o.name == name for o in cls.options())
+    ]
+    if owners:
+        hint = f"did you mean {' or '.join(repr(p) for p in owners)}?"
+    elif calls:
+        path, func = calls[0]
+        value = where.text.partition("=")[2] if where.text else "..."
+        hint = (
+            f"'{name}' is an argument of {path}, which is set whole: --set '{path}={func}({name} = {value})'"
+        )
+    else:
+        close = did_you_mean(
+            name, [p.partition(".")[2] for p in paths] + ["experiment", "scaling", "backends"]
+        )
+        match = close and close.split("'")[1]
+        full = next((p for p in paths if p.partition(".")[2] == match), match)
+        hint = f"did you mean '{full}'?" if full else _OVERRIDABLE
+    raise SpecError(f"there is no top-level '{name}'; an override names BLOCK.KEY", where, hint=hint).located(
+        None, None
+    )
+
+
+def _key_paths() -> list[str]:
+    """Every ``BLOCK.KEY`` an override can name (sweep variables aside)."""
+    blocks: list[tuple[str, tuple[Option, ...]]] = [
+        *(("data", cls.options()) for cls in dict.fromkeys(ir.DATA_KINDS.values())),
+        ("network", ir.Network.options()),
+        ("train", ir.Train.options()),
+        *((name, cls.options) for name, cls in sorted(available_backends().items())),
+    ]
+    paths = [f"{block}.{opt.name}" for block, options in blocks for opt in options]
+    return list(dict.fromkeys([*paths, "record.every", "record.log"]))
+
+
+def _quote_hint(module: Module, block: str, key: str, raw: str) -> str | None:
+    """The hint for a value that does not parse where a string is expected (a path
+    written without quotes, ``--set data.root=/x``)."""
+    options: tuple[Option, ...] = ()
+    if block == "data":
+        stmt = next((s for s in module.statements if s.keyword == "data"), None)
+        cls = ir.DATA_KINDS.get(stmt.names[0]) if stmt is not None and stmt.names else None
+        options = cls.options() if cls is not None else ()
+    elif block in ("network", "train"):
+        options = (ir.Network if block == "network" else ir.Train).options()
+    elif block in available_backends():
+        options = available_backends()[block].options
+    kind = next((o.kind for o in options if o.name == key), None)
+    if raw.strip().startswith('"'):
+        return None  # quoted already: the string itself is broken (the parser's hint says how)
+    if kind is not None and not isinstance(kind, Str):
+        return None
+    if kind is None and not re.match(r"\s*(~|/|\.{1,2}/)", raw):
+        return None  # a sweep value, or an unknown key: only what looks like a path
+    quoted = '"' + raw.strip().replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return f"a string is written in double quotes, which the shell needs quoted too: --set '{block}.{key}={quoted}'"
+
+
+def _parse_at(raw: str, shift: Callable[[Span], Span]) -> ex.Expr:
+    """``raw`` parsed as a value, every span (and a parse error's) moved by ``shift``
+    to where the value sits in its real source."""
+    try:
+        value = parse_value(raw)
+    except SpecError as error:
+        if error.span is not None:
+            error.span = shift(error.span)
+        error.path = error.source = None
+        raise
+    result: ex.Expr = _map_spans(value, shift)
+    return result
+
+
+def _map_spans(expr: ex.Expr, shift: Callable[[Span], Span]) -> Any:
     changes: dict[str, Any] = {}
     for f in dataclasses.fields(expr):
         value = getattr(expr, f.name)
         if isinstance(value, Span):
-            changes[f.name] = value.moved("--set", text)
+            changes[f.name] = shift(value)
         elif isinstance(value, ex.EXPR_TYPES):
-            changes[f.name] = _retag(value, text)
+            changes[f.name] = _map_spans(value, shift)
         elif isinstance(value, tuple) and value:
             changes[f.name] = tuple(
-                (v[0], _retag(v[1], text)) if isinstance(v, tuple) else _retag(v, text) for v in value
+                (v[0], _map_spans(v[1], shift)) if isinstance(v, tuple) else _map_spans(v, shift)
+                for v in value
             )
     return dataclasses.replace(expr, **changes)
 
@@ -228,127 +333,304 @@ def _observable(obs: ir.Observable) -> str:
 
 
 def yaml_to_module(source: str, path: str | None = None) -> Module:
-    """A YAML spec (the schema :func:`to_yaml` writes) as a syntax tree."""
+    """A YAML spec (the schema :func:`to_yaml` writes) as a syntax tree.
+
+    Every entry keeps where the YAML writes it (PyYAML's marks), so errors found while
+    building the spec point into the YAML file; a value's own syntax errors point into
+    the value where it is written on one line.
+    """
     try:
-        doc = yaml.safe_load(source)
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        span = None
-        if mark is not None:
-            span = Span(
-                line=mark.line + 1, column=mark.column + 1, end_line=mark.line + 1, end_column=mark.column + 2
-            )
-        problem = getattr(error, "problem", None) or "invalid YAML"
-        raise SpecError(f"invalid YAML: {problem}", span, path=path, source=source) from None
-    top = Span(line=1, column=1, end_line=1, end_column=2)
-    if not isinstance(doc, dict):
-        raise SpecError(
-            "a YAML spec is a mapping of blocks (experiment, data, ...)", top, path=path, source=source
-        )
-    try:
-        return Module(statements=tuple(_yaml_statements(doc, top)), source=source, path=path)
+        try:
+            root = yaml.compose(source, Loader=yaml.SafeLoader)
+        except yaml.YAMLError as error:
+            raise _yaml_syntax_error(error) from None
+        except RecursionError:
+            raise SpecError("YAML nested too deeply") from None
+        if not isinstance(root, yaml.MappingNode):
+            span = _node_span(root) if root is not None else Span(line=1, column=1, end_line=1, end_column=2)
+            raise SpecError("a YAML spec is a mapping of blocks (experiment, data, ...)", span)
+        doc = _YamlReader(source).read(root)
+        return Module(statements=tuple(_yaml_statements(doc)), source=source, path=path)
     except SpecError as error:
         raise error.located(path, source) from None
 
 
-def _yaml_statements(doc: Mapping[str, Any], top: Span) -> list[Statement]:
-    out: list[Statement] = []
-    known = (
-        "experiment",
-        "data",
-        "network",
-        "scaling",
-        "init",
-        "train",
-        "record",
-        "sweep",
-        "backends",
-        "options",
+def _yaml_syntax_error(error: yaml.YAMLError) -> SpecError:
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or "invalid YAML"
+    context, context_mark = getattr(error, "context", None), getattr(error, "context_mark", None)
+    hint = None
+    if context and context_mark is not None and (mark is None or context_mark.line != mark.line):
+        hint = f"{context} that starts at line {context_mark.line + 1}, column {context_mark.column + 1}"
+    if "'\\t'" in problem:
+        hint = "YAML indents with spaces, not tabs"
+    return SpecError(f"invalid YAML: {problem}", _mark_span(mark, mark) if mark else None, hint=hint)
+
+
+def _mark_span(start: Any, end: Any) -> Span:
+    return Span(
+        line=start.line + 1,
+        column=start.column + 1,
+        end_line=end.line + 1,
+        end_column=max(end.column + 1, start.column + 2) if end.line == start.line else end.column + 1,
+        start_pos=start.index,
+        end_pos=max(end.index, start.index + 1),
     )
-    for key, value in doc.items():
-        if key not in known:
-            raise SpecError(f"unknown YAML key '{key}'", top, hint=did_you_mean(str(key), known))
+
+
+def _node_span(node: yaml.Node) -> Span:
+    return _mark_span(node.start_mark, node.end_mark)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Yaml:
+    """A YAML value and where it is written: a scalar as its Python value, a sequence
+    as a list of ``_Yaml``, a mapping as a dict from each key to ``(key span, _Yaml)``.
+    ``shift`` moves a span inside a string scalar to where it is in the file."""
+
+    value: Any
+    span: Span
+    shift: Callable[[Span], Span] | None = None
+
+
+class _YamlReader:
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.constructor = yaml.SafeLoader("")
+
+    def read(self, node: yaml.Node) -> _Yaml:
+        span = _node_span(node)
+        if isinstance(node, yaml.SequenceNode):
+            return _Yaml([self.read(n) for n in node.value], span)
+        if isinstance(node, yaml.MappingNode):
+            out: dict[str, tuple[Span, _Yaml]] = {}
+            for key_node, value_node in node.value:
+                key_span = _node_span(key_node)
+                if not isinstance(key_node, yaml.ScalarNode):
+                    raise SpecError("a YAML key here must be a plain name", key_span)
+                key = str(key_node.value)
+                if node.flow_style and not key.isidentifier() and re.search(r"[()=]", key):
+                    # {dist: normal(0, 1)}: in a flow mapping the comma ended the value
+                    raise SpecError(
+                        f"'{key}' is not a key: inside {{...}} a comma ends a YAML value",
+                        key_span,
+                        hint='quote a value that holds commas, e.g. {layer: 1, dist: "normal(0, 1)"}',
+                    )
+                if key in out:
+                    first = out[key][0]
+                    raise SpecError(f"duplicate key '{key}' (first at line {first.line})", key_span)
+                out[key] = (key_span, self.read(value_node))
+            return _Yaml(out, span)
+        try:
+            value = self.constructor.construct_object(node, deep=True)
+        except yaml.YAMLError as error:
+            raise _yaml_syntax_error(error) from None
+        return _Yaml(value, span, self._shift(node, value))
+
+    def _shift(self, node: yaml.Node, value: Any) -> Callable[[Span], Span] | None:
+        """Spans inside a one-line string scalar, moved to the file (``None`` when the
+        text in the file is not the string itself: escapes, folded or block scalars)."""
+        start, end = node.start_mark, node.end_mark
+        style = getattr(node, "style", None)
+        quote = 1 if style in ("'", '"') else 0
+        if not isinstance(value, str) or style not in (None, "'", '"') or start.line != end.line:
+            return None
+        if self.source[start.index + quote : end.index - quote] != value:
+            return None
+        base_column, base_pos = start.column + quote, start.index + quote
+
+        def shift(span: Span) -> Span:
+            if span.line != 1 or span.end_line != 1:
+                return _node_span(node)
+            return dataclasses.replace(
+                span,
+                line=start.line + 1,
+                end_line=start.line + 1,
+                column=base_column + span.column,
+                end_column=base_column + span.end_column,
+                start_pos=base_pos + span.start_pos,
+                end_pos=base_pos + span.end_pos,
+            )
+
+        return shift
+
+
+_YAML_KEYS = (
+    "experiment",
+    "data",
+    "network",
+    "scaling",
+    "init",
+    "train",
+    "record",
+    "sweep",
+    "backends",
+    "options",
+)
+
+
+def _yaml_statements(doc: _Yaml) -> list[Statement]:
+    out: list[Statement] = []
+    for key, (key_span, item) in doc.value.items():
+        if key not in _YAML_KEYS:
+            raise SpecError(
+                f"unknown YAML key '{key}'",
+                key_span,
+                hint=did_you_mean(key, _YAML_KEYS) or f"the keys are {', '.join(_YAML_KEYS)}",
+            )
         if key in ("experiment", "scaling"):
-            out.append(Statement(keyword=key, names=(str(value),), span=top, name_spans=(top,)))
+            name = _yaml_name(item, key)
+            out.append(Statement(keyword=key, names=(name,), span=item.span, name_spans=(item.span,)))
         elif key in ("data", "network"):
-            body = dict(_mapping(value, key))
-            kind = str(body.pop("kind", "mlp" if key == "network" else ""))
+            body = dict(_mapping(item, key))
+            kind_entry = body.pop("kind", None)
+            typo = next((k for k in body if kind_entry is None and did_you_mean(k, ["kind"])), None)
+            if typo is not None and key == "data":
+                raise SpecError(f"unknown key '{typo}' in data", body[typo][0], hint="did you mean 'kind'?")
+            if kind_entry is None and key == "data":
+                raise SpecError(
+                    f"'data' in YAML needs 'kind': {', '.join(ir.DATA_KINDS)}",
+                    item.span,
+                    hint="e.g. data: {kind: isotropic_gaussian, dim: 20}",
+                )
+            kind = _yaml_name(kind_entry[1], "kind") if kind_entry else "mlp"
+            kind_span = kind_entry[1].span if kind_entry else item.span
             cls = ir.DATA_KINDS.get(kind) if key == "data" else ir.Network
             out.append(
                 Statement(
-                    keyword=key, names=(kind,), body=_yaml_entries(body, cls), span=top, name_spans=(top,)
+                    keyword=key,
+                    names=(kind,),
+                    body=_yaml_entries(body, cls),
+                    span=item.span,
+                    name_spans=(kind_span,),
                 )
             )
         elif key in ("train", "sweep"):
-            out.append(Statement(keyword=key, body=_yaml_entries(_mapping(value, key), None), span=top))
+            out.append(Statement(keyword=key, body=_yaml_entries(_mapping(item, key), None), span=item.span))
         elif key == "init":
             rules = []
-            for rule in value or ():
-                rule = _mapping(rule, "an init rule")
-                if set(rule) != {"layer", "dist"}:
-                    raise SpecError("an init rule in YAML is {layer: ..., dist: ...}", top)
+            for rule in _sequence(item, "init"):
+                fields = _mapping(rule, "an init rule")
+                if set(fields) != {"layer", "dist"}:
+                    raise SpecError(
+                        "an init rule in YAML is {layer: ..., dist: ...}",
+                        rule.span,
+                        hint="e.g. {layer: 1, dist: normal(0, 1)}",
+                    )
                 rules.append(
-                    Rule(selector=_yaml_expr(rule["layer"]), dist=_yaml_expr(rule["dist"]), span=top)
+                    Rule(
+                        selector=_yaml_expr(fields["layer"][1]),
+                        dist=_yaml_expr(fields["dist"][1]),
+                        span=rule.span,
+                    )
                 )
-            out.append(Statement(keyword="init", body=tuple(rules), span=top))
+            out.append(Statement(keyword="init", body=tuple(rules), span=item.span))
         elif key == "record":
-            rec = dict(_mapping(value, key))
+            rec = dict(_mapping(item, key))
             modes = [m for m in ("every", "log") if m in rec]
             if len(modes) != 1:
-                raise SpecError("record in YAML needs exactly one of 'every' or 'log'", top)
-            arg = _yaml_expr(rec.pop(modes[0]))
-            observables = tuple(_yaml_expr(o) for o in rec.pop("observables", ()) or ())
+                where = rec[modes[1]][0] if len(modes) > 1 else item.span
+                raise SpecError("record in YAML needs exactly one of 'every' or 'log'", where)
+            mode_span, count = rec.pop(modes[0])
+            observables: tuple[ex.Expr, ...] = ()
+            if "observables" in rec:
+                observables = tuple(
+                    _yaml_expr(o) for o in _sequence(rec.pop("observables")[1], "observables")
+                )
             if rec:
-                raise SpecError(f"unknown key '{next(iter(rec))}' in record", top)
-            out.append(Statement(keyword="record", names=(modes[0],), arg=arg, body=observables, span=top))
-        elif key == "backends":
-            names = tuple(str(v) for v in (value if isinstance(value, list) else [value]))
+                extra = next(iter(rec))
+                raise SpecError(
+                    f"unknown key '{extra}' in record",
+                    rec[extra][0],
+                    hint=did_you_mean(extra, ["every", "log", "observables"]),
+                )
             out.append(
-                Statement(keyword="backends", names=names, span=top, name_spans=tuple(top for _ in names))
+                Statement(
+                    keyword="record",
+                    names=(modes[0],),
+                    arg=_yaml_expr(count),
+                    body=observables,
+                    span=item.span,
+                    name_spans=(mode_span,),
+                )
+            )
+        elif key == "backends":
+            items = item.value if isinstance(item.value, list) else [item]
+            names = tuple(_yaml_name(i, "backends") for i in items)
+            out.append(
+                Statement(
+                    keyword="backends", names=names, span=item.span, name_spans=tuple(i.span for i in items)
+                )
             )
         else:
             backends = available_backends()
-            for backend, opts in _mapping(value, key).items():
+            for backend, (backend_span, opts) in _mapping(item, key).items():
                 cls_opts = backends[backend].options if backend in backends else ()
                 strings = {o.name for o in cls_opts if isinstance(o.kind, Str)}
                 entries = tuple(
-                    Entry(key=str(k), value=_yaml_expr(v, literal=k in strings), span=top, key_span=top)
-                    for k, v in _mapping(opts, backend).items()
+                    Entry(key=k, value=_yaml_expr(v, literal=k in strings), span=v.span, key_span=k_span)
+                    for k, (k_span, v) in _mapping(opts, backend).items()
                 )
                 out.append(
                     Statement(
-                        keyword="options", names=(str(backend),), body=entries, span=top, name_spans=(top,)
+                        keyword="options",
+                        names=(backend,),
+                        body=entries,
+                        span=opts.span,
+                        name_spans=(backend_span,),
                     )
                 )
     return out
 
 
-def _mapping(value: Any, what: str) -> Mapping[str, Any]:
-    if value is None:
+def _yaml_name(item: _Yaml, what: str) -> str:
+    if not isinstance(item.value, str) or not item.value.isidentifier():
+        raise SpecError(f"'{what}' in YAML must be a name (letters, digits and '_')", item.span)
+    return item.value
+
+
+def _mapping(item: _Yaml, what: str) -> Mapping[str, tuple[Span, _Yaml]]:
+    if item.value is None:
         return {}
-    if not isinstance(value, dict):
-        raise SpecError(
-            f"'{what}' in YAML must be a mapping", Span(line=1, column=1, end_line=1, end_column=2)
-        )
-    return value
+    if not isinstance(item.value, dict):
+        raise SpecError(f"'{what}' in YAML must be a mapping", item.span, hint=f"e.g. {what}: {{key: value}}")
+    return item.value
 
 
-def _yaml_entries(body: Mapping[str, Any], cls: Any) -> tuple[Entry, ...]:
+def _sequence(item: _Yaml, what: str) -> list[_Yaml]:
+    if item.value is None:
+        return []
+    if not isinstance(item.value, list):
+        raise SpecError(f"'{what}' in YAML must be a list", item.span, hint=f"e.g. {what}: [...]")
+    return item.value
+
+
+def _yaml_entries(body: Mapping[str, tuple[Span, _Yaml]], cls: Any) -> tuple[Entry, ...]:
     strings = {o.name for o in cls.options() if isinstance(o.kind, Str)} if cls is not None else set()
-    top = Span(line=1, column=1, end_line=1, end_column=2)
     return tuple(
-        Entry(key=str(k), value=_yaml_expr(v, literal=k in strings), span=top, key_span=top)
-        for k, v in body.items()
+        Entry(key=k, value=_yaml_expr(v, literal=k in strings), span=v.span, key_span=k_span)
+        for k, (k_span, v) in body.items()
     )
 
 
-def _yaml_expr(value: Any, *, literal: bool = False) -> ex.Expr:
+def _yaml_expr(item: _Yaml, *, literal: bool = False) -> ex.Expr:
+    value, span = item.value, item.span
     if isinstance(value, bool):
-        return ex.Bool(value=value)
+        return ex.Bool(value=value, span=span)
     if isinstance(value, (int, float)):
-        return ex.Num(value=value)
+        return ex.Num(value=value, span=span)
     if isinstance(value, list):
-        return ex.List(items=tuple(_yaml_expr(v, literal=literal) for v in value))
+        return ex.List(items=tuple(_yaml_expr(v, literal=literal) for v in value), span=span)
     if isinstance(value, str):
-        return ex.Str(value=value) if literal else parse_value(value)
-    raise SpecError(f"unsupported YAML value {value!r}", Span(line=1, column=1, end_line=1, end_column=2))
+        if literal:
+            return ex.Str(value=value, span=span)
+        return _parse_at(value, item.shift or (lambda _: span))
+    if value is None:
+        raise SpecError("a value is missing here (YAML reads an empty value as null)", span)
+    if isinstance(value, dict):
+        raise SpecError(
+            "a YAML mapping is not a value here",
+            span,
+            hint="write the value in spec syntax, e.g. optimizer: sgd(lr = 0.1)",
+        )
+    raise SpecError(f"unsupported YAML value {value!r}", span, hint="quote it to read it as spec syntax")

@@ -10,7 +10,7 @@ from typing import Any
 from . import _expr as ex
 from . import _ir as ir
 from ._errors import Span, SpecError, did_you_mean, one_of
-from ._options import REQUIRED, Kind, Nested, Option, suggest_key
+from ._options import REQUIRED, Kind, ListOf, Nested, Option, Str, suggest_key
 from ._plugins import available_backends
 from ._syntax import KEYWORDS, Entry, Module, Rule, Statement
 
@@ -166,7 +166,7 @@ def convert_items(
     spans: dict[str, Span] = {}
     if len(positional) > len(declared):
         raise SpecError(
-            f"{what}() takes at most {len(declared)} argument(s), got {len(positional)}",
+            f"{what}() takes at most {_count(len(declared), 'argument')}, got {len(positional)}",
             positional[len(declared)].span,
         )
     items = [(declared[i].name, expr, expr.span) for i, expr in enumerate(positional)]
@@ -183,7 +183,7 @@ def convert_items(
         kind = by_name[key].kind
         value = convert(expr, kind, ctx, key)
         if not ir.is_expr(value) and not isinstance(value, ir.Node):
-            value = kind.check(value, expr.span, key)
+            value = _check_value(kind, value, expr, key)
         values[key] = value
         if expr.span is not None:
             spans[key] = expr.span
@@ -197,6 +197,27 @@ def convert_items(
     return values, spans
 
 
+def _check_value(kind: Kind, value: Any, expr: ex.Expr, key: str) -> Any:
+    """``kind.check``, but a list written item by item is checked item by item first,
+    so ``classes = [0, 1, 1]`` points at the second 1."""
+    if isinstance(kind, ListOf) and isinstance(expr, ex.List) and len(expr.items) == len(value):
+        first: dict[Any, Span | None] = {}
+        for item, v in zip(expr.items, value, strict=True):
+            checked = kind.item.check(v, item.span, key)
+            if kind.unique and checked in first:
+                at, here = first[checked], item.span
+                where = ""
+                if at is not None and here is not None:
+                    where = (
+                        f" (first at line {at.line})"
+                        if at.line != here.line
+                        else f" (first at column {at.column})"
+                    )
+                raise SpecError(f"'{key}' lists {ex.describe(checked)} twice{where}", item.span)
+            first[checked] = item.span
+    return kind.check(value, expr.span, key)
+
+
 def convert(expr: ex.Expr, kind: Kind, ctx: _Context, key: str) -> Any:
     """A value for an option of ``kind``: a concrete value, a nested node, or an
     expression kept for expansion when it uses ``dim``, ``width`` or sweep variables."""
@@ -206,6 +227,16 @@ def convert(expr: ex.Expr, kind: Kind, ctx: _Context, key: str) -> Any:
         return expr
     if isinstance(expr, ex.Name) and kind.symbols:
         return expr.id
+    if isinstance(expr, ex.Name) and isinstance(kind, Str):
+        written = f'{key} = "{expr.id}"'
+        if expr.span is not None and expr.span.path == "--set" and expr.span.text:
+            written = f"--set '{expr.span.text.partition('=')[0].strip()}=\"{expr.id}\"'"
+        raise SpecError(
+            f"'{key}' must be {kind.describe()}, got the name '{expr.id}'",
+            expr.span,
+            hint=f"write {written}"
+            + (" (the shell needs the double quotes quoted)" if written.startswith("--set") else ""),
+        )
     used = _variable_names(expr, kind, ctx.variables)
     unknown = [n for n in used if n.id not in ctx.variables]
     if unknown:
@@ -294,14 +325,14 @@ def _sweep(stmt: Statement) -> ir.Sweep:
         if entry.key in KEYWORDS:
             raise SpecError(f"'{entry.key}' is a keyword and cannot name a sweep variable", entry.key_span)
         seen[entry.key] = entry.key_span
-        for name in ex.names(entry.value):
-            if isinstance(entry.value, (ex.List, ex.Range, ex.Name)) and name in ex.children(entry.value):
-                continue
-            if name is entry.value:
-                continue
+        # A name may be a value (a symbol: ``act = [relu, tanh]``), not part of an expression.
+        written = entry.value
+        symbols = (written, *ex.children(written)) if isinstance(written, (ex.List, ex.Range)) else (written,)
+        inner = next((name for name in ex.names(written) if name not in symbols), None)
+        if inner is not None:
             raise SpecError(
-                f"sweep values must be constants, but '{name.id}' is a name inside an expression",
-                name.span,
+                f"sweep values must be constants, but '{inner.id}' is a name inside an expression",
+                inner.span,
             )
         value = ex.evaluate(entry.value, {}, symbols=True)
         values = value if isinstance(value, tuple) else (value,)
@@ -311,6 +342,8 @@ def _sweep(stmt: Statement) -> ir.Sweep:
                 raise SpecError(f"'{entry.key}' must be a flat list of values", entry.value.span)
             flat.append(v)
         spans = {"values": entry.value.span} if entry.value.span else {}
+        if entry.key_span is not None:
+            spans["name"] = entry.key_span
         if isinstance(entry.value, ex.List):
             spans.update({f"values[{i}]": item.span for i, item in enumerate(entry.value.items) if item.span})
         variables.append(ir.SweepVar(name=entry.key, values=tuple(flat), span=entry.span, spans=dict(spans)))
@@ -372,7 +405,12 @@ def _record(stmt: Statement, ctx: _Context) -> ir.Record:
     count = convert(stmt.arg, ir.Record.options()[1].kind, ctx, mode)
     observables = []
     for item in stmt.body or ():
-        assert isinstance(item, (ex.Name, ex.Call))
+        if not isinstance(item, (ex.Name, ex.Call)):  # YAML: observables: [1]
+            raise SpecError(
+                "expected an observable: a name, or a call such as output(probes = 32)",
+                item.span,
+                hint=f"observables: {', '.join(ir.OBSERVABLES)}",
+            )
         name = item.id if isinstance(item, ex.Name) else item.func
         span = item.span if isinstance(item, ex.Name) else item.func_span
         if name not in ir.OBSERVABLES:
@@ -381,10 +419,12 @@ def _record(stmt: Statement, ctx: _Context) -> ir.Record:
                 span,
                 hint=did_you_mean(name, ir.OBSERVABLES) or f"observables: {', '.join(ir.OBSERVABLES)}",
             )
-        accepted = ir.Observable.accepted(name)
-        declared = [o for o in ir.Observable.options() if o.name in accepted]
+        # positional arguments in the order the observable lists them (``neuron_spread(2, 8)``
+        # is layer 2, 8 probes), the order of the reference's table of observables
+        by_name = {o.name: o for o in ir.Observable.options()}
+        declared = [by_name[arg] for arg in ir.Observable.accepted(name)]
         if isinstance(item, ex.Call):
-            if not accepted and (item.args or item.kwargs):
+            if not declared and (item.args or item.kwargs):
                 raise SpecError(f"{name} takes no arguments", item.span, hint=f"write just '{name}'")
             entries = [Entry(key=k, value=v, span=v.span, key_span=v.span) for k, v in item.kwargs]
             values, spans = convert_items(declared, entries, ctx, item.span, name, positional=item.args)
@@ -422,6 +462,10 @@ def _backend_options(stmt: Statement, ctx: _Context, backends: Mapping[str, Any]
         span=stmt.span,
         spans=dict(spans),
     )
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def option_defaults(declared: Sequence[Option]) -> dict[str, Any]:

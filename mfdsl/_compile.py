@@ -43,11 +43,15 @@ def steps_for_epochs(epochs: int, n_train: int, batch: int) -> int:
 
 
 def train_size(data: ir.Data) -> int | None:
-    """The training-set size, or ``None`` for online data."""
+    """The training-set size, or ``None`` for online data.  Image data with ``train =
+    all`` holds every training image of its classes: the label files are read to count
+    them (:func:`mfdsl._data.image_sizes`, which raises ``DataError`` without them)."""
     if data.train == "online":
         return None
     if data.train == "all":
-        return ir.IMAGE_SIZES[data.kind][0]
+        from ._data import image_sizes
+
+        return image_sizes(data)[0]
     return int(data.train)
 
 
@@ -74,10 +78,11 @@ def record_steps(record: ir.Record | None, steps: int) -> np.ndarray:
 
 
 def outputs(spec: ir.Spec) -> int:
-    """The number of network outputs K."""
+    """The number of network outputs K: ``auto`` is one per class for multiclass data
+    (``cross_entropy``'s logits, ``mse``'s one-hot targets), else 1."""
     if spec.network.outputs != "auto":
         return int(spec.network.outputs)
-    if spec.train.loss == "cross_entropy" and isinstance(spec.data, ir.ImageData):
+    if ir.task(spec.data) == "multiclass" and isinstance(spec.data, ir.ImageData):
         return len(spec.data.classes)
     return 1
 

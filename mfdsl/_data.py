@@ -72,6 +72,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from ._activations import piecewise_linear
+
 #: examples per generator block (part of the data's definition: changing it changes data)
 BLOCK = 1024
 
@@ -111,6 +113,7 @@ _ACTIVATIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "gelu": lambda z: 0.5 * z * (1.0 + _erf(z / math.sqrt(2.0))),
     "erf": _erf,
     "identity": lambda z: z,
+    "piecewise_linear": piecewise_linear,
 }
 
 

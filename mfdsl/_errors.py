@@ -119,6 +119,12 @@ class SpecError(Exception):
         return "\n".join(lines)
 
 
+class SpecWarning(SpecError):
+    """Something in a spec that is allowed but probably not meant (a sweep variable
+    nothing uses): reported like an error, with its place, and never raised by the
+    checks — :func:`mfdsl._expand.spec_warnings` returns them."""
+
+
 def _excerpt(source: str | None, span: Span | None) -> list[str]:
     if source is None or span is None:
         return []

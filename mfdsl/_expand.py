@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from . import _expr as ex
 from . import _ir as ir
-from ._errors import SpecError
+from ._errors import SpecError, SpecWarning
 from ._plugins import available_backends
 
 
@@ -123,3 +123,101 @@ def check_all(spec: ir.Spec) -> list[Point]:
             except SpecError as error:
                 raise error.located(spec.path, spec.source) from None
     return points
+
+
+def check_data(spec: ir.Spec, points: Iterable[Point] | None = None) -> None:
+    """Make sure the real datasets the sweep reads are there, before any run starts:
+    the label files of each distinct image data block are read (once), which also sizes
+    ``train = all`` and ``test = all`` for the chosen classes.  A missing or unreadable
+    file, or a subset larger than the data holds, is a :class:`SpecError` naming the
+    files expected and where to get them; so is asking ``output`` or ``neuron_spread``
+    for more probes than the test set of those classes holds."""
+    from ._data import DataError, image_sizes
+
+    seen: set[tuple[Any, ...]] = set()
+    for point in expand(spec) if points is None else points:
+        data = point.spec.data
+        if not isinstance(data, ir.ImageData):
+            return  # the data's kind cannot change from point to point
+        observables = point.spec.record.observables if point.spec.record is not None else ()
+        key = (
+            data.kind,
+            data.root,
+            data.classes,
+            data.train,
+            data.test,
+            tuple(o.probes for o in observables),
+        )
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            n_test = image_sizes(data)[1]
+        except DataError as error:
+            text = str(error)
+            field = "train" if " train images" in text else "test" if " test images" in text else "root"
+            message, found, rest = text.partition(" Expected ")
+            raise SpecError(
+                message.rstrip("."), data.where(field), hint=f"expected {rest}" if found else None
+            ).located(spec.path, spec.source) from None
+        for obs in observables:
+            if obs.probes is not None and obs.probes > n_test:
+                raise SpecError(
+                    f"{obs.name} asks for {obs.probes} probe inputs, but the test set of classes "
+                    f"{list(data.classes)} has only {n_test} points",
+                    obs.where("probes"),
+                    hint=f"the probes are the first test points: use at most {n_test}",
+                ).located(spec.path, spec.source)
+
+
+def spec_warnings(spec: ir.Spec) -> list[SpecWarning]:
+    """What is allowed but probably a mistake: a sweep variable that nothing uses (its
+    values only repeat the same runs), and ``particles`` sampling more neurons than the
+    widest network has."""
+    out: list[SpecWarning] = []
+    used = _used_names(spec)
+    for var in spec.sweep.variables:
+        if var.name in ("width", "seed") or var.name in used:
+            continue
+        repeats = f": its {len(var.values)} values repeat the same runs" if len(var.values) > 1 else ""
+        out.append(
+            SpecWarning(
+                f"sweep variable '{var.name}' is never used{repeats}",
+                var.where("name"),
+                hint=f"use it in an expression (e.g. lr = 0.1 * {var.name}) or remove it from the sweep",
+            )
+        )
+    widest = max(int(w) for w in spec.sweep["width"])
+    for obs in spec.record.observables if spec.record is not None else ():
+        if obs.name == "particles" and isinstance(obs.sample, int) and obs.sample > widest:
+            out.append(
+                SpecWarning(
+                    f"particles samples {obs.sample} neurons, but the widest network has {widest}: "
+                    "the rows beyond a network's width are NaN",
+                    obs.where("sample"),
+                    hint=f"sample = {widest} or fewer records every neuron of the widest network",
+                )
+            )
+    for warning in out:
+        warning.located(spec.path, spec.source)
+    return out
+
+
+def _used_names(spec: ir.Spec) -> set[str]:
+    """Every name the spec's expressions refer to (in the blocks of listed backends)."""
+    found: set[str] = set()
+    nodes: list[Any] = [spec.data, spec.network, spec.init, spec.train, spec.record]
+    nodes += [o for o in spec.backend_options if o.backend in spec.backends]
+    if ir.is_expr(spec.scaling):
+        found.update(n.id for n in ex.names(spec.scaling))
+    while nodes:
+        node = nodes.pop()
+        if isinstance(node, tuple):
+            nodes.extend(node)
+        elif ir.is_expr(node):
+            found.update(n.id for n in ex.names(node))
+        elif isinstance(node, ir.Node):
+            nodes.extend(
+                getattr(node, f.name) for f in dataclasses.fields(node) if f.name not in ("span", "spans")
+            )
+    return found

@@ -33,7 +33,7 @@ from ._options import (
     option_field,
 )
 
-ACTIVATIONS = ("relu", "tanh", "sigmoid", "gelu", "erf", "identity")
+ACTIVATIONS = ("relu", "tanh", "sigmoid", "gelu", "erf", "identity", "piecewise_linear")
 OUTPUT_MAPS = ("identity", "tanh", "sigmoid")
 SCALINGS = ("mean_field", "ntk", "standard", "mup")
 LOSSES = ("mse", "logistic", "cross_entropy")
@@ -217,6 +217,22 @@ def task(data: Data) -> str:
     return "binary"
 
 
+def task_known(data: Data) -> bool:
+    """Whether :func:`task` is final (not while image classes are an expression)."""
+    return not (isinstance(data, ImageData) and is_expr(data.classes))
+
+
+def static_test_size(data: Data) -> int | None:
+    """The test-set size where the spec alone tells it: ``None`` while it is an
+    expression; for image data with ``test = all``, the full test split (an upper bound
+    when ``classes`` keeps only some)."""
+    if is_expr(data.test):
+        return None
+    if data.test == "all":
+        return IMAGE_SIZES[data.kind][1] if isinstance(data, ImageData) else None
+    return int(data.test)
+
+
 # ---- network ---------------------------------------------------------------------------
 
 
@@ -233,7 +249,7 @@ class Network(Node):
     outputs: Value = option_field(
         Either((Int(min=1), Choice(("auto",)))),
         default="auto",
-        help="outputs K; auto: the number of classes for cross_entropy, else 1",
+        help="outputs K; auto: the number of classes for multiclass data, else 1",
     )
 
 
@@ -542,6 +558,19 @@ class Spec(Node):
                 train.fail("loss", f"the logistic loss needs two classes, but this data is {kind}")
             if train.loss == "cross_entropy" and kind == "regression":
                 train.fail("loss", "cross_entropy needs class labels; the teacher task is regression")
+            if train.loss == "cross_entropy" and kind == "binary" and task_known(self.data):
+                two = (
+                    f"classes = {list(self.data.classes)} makes"
+                    if isinstance(self.data, ImageData)
+                    else f"{self.data.kind} is"
+                )
+                train.fail(
+                    "loss",
+                    f"cross_entropy needs three or more classes, but {two} a binary task (labels ±1, one output)",
+                    hint="use loss = logistic or mse for two classes"
+                    + (", or keep three or more classes" if isinstance(self.data, ImageData) else ""),
+                )
+            self._check_outputs(kind)
         if train.epochs is not None and not is_expr(self.data.train) and self.data.train == "online":
             train.fail(
                 "epochs", "'epochs' needs a finite training set, but the data is online", hint="use 'steps'"
@@ -552,6 +581,41 @@ class Spec(Node):
                     raise SpecError(
                         "test_accuracy needs class labels; the teacher task is regression", obs.span
                     )
+        n_test = static_test_size(self.data)
+        if self.record is not None and n_test is not None:
+            for obs in self.record.observables:
+                if obs.probes is not None and not is_expr(obs.probes) and obs.probes > n_test:
+                    obs.fail(
+                        "probes",
+                        f"{obs.name} asks for {obs.probes} probe inputs, but the test set has only {n_test} points",
+                        hint=f"the probes are the first test points: use at most {n_test}, or a larger 'test'",
+                    )
+
+    def _check_outputs(self, kind: str) -> None:
+        """The network's outputs fit the task: one for binary and regression data, one
+        per class for multiclass data (``cross_entropy``'s logits, ``mse``'s one-hot
+        targets)."""
+        net, loss = self.network, self.train.loss
+        if is_expr(net.outputs) or not task_known(self.data):
+            return
+        if kind != "multiclass":
+            if net.outputs not in ("auto", 1):
+                net.fail(
+                    "outputs",
+                    f"{kind} data has one target per example, so the network has one output, not {net.outputs}",
+                    hint="outputs = 1, or leave it out (auto)",
+                )
+            return
+        assert isinstance(self.data, ImageData)
+        k = len(self.data.classes)
+        if net.outputs != "auto" and net.outputs != k:
+            targets = "one-hot targets" if loss == "mse" else "logits"
+            net.fail(
+                "outputs",
+                f"the data has {k} classes, so the network needs {k} outputs ({loss}'s {targets}), "
+                f"not {net.outputs}",
+                hint=f"outputs = {k}, or leave it out (auto)",
+            )
 
     def _check_layers(self, depth: int) -> None:
         last = depth + 1
@@ -562,7 +626,7 @@ class Spec(Node):
                 if layer not in allowed:
                     node.fail(
                         name,
-                        f"layer {layer} is not {what}: the network has {depth} hidden layer(s), "
+                        f"layer {layer} is not {what}: the network has {_count(depth, 'hidden layer')}, "
                         f"so its {what.removeprefix('a ')}s are {allowed.start}..{allowed.stop - 1}",
                     )
             return layers
@@ -598,6 +662,11 @@ class Spec(Node):
                     resolve(obs.layer, obs, "layer", weights, "a weight layer")
                 else:
                     resolve(obs.layer, obs, "layer", hidden, "a hidden layer")
+
+
+def _count(n: int, noun: str) -> str:
+    """``1 hidden layer``, ``3 hidden layers``."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def describe_options(options: tuple[Option, ...]) -> str:

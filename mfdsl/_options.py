@@ -29,6 +29,11 @@ class Kind:
     def describe(self) -> str:
         raise NotImplementedError
 
+    def plural(self) -> str:
+        """:meth:`describe` for several values: ``positive integers``, as in ``a list of
+        positive integers``."""
+        return f"values, each {self.describe()}"
+
     def check(self, value: Any, span: Span | None, key: str) -> Any:
         raise NotImplementedError
 
@@ -55,6 +60,13 @@ class Int(Kind):
         if self.min == 0:
             return "a non-negative integer"
         return "an integer"
+
+    def plural(self) -> str:
+        if self.min is not None and self.max is not None:
+            return f"integers from {self.min} to {self.max}"
+        if self.min == 1:
+            return "positive integers"
+        return "non-negative integers" if self.min == 0 else "integers"
 
     def check(self, value: Any, span: Span | None, key: str) -> Any:
         if _is_number(value) and isinstance(value, float) and value.is_integer():
@@ -89,6 +101,12 @@ class Float(Kind):
             parts.append(f"{'<' if self.open_max else '≤'} {self.max:g}")
         return "a number" + (" " + " and ".join(parts) if parts else "")
 
+    def plural(self) -> str:
+        one = self.describe()
+        if one.startswith("a number"):
+            return "numbers" + one.removeprefix("a number")
+        return one.removeprefix("a ").replace(" number", " numbers", 1)
+
     def check(self, value: Any, span: Span | None, key: str) -> Any:
         if not _is_number(value) or not _finite(value):
             raise self._wrong(value, span, key)
@@ -106,6 +124,9 @@ class Bool(Kind):
     def describe(self) -> str:
         return "true or false"
 
+    def plural(self) -> str:
+        return "booleans (true or false)"
+
     def check(self, value: Any, span: Span | None, key: str) -> Any:
         if not isinstance(value, bool):
             raise self._wrong(value, span, key)
@@ -118,6 +139,9 @@ class Str(Kind):
 
     def describe(self) -> str:
         return 'a string in double quotes ("...")'
+
+    def plural(self) -> str:
+        return 'strings in double quotes ("...")'
 
     def check(self, value: Any, span: Span | None, key: str) -> Any:
         if not isinstance(value, str):
@@ -135,7 +159,12 @@ class Choice(Kind):
     symbols = True
 
     def describe(self) -> str:
+        if len(self.choices) <= 2:
+            return one_of(self.choices)  # 'all'; 'cpu' or 'cuda'
         return "one of " + one_of(self.choices)
+
+    def plural(self) -> str:
+        return f"names, each {self.describe()}" if len(self.choices) > 1 else self.describe()
 
     def check(self, value: Any, span: Span | None, key: str) -> Any:
         if not isinstance(value, str) or value not in self.choices:
@@ -161,6 +190,9 @@ class Either(Kind):
     def describe(self) -> str:
         return " or ".join(k.describe() for k in self.kinds)
 
+    def plural(self) -> str:
+        return " or ".join(k.plural() for k in self.kinds)
+
     def check(self, value: Any, span: Span | None, key: str) -> Any:
         for kind in self.kinds:
             try:
@@ -183,14 +215,21 @@ class ListOf(Kind):
         return self.item.symbols
 
     def describe(self) -> str:
-        return f"a list of {self.item.describe().removeprefix('a ').removeprefix('an ')}s"
+        items = ("distinct " if self.unique else "") + self.item.plural()
+        if self.min_length > 1:
+            return f"a list of at least {self.min_length} {items}"
+        return f"a {'non-empty ' if self.min_length == 1 else ''}list of {items}"
+
+    def plural(self) -> str:
+        return "lists" + self.describe().removeprefix("a list")
 
     def check(self, value: Any, span: Span | None, key: str) -> Any:
         if not isinstance(value, tuple):
             value = (value,)
         items = tuple(self.item.check(v, span, key) for v in value)
         if len(items) < self.min_length:
-            raise SpecError(f"'{key}' needs at least {self.min_length} item(s)", span)
+            noun = "item" if self.min_length == 1 else "items"
+            raise SpecError(f"'{key}' needs at least {self.min_length} {noun}", span)
         if self.unique and len(set(items)) != len(items):
             repeated = next(v for v in items if items.count(v) > 1)
             raise SpecError(f"'{key}' lists {describe(repeated)} twice", span)
@@ -207,6 +246,9 @@ class Layers(Kind):
 
     def describe(self) -> str:
         return "a layer number, a range A..B, 'last', or a list of those"
+
+    def plural(self) -> str:
+        return "layer selectors (a layer number, a range A..B, 'last', or a list of those)"
 
     def check(self, value: Any, span: Span | None, key: str) -> Any:
         items = value if isinstance(value, tuple) else (value,)
@@ -253,6 +295,9 @@ class AnyValue(Kind):
 
     def describe(self) -> str:
         return "a value"
+
+    def plural(self) -> str:
+        return "values"
 
     def check(self, value: Any, span: Span | None, key: str) -> Any:
         return value

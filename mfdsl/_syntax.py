@@ -474,6 +474,15 @@ _EXAMPLES: dict[str, list[str]] = {
     ],
 }
 
+# The same, for a lone value (``--set`` and YAML values): statement-level labels do not
+# apply there.
+_VALUE_EXAMPLES: dict[str, list[str]] = {
+    _COMMAS: ["[1 2]", "[1, 2 3]", "[1, 2.5 3.5]", "[a b]", '["a" "b"]', "[[1] [2]]"],
+    "a '(' is never closed": ["sgd(lr = 0.1", "(1 + 2"],
+    "a '[' is never closed": ["[1, 2", "[1"],
+    "'..' makes a range of integers, e.g. 0..4": ["0..", "..4"],
+}
+
 # Labels that fit only an error at the same kind of token as their example: in the
 # same parser state, another token usually means another mistake.
 _BY_TOKEN = {
@@ -498,7 +507,7 @@ _BACKENDS_HINT = "backend names are separated by commas, e.g. 'backends torch, j
 _BACKENDS_LIST = re.compile(r"\bbackends[ \t]+\w+([ \t]*,[ \t]*\w+)*[ \t]+\w+\s*$")
 
 
-def _words(names: set[str], parser_: Lark) -> str:
+def _words(names: set[str], parser_: Lark, end: str = "the end of the file") -> str:
     names = set(names)
     if names >= _VALUE_STARTS:
         names -= _VALUE_STARTS | {"MINUS", "PLUS", "TRUE", "FALSE"}
@@ -508,6 +517,8 @@ def _words(names: set[str], parser_: Lark) -> str:
     for name in sorted(names):
         if name == "<value>":
             words.append("a value")
+        elif name == "$END":
+            words.append(end)
         elif name in _TERMINAL_WORDS:
             words.append(_TERMINAL_WORDS[name])
         else:
@@ -556,7 +567,7 @@ def _match_examples(error: UnexpectedInput, start: str) -> str | None:
     char = getattr(error, "char", None)
     same_state: str | None = None
     same_type: str | None = None
-    for label, examples in _EXAMPLES.items():
+    for label, examples in (_VALUE_EXAMPLES if start == "value" else _EXAMPLES).items():
         for text in examples:
             try:
                 p.parse(text, start=start)
@@ -576,7 +587,7 @@ def _match_examples(error: UnexpectedInput, start: str) -> str | None:
                     if getattr(other, "char", None) == char:
                         return label
                     continue
-                if same_state is None and label not in _BY_TOKEN:
+                if same_state is None and label not in _BY_TOKEN and start != "value":
                     same_state = label
     return same_type or same_state
 
@@ -592,10 +603,13 @@ def _translate(error: UnexpectedInput, source: str, start: str) -> SpecError:
         label = _match_examples(error, start)
     except Exception:  # noqa: BLE001 - a failed lookup must not hide the real error
         label = None
+    end_word = "the end of the value" if start == "value" else "the end of the file"
     if isinstance(error, UnexpectedCharacters):
         pos = error.pos_in_stream or 0
         char = source[pos] if pos < len(source) else ""
-        span: Span | None = Span(line=line, column=column, end_line=line, end_column=column + 1, start_pos=pos)
+        span: Span | None = Span(
+            line=line, column=column, end_line=line, end_column=column + 1, start_pos=pos
+        )
         shown = f"'{char}'" if char.isprintable() else repr(char)
         allowed = _accepts(error.state) if error.state is not None else None
         if allowed is None:
@@ -610,7 +624,7 @@ def _translate(error: UnexpectedInput, source: str, start: str) -> SpecError:
         return SpecError(
             f"unexpected character {shown}",
             span,
-            hint=hint or label or f"expected {_words(allowed, p)}",
+            hint=hint or label or f"expected {_words(allowed, p, end_word)}",
         )
     assert isinstance(error, UnexpectedToken)
     token = error.token
@@ -618,7 +632,9 @@ def _translate(error: UnexpectedInput, source: str, start: str) -> SpecError:
         acceptable = set(error.interactive_parser.accepts())
     except Exception:  # noqa: BLE001 - fall back to lark's (looser) expected set
         acceptable = set(error.expected)
-    expected = _words(acceptable, p)
+    if not acceptable and start == "value":
+        acceptable = {"$END"}  # a whole value, then more: the parser has nothing left to shift
+    expected = _words(acceptable, p, end_word)
     if token.type == "$END":
         # Point just past the last thing written, not at the blank line after it.
         end = len(source.rstrip()) or len(source)

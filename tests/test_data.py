@@ -217,7 +217,9 @@ def test_teacher_is_a_mean_field_mlp() -> None:
     np.testing.assert_allclose(f(x), x @ w1 @ w2, rtol=1e-12)
 
 
-@pytest.mark.parametrize("activation", ["relu", "tanh", "sigmoid", "gelu", "erf", "identity"])
+@pytest.mark.parametrize(
+    "activation", ["relu", "tanh", "sigmoid", "gelu", "erf", "identity", "piecewise_linear"]
+)
 def test_teacher_activations(activation: str) -> None:
     ds = make_dataset(Teacher(teacher=TeacherNet(hidden=3, width=6, activation=activation, bias=True)), 0)
     assert np.all(np.isfinite(ds.test_y)) and ds.test_y.std() > 0
@@ -231,6 +233,10 @@ def test_activation_formulas() -> None:
     np.testing.assert_allclose(_ACTIVATIONS["sigmoid"](z), 1 / (1 + np.exp(-z)), rtol=1e-14)
     gelu = [0.5 * v * (1 + math.erf(v / math.sqrt(2))) for v in z]
     np.testing.assert_allclose(_ACTIVATIONS["gelu"](z), gelu, rtol=1e-15)
+    # Mei–Montanari–Nguyen's σ: −2.5 up to 0.5, 7.5 from 1.5, linear in between
+    pl = [-2.5 if v <= 0.5 else 7.5 if v >= 1.5 else -2.5 + 10 * (v - 0.5) for v in z]
+    np.testing.assert_allclose(_ACTIVATIONS["piecewise_linear"](z), pl, rtol=1e-15, atol=1e-15)
+    assert _ACTIVATIONS["piecewise_linear"](np.array([0.5, 1.0, 1.5])).tolist() == [-2.5, 2.5, 7.5]
 
 
 @pytest.mark.parametrize("kind", ["mnist", "fashion_mnist", "cifar10"])

@@ -457,3 +457,71 @@ def test_regimes_spec_runs_on_fake_mnist(tmp_path: Path) -> None:
     with xr.open_zarr(store) as ds:
         assert (ds.status.values == 1).all() and ds.status.size == 4  # 4 scalings
         assert np.isfinite(ds.train_loss.values).all()
+
+
+# ---- checked once, before a sweep starts ---------------------------------------------------
+
+
+def _tiny_spec(tmp_path: Path, root: Path, **changes: str) -> Path:
+    text = TINY.replace('"/nowhere"', f'"{root}"')
+    for old, new in changes.items():
+        text = text.replace(old, new)
+    spec = tmp_path / "tiny.mf"
+    spec.write_text(text, encoding="utf-8")
+    return spec
+
+
+def test_missing_files_stop_run_before_any_worker(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``mfdsl run`` reads the label files once, up front: missing files are one error
+    (exit 2) naming the files and where to get them, and no store is made."""
+    import mfdsl
+    from mfdsl._expand import check_data
+
+    spec = _tiny_spec(tmp_path, tmp_path / "none")
+    with pytest.raises(mfdsl.SpecError) as info:
+        check_data(mfdsl.load(spec))
+    error = info.value
+    assert "does not exist" in error.message and (error.line, error.column) == (4, 13), str(error)
+    assert "train-labels-idx1-ubyte" in str(error.hint) and "yann.lecun.com" in str(error.hint)
+    capsys.readouterr()
+    store = tmp_path / "s.zarr"
+    assert _run(["run", str(spec), "-o", str(store), "--workers", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("does not exist") == 1 and "train-images-idx3-ubyte" in err
+    assert not store.exists()
+    # `mfdsl check` only warns: the spec is fine, the files may be on the machine that runs it
+    assert _run(["check", str(spec)]) == 0
+    assert "warning: mnist: the data folder" in capsys.readouterr().err
+
+
+def test_subsets_larger_than_the_files_are_caught_up_front(tmp_path: Path) -> None:
+    import mfdsl
+    from mfdsl._expand import check_data
+
+    write_mnist(tmp_path / "mnist")
+    spec = _tiny_spec(tmp_path, tmp_path / "mnist", **{"train   = 16": "train   = 40"})
+    with pytest.raises(
+        mfdsl.SpecError, match=r"only 18 train images of classes \[2, 0, 1\], asked for 40"
+    ) as info:
+        check_data(mfdsl.load(spec))
+    assert (info.value.line, info.value.column) == (6, 13)
+    # test = all: the 9 test images of those classes (the spec alone allows 10000)
+    spec = _tiny_spec(tmp_path, tmp_path / "mnist", **{"train_loss,": "output(probes = 20), train_loss,"})
+    with pytest.raises(
+        mfdsl.SpecError, match=r"20 probe inputs, but the test set .* has only 9 points"
+    ) as info:
+        check_data(mfdsl.load(spec))
+    assert (info.value.line, info.value.column) == (16, 34)
+
+
+def test_epochs_over_all_of_a_class_subset_count_its_examples(tmp_path: Path) -> None:
+    """``train = all`` with ``classes`` is every training image of those classes, not
+    the full split: ``epochs`` converts to steps over that count."""
+    import mfdsl
+    from mfdsl._compile import total_steps, train_size
+
+    write_mnist(tmp_path / "mnist")
+    spec = _tiny_spec(tmp_path, tmp_path / "mnist", **{"train   = 16": "train   = all"})
+    point = next(mfdsl.expand(mfdsl.load(spec)))
+    assert train_size(point.spec.data) == 18 == image_sizes(point.spec.data)[0]  # 3 classes of 60 / 10 each
+    assert total_steps(point.spec) == 9  # ⌈2 epochs · 18 / batch 4⌉, not ⌈2 · 60000 / 4⌉

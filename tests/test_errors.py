@@ -40,14 +40,22 @@ backends torch
 torch { device = cpu }
 """
 
+# The base spec on three classes of MNIST (line 2 changes; the files are not read).
+IMAGES = BASE.replace(
+    "data isotropic_gaussian { dim = 20, delta = 0.5, train = online, test = 2000 }",
+    "data mnist { classes = [0, 1, 2], train = 100, test = 50 }",
+)
+
 # Lark's names for terminals must never reach a user.
 TERMINALS = re.compile(
     r"\b(LBRACE|RBRACE|NAME|INT|FLOAT|STRING|EQUAL|COMMA|__ANON\w*|\$END|LSQB|RSQB|LPAR|RPAR)\b"
 )
 
 
-def with_(old: str, new: str, text: str = BASE) -> str:
-    """``text`` with the one occurrence of ``old`` replaced by ``new``."""
+def with_(old: str, new: str, text: str | None = None) -> str:
+    """``text`` (the base spec by default) with the one occurrence of ``old`` replaced
+    by ``new``."""
+    text = BASE if text is None else text
     assert text.count(old) == 1, f"{old!r} is not unique in the base spec"
     return text.replace(old, new)
 
@@ -341,6 +349,70 @@ VALIDATION_ERRORS = [
         "division by zero",
         "width = 64",
     ),
+    # across blocks: the loss, the outputs and the probes fit the data
+    case(
+        "cross-entropy-on-binary-data",
+        with_("loss = mse", "loss = cross_entropy"),
+        11,
+        10,
+        "cross_entropy needs three or more classes",
+        "isotropic_gaussian is a binary task",
+        "logistic",
+    ),
+    case(
+        "cross-entropy-on-two-classes",
+        with_("loss = mse", "loss = cross_entropy", IMAGES.replace("[0, 1, 2]", "[3, 5]")),
+        11,
+        10,
+        "classes = [3, 5] makes a binary task",
+        "three or more classes",
+    ),
+    case(
+        "duplicate-class",
+        IMAGES.replace("[0, 1, 2]", "[0, 1, 1]"),
+        2,
+        31,
+        "'classes' lists 1 twice",
+        "column 28",
+    ),
+    case(
+        "outputs-on-binary-data",
+        with_("activation = relu", "activation = relu, outputs = 3"),
+        3,
+        56,
+        "one output, not 3",
+        "outputs = 1",
+    ),
+    case(
+        "outputs-on-multiclass-data",
+        with_("activation = relu", "activation = relu, outputs = 2", IMAGES),
+        3,
+        56,
+        "3 classes, so the network needs 3 outputs",
+        "outputs = 3",
+    ),
+    case(
+        "probes-beyond-test-set",
+        with_("test_loss,", "output(probes = 5000),"),
+        15,
+        47,
+        "asks for 5000 probe inputs, but the test set has only 2000",
+    ),
+    case(
+        "observable-positional-order",
+        with_("test_loss,", "neuron_spread(1, 3000),"),
+        15,
+        48,
+        "neuron_spread asks for 3000 probe inputs",
+    ),
+    case(
+        "sweep-point-probes",
+        sweeping("n = [3000, 10]", with_("test = 2000", "test = n", with_("test_loss,", "output(100),"))),
+        15,
+        38,
+        "only 10 points",
+        "n = 10",
+    ),
     # layout: tabs and CRLF line endings keep columns right
     case(
         "tabs",
@@ -408,6 +480,22 @@ OVERRIDE_ERRORS = [
     pytest.param(
         "network.hidden=width - 64", 16, ("'hidden'", "at sweep point width = 64"), id="sweep-point"
     ),
+    # a value that does not parse is shown in the argument, not on its own
+    pytest.param("train.steps=1x0", 14, ("unexpected 'x0'", "expected the end of the value"), id="bad-value"),
+    pytest.param("train.steps=[1 2]", 16, ("expected ',' or ']'", "separated by commas"), id="bad-list"),
+    pytest.param("train.optimizer=sgd(lr = 1", 27, ("'(' is never closed",), id="unclosed-call"),
+    # a bare key: say which block has it
+    pytest.param("steps=5", 1, ("no top-level 'steps'", "did you mean 'train.steps'"), id="bare-key"),
+    pytest.param(
+        "stpes=5", 1, ("no top-level 'stpes'", "did you mean 'train.steps'"), id="bare-misspelt-key"
+    ),
+    pytest.param(
+        "lr=0.1",
+        1,
+        ("no top-level 'lr'", "argument of train.optimizer", "--set 'train.optimizer=sgd(lr = 0.1)'"),
+        id="bare-argument",
+    ),
+    pytest.param("train=5", 1, ("say which key of 'train'",), id="bare-block"),
 ]
 
 
@@ -437,6 +525,175 @@ def test_override_parse_error_points_into_the_argument(
     error = info.value
     assert (error.path, error.line, error.column) == ("--set", 1, column)
     assert_in_words(error, words)
+    assert_report(error, "--set", override, 1, column)
+
+
+@pytest.mark.parametrize(
+    ("value", "column", "words"),
+    [
+        ("/data/mnist", 11, ("unexpected '/'", """--set 'data.root="/data/mnist"'""")),
+        ("~/data/my mnist", 11, ("unexpected '~'", """--set 'data.root="~/data/my mnist"'""")),
+        ("mnist", 11, ("got the name 'mnist'", """--set 'data.root="mnist"'""")),
+    ],
+)
+def test_unquoted_string_override_says_how_to_quote(value: str, column: int, words: tuple[str, ...]) -> None:
+    override = f"data.root={value}"
+    with pytest.raises(mfdsl.SpecError) as info:
+        check(IMAGES, (override,))
+    error = info.value
+    assert (error.path, error.line, error.column) == ("--set", 1, column), str(error)
+    assert_in_words(error, words)
+    assert_report(error, "--set", override, 1, column)
+    # ... and what the hint says works
+    fixed = re.search(r"--set '(.*)'", str(error.hint)).group(1)  # type: ignore[union-attr]
+    assert mfdsl.parse(IMAGES, overrides=[fixed]).data.root == value
+
+
+# ---- YAML specs: errors point into the YAML file -------------------------------------
+
+YAML = """\
+experiment: demo
+data: {kind: isotropic_gaussian, dim: 20, test: 2000}
+network: {hidden: 1, activation: relu}
+init:
+- {layer: 1, dist: "normal(0, 1 / sqrt(dim))"}
+- layer: 2
+  dist: normal(0, 1)
+train:
+  optimizer: sgd(lr = 0.05)
+  batch: 8
+  steps: 2000
+record:
+  every: 50
+  observables: [train_loss, test_loss]
+sweep:
+  width: [64, 256]
+  seed: 0..1
+"""
+
+
+def yaml_with(old: str, new: str) -> str:
+    assert YAML.count(old) == 1, old
+    return YAML.replace(old, new)
+
+
+YAML_ERRORS = [
+    case(
+        "comma-in-flow-mapping",
+        yaml_with('"normal(0, 1 / sqrt(dim))"', "normal(0, 1 / sqrt(dim))"),
+        5,
+        30,
+        "a comma ends a YAML value",
+        "quote",
+    ),
+    case(
+        "unclosed-flow-list",
+        yaml_with("width: [64, 256]", "width: [64, 256"),
+        17,
+        7,
+        "invalid YAML",
+        "starts at line 16",
+    ),
+    case("tab-indent", yaml_with("  batch: 8", "\tbatch: 8"), 10, 1, "invalid YAML", "spaces, not tabs"),
+    case(
+        "duplicate-key",
+        yaml_with("  batch: 8", "  batch: 8\n  batch: 16"),
+        11,
+        3,
+        "duplicate key 'batch'",
+        "line 10",
+    ),
+    case("out-of-range", yaml_with("batch: 8", "batch: -8"), 10, 10, "'batch' must be a positive integer"),
+    case("bad-value-syntax", yaml_with("steps: 2000", "steps: 2x00"), 11, 11, "unexpected 'x00'"),
+    case(
+        "inside-a-quoted-value",
+        yaml_with("sgd(lr = 0.05)", '"sgd(lr = -0.05)"'),
+        9,
+        24,
+        "'lr' must be a positive number",
+    ),
+    case(
+        "unknown-top-key",
+        yaml_with("experiment: demo", "experimnt: demo"),
+        1,
+        1,
+        "unknown YAML key",
+        "'experiment'",
+    ),
+    case("unknown-block-key", yaml_with("batch: 8", "bacth: 8"), 10, 3, "unknown key 'bacth'", "'batch'"),
+    case("not-a-mapping", yaml_with("train:\n", "train: 5\nx:\n"), 8, 8, "'train' in YAML must be a mapping"),
+    case(
+        "misspelt-kind",
+        yaml_with("{kind: isotropic_gaussian", "{knd: isotropic_gaussian"),
+        2,
+        8,
+        "unknown key 'knd' in data",
+        "did you mean 'kind'",
+    ),
+    case("unknown-scaling", YAML + "scaling: meanfield\n", 18, 10, "unknown scaling", "'mean_field'"),
+    case(
+        "init-rule",
+        yaml_with("  dist: normal(0, 1)", "  law: normal(0, 1)"),
+        6,
+        3,
+        "{layer: ..., dist: ...}",
+    ),
+    case("empty-value", yaml_with("batch: 8", "batch:"), 10, 9, "a value is missing"),
+    case("sweep-point", yaml_with("steps: 2000", "steps: 200 - width"), 11, 10, "'steps'", "width = 256"),
+]
+
+
+@pytest.mark.parametrize(("text", "line", "column", "words"), YAML_ERRORS)
+def test_yaml_error_report(text: str, line: int, column: int, words: tuple[str, ...], tmp_path: Path) -> None:
+    path = tmp_path / "t.yaml"
+    path.write_text(text, encoding="utf-8")
+    path.with_name("base.yaml").write_text(YAML, encoding="utf-8")
+    assert mfdsl.check_all(mfdsl.load(path.with_name("base.yaml")))  # the base is valid
+    with pytest.raises(mfdsl.SpecError) as info:
+        mfdsl.check_all(mfdsl.load(path))
+    error = info.value
+    assert (error.line, error.column) == (line, column), str(error)
+    assert_in_words(error, words)
+    assert_report(error, str(path), text, line, column)
+
+
+# ---- warnings: allowed, but probably not meant ----------------------------------------
+
+
+def test_unused_sweep_variable_is_a_warning(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from mfdsl._cli import main
+    from mfdsl._expand import spec_warnings
+
+    text = sweeping("tag = [1, 2, 3]", BASE)
+    (warning,) = spec_warnings(check(text))
+    assert "sweep variable 'tag' is never used: its 3 values repeat the same runs" in warning.message
+    assert_report(warning, "t.mf", text, 19, 3)
+    assert not spec_warnings(check(sweeping("tag = [1, 2]", with_("lr = 0.05", "lr = 0.05 * tag"))))
+    path = tmp_path / "t.mf"
+    path.write_text(text, encoding="utf-8")
+    assert main(["check", str(path)]) == 0  # a warning does not fail the check
+    assert f"{path}:19:3: warning: sweep variable 'tag' is never used" in capsys.readouterr().err
+
+
+def test_particles_sampling_beyond_every_width_is_a_warning() -> None:
+    from mfdsl._expand import spec_warnings
+
+    text = with_("test_loss,", "particles(sample = 300),")
+    (warning,) = spec_warnings(check(text))
+    assert "particles samples 300 neurons, but the widest network has 256" in warning.message
+    assert (warning.line, warning.column) == (15, 50)
+    assert not spec_warnings(check(with_("test_loss,", "particles(sample = 100),")))
+
+
+def test_observable_positional_arguments_follow_the_table() -> None:
+    text = with_("test_loss,", "output(8), neuron_spread(1, 4), particles(1, 20), weight_change(last),")
+    record = check(text).record
+    assert record is not None
+    got = {o.name: (o.layer, o.probes, o.sample) for o in record.observables}
+    assert got["output"] == (None, 8, None)
+    assert got["neuron_spread"] == ((1,), 4, None)
+    assert got["particles"] == ((1,), None, 20)
+    assert got["weight_change"] == (("last",), None, None)
 
 
 def test_case_count() -> None:
@@ -626,3 +883,31 @@ def test_mutated_bytes(data: bytes, edits: list[tuple[int, bytes]], tmp_path: Pa
         mfdsl.load(path)
     except mfdsl.SpecError as error:
         assert str(error).startswith(str(path))
+
+
+YAML_PIECES = [*PIECES, *":-|>&*!?", "!!binary", "!!python/object:os.system", "&a", "*a", "<<: *a", "---\n"]
+
+
+@settings(_SETTINGS, max_examples=150)
+@given(
+    text=st.sampled_from([YAML, *(mfdsl.to_yaml(mfdsl.parse(t)) for t in EXAMPLES[:-1])]),
+    edits=st.lists(
+        st.tuples(st.integers(0, 2000), st.integers(0, 20), st.sampled_from(YAML_PIECES)),
+        min_size=1,
+        max_size=4,
+    ),
+)
+def test_mutated_yaml(
+    text: str, edits: list[tuple[int, int, str]], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    for at, cut, new in edits:
+        at %= len(text) + 1
+        text = text[:at] + new + text[at + cut :]
+    path = tmp_path_factory.mktemp("yaml") / "g.yaml"
+    path.write_text(text, encoding="utf-8")
+    try:
+        mfdsl.check_all(mfdsl.load(path))
+    except mfdsl.SpecError as error:
+        report = str(error)
+        assert report.startswith(str(path))
+        assert not TERMINALS.search(f"{error.message}\n{error.hint}"), report

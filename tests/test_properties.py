@@ -30,7 +30,7 @@ PROPERTY_SETTINGS = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 
-ACTIVATIONS = ["relu", "tanh", "sigmoid", "gelu", "erf", "identity"]
+ACTIVATIONS = ["relu", "tanh", "sigmoid", "gelu", "erf", "identity", "piecewise_linear"]
 COMMENT_TEXT = st.text(alphabet="abc XYZ 019 {}=;,#~.()[]\"'é±\t", max_size=12)
 
 
@@ -183,6 +183,7 @@ def specs_parts(draw: st.DrawFn) -> Generated:
     kind = draw(st.sampled_from(["isotropic_gaussian", "teacher", "teacher", "isotropic_gaussian", "mnist"]))
     entries: list[Tokens] = []
     finite_train = False
+    classes = 10
     if kind == "mnist":
         if draw(st.booleans()):
             entries.append(
@@ -195,12 +196,14 @@ def specs_parts(draw: st.DrawFn) -> Generated:
                 ]
             )
         if draw(st.booleans()):
-            entries.append(["classes", "=", *layers(draw, subset(draw, list(range(10)), 2), None)])
+            chosen = subset(draw, list(range(10)), 2)
+            classes = len(chosen)
+            entries.append(["classes", "=", *layers(draw, chosen, None)])
         if draw(st.booleans()):
             entries.append(["train", "=", *draw(st.sampled_from([["all"], ["100"], ["60000"]]))])
             finite_train = True
         if draw(st.booleans()):
-            entries.append(["test", "=", *draw(st.sampled_from([["all"], ["10"]]))])
+            entries.append(["test", "=", *draw(st.sampled_from([["all"], ["100"]]))])
     else:
         dim = ["d"] if "d" in extra else value(draw, 1, 100, integer=True)
         entries.append(["dim", "=", *dim])
@@ -224,7 +227,7 @@ def specs_parts(draw: st.DrawFn) -> Generated:
                 ["train", "=", *(value(draw, 1, 5000, integer=True) if finite_train else ["online"])]
             )
         if draw(st.booleans()):
-            entries.append(["test", "=", *value(draw, 1, 5000, integer=True)])
+            entries.append(["test", "=", *value(draw, 64, 5000, integer=True)])
     statements.append(Stmt(["data", kind], draw(st.permutations(entries))))
 
     # network
@@ -283,9 +286,9 @@ def specs_parts(draw: st.DrawFn) -> Generated:
         args = [("lr", lr), ("temperature", value(draw, 0, 1)), ("weight_decay", value(draw, 0, 0.1))]
         optimizer = call("langevin", args[: draw(st.integers(2, 3))], draw, positional=3)
     train = [["optimizer", "=", *optimizer]]
-    losses = {"teacher": ["mse"], "mnist": ["mse", "cross_entropy"]}.get(
-        kind, ["mse", "cross_entropy", "logistic"]
-    )
+    # cross_entropy needs three or more classes, logistic two
+    multiclass = kind == "mnist" and classes > 2
+    losses = ["mse"] if kind == "teacher" else ["mse", "cross_entropy" if multiclass else "logistic"]
     if draw(st.booleans()):
         train.append(["loss", "=", draw(st.sampled_from(losses))])
     if draw(st.booleans()):
