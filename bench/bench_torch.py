@@ -1,15 +1,17 @@
 """Finite-width training speed: mfdsl's torch engine against a hand-written loop.
 
 The workload is Nguyen (2019) Fig. 5's (``specs/nguyen2019_fig5.mf``): five layers
-(hidden = 4), ReLU, isotropic Gaussians in dim 50 with the spec's 10 000 test points,
-mean-field scaling, SGD at batch 1; widths 50 … 800, 5 seeds, ``tau2 = 0.1``; 20 000
-steps recorded every 500 (``train_loss``, ``test_loss``, ``test_accuracy``: what the
-baseline records).  Both sweeps run in 2 worker processes (spawned, 1 BLAS/OpenMP
-thread each, the machine's 2 cores split evenly), tasks handed out largest first:
-the baseline one run per task, mfdsl one ensemble per task (``group_plans(plans,
-workers=2)``: every seed of a width in one ensemble while its weights fit 8 MiB, so
-widths 50–200 batch 5 seeds and 400/800 train member by member).  Each task reports
-its own user and system CPU time (``resource.getrusage``).
+(hidden = 4), ReLU, isotropic Gaussians in dim 50, mean-field scaling, SGD at batch 1;
+widths 50 … 800, 5 seeds, ``tau2 = 0.1``; 20 000 steps recorded every 500
+(``train_loss``, ``test_loss``, ``test_accuracy``: what the baseline records), with the
+spec's 10 000 test points and with 1 000 (the evaluation of the test set, the same
+matrix products for both, is most of the work at 10 000).  Both sweeps run in 2 worker
+processes (spawned, 1 BLAS/OpenMP thread each, the machine's 2 cores split evenly),
+tasks handed out largest first: the baseline one run per task, mfdsl the units of work
+``mfdsl run`` forms and trains (``mfdsl._runner.group_tasks``, i.e. the torch backend's
+``group``: every seed of a width in one ensemble while its weights fit 8 MiB; each unit
+trained by the backend's ``run_group``, as in ``mfdsl run``'s workers).  Each task
+reports its own user and system CPU time (``resource.getrusage``).
 
 Then, in this process with one thread: the copy bandwidth (``dst.copy_(src)``, bytes =
 2 × size, best of several) of a buffer as large as a width-800 member's weights and of
@@ -17,8 +19,8 @@ a 1 GiB one, against mfdsl's width-800 training (the least traffic of a batch-1 
 4 passes over every weight matrix); and what recording costs.
 
     python bench/bench_torch.py --quick          # 2 000 steps (a few minutes)
-    python bench/bench_torch.py                  # the full workload
-    python bench/bench_torch.py --only sweep --test 1000   # a smaller test set
+    python bench/bench_torch.py                  # the full workload, test sets of 10 000 and 1 000
+    python bench/bench_torch.py --only sweep --tests 10000   # the sweep alone, the spec's test set
 """
 
 from __future__ import annotations
@@ -93,34 +95,38 @@ def run_baseline(plan: Any) -> tuple[list[dict[str, np.ndarray]], float, float, 
     return [rec], u1 - u0, s1 - s0, wall
 
 
-def run_mfdsl(
-    plans: list[Any], dtype: str = "float64"
-) -> tuple[list[dict[str, np.ndarray]], float, float, float]:
-    from mfdsl_torch._ensemble import train_ensemble
-
-    from mfdsl._data import make_dataset
+def run_mfdsl(plans: list[Any]) -> tuple[list[dict[str, np.ndarray]], float, float, float]:
+    """One unit of work as ``mfdsl run``'s workers train it: the torch backend's
+    ``run_group`` (one ensemble)."""
+    import mfdsl
 
     u0, s0 = _usage()
     t0 = time.perf_counter()
-    results = train_ensemble(plans, [make_dataset(p.data, p.seed) for p in plans], dtype=dtype)
+    results = mfdsl.get_backend("torch").run_group(plans)
     wall = time.perf_counter() - t0
     u1, s1 = _usage()
-    return [r.records for r in results], u1 - u0, s1 - s0, wall
+    return [dict(r["records"]) for r in results], u1 - u0, s1 - s0, wall
+
+
+def units(kind: str, plans: list[Any], workers: int) -> list[list[int]]:
+    """The tasks, largest first: the baseline one run each; mfdsl the units of
+    ``mfdsl run`` (``mfdsl._runner.group_tasks``: the torch backend's ``group``)."""
+    from mfdsl._runner import Task, group_tasks
+
+    if kind == "baseline":
+        cost = [p.steps * sum(ly.fan_in * ly.fan_out for ly in p.layers) for p in plans]
+        return [[i] for i in sorted(range(len(plans)), key=lambda i: -cost[i])]
+    tasks = [Task(key=str(i), backend="torch", plan=p, index={}) for i, p in enumerate(plans)]
+    return [[int(t.key) for t in unit] for unit in group_tasks(tasks, workers)]
 
 
 def sweep(kind: str, plans: list[Any], workers: int) -> dict[str, Any]:
     """Run the whole sweep in ``workers`` processes; wall time and CPU times."""
-    from mfdsl_torch._ensemble import group_plans
-
-    if kind == "baseline":
-        cost = [p.steps * sum(ly.fan_in * ly.fan_out for ly in p.layers) for p in plans]
-        order = sorted(range(len(plans)), key=lambda i: -cost[i])
-        tasks = [[i] for i in order]
-    else:
-        tasks = group_plans(plans, workers=workers)
+    tasks = units(kind, plans, workers)
     ctx = mp.get_context("spawn")
     records: list[Any] = [None] * len(plans)
     user = system = 0.0
+    per_width: dict[int, float] = {}
     with cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(1,)) as pool:
         # warm the workers (imports) before the clock starts
         list(pool.map(_noop, range(workers)))
@@ -133,16 +139,27 @@ def sweep(kind: str, plans: list[Any], workers: int) -> dict[str, Any]:
             recs, u, s, _ = fut.result()
             user += u
             system += s
+            width = int(plans[futures[fut][0]].width)
+            per_width[width] = per_width.get(width, 0.0) + u + s
             for i, r in zip(futures[fut], recs, strict=True):
                 records[i] = r
         wall = time.perf_counter() - t0
-    return {"wall": wall, "user": user, "sys": system, "records": records, "tasks": [len(t) for t in tasks]}
+    return {
+        "wall": wall,
+        "user": user,
+        "sys": system,
+        "records": records,
+        "tasks": [len(t) for t in tasks],
+        "per_width": dict(sorted(per_width.items())),
+    }
 
 
 def _noop(_: int) -> None:
+    import baseline_loop  # noqa: F401
+    import mfdsl_torch._ensemble  # noqa: F401
     import torch  # noqa: F401
 
-    import mfdsl  # noqa: F401
+    import mfdsl._data  # noqa: F401
 
 
 # --------------------------------------------------------------------------- bandwidth
@@ -165,18 +182,27 @@ def _timed(f: Any) -> float:
     return time.perf_counter() - t
 
 
-def training_bandwidth(width: int, members: int, dtype: str, steps: int, threads: int) -> tuple[float, float]:
+def training_bandwidth(
+    width: int, members: int, dtype: str, steps: int, threads: int, *, lazy: bool = True
+) -> tuple[float, float]:
     """Seconds per step (best of 5 chunks) of mfdsl's step loop at ``width``, and the
-    achieved bandwidth counting 4 passes over every weight matrix per member."""
+    achieved bandwidth counting 4 passes over every weight matrix per member.  Without
+    ``lazy``, every layer takes its update at once (the engine's path for large layers
+    with momentum, weight decay, noise or minibatches over 4), which does make the 4
+    passes; lazy layers (the default for this workload) make about 2 + 2/32."""
     import torch
+    from mfdsl_torch import _ensemble
     from mfdsl_torch._ensemble import Ensemble, EnsembleTrainer
 
     from mfdsl._data import make_dataset
 
     old = torch.get_num_threads()
+    old_lazy = _ensemble._LAZY_MAX_BATCH
     torch.set_num_threads(threads)
+    if not lazy:
+        _ensemble._LAZY_MAX_BATCH = 0
     try:
-        plans = make_plans(20000, 500, [width], members, 16)
+        plans = make_plans(20000, 500, [width], members, 64)
         ens = Ensemble(plans, dtype=dtype)
         trainer = EnsembleTrainer(ens, ["binary"] * members, 1)
         xs, ys = trainer.prepare_chunk([make_dataset(p.data, p.seed).train_chunk(0, steps, 1) for p in plans])
@@ -184,38 +210,74 @@ def training_bandwidth(width: int, members: int, dtype: str, steps: int, threads
         per = min(_timed(lambda: trainer.run(xs, ys, 0)) for _ in range(5)) / steps
     finally:
         torch.set_num_threads(old)
+        _ensemble._LAZY_MAX_BATCH = old_lazy
     item = 8 if dtype == "float64" else 4
     params = sum(ly.fan_in * ly.fan_out for ly in plans[0].layers)
     return per, 4 * params * item * members / per
 
 
-def recording_cost(width: int, steps: int, every: int, test: int | None) -> dict[str, float]:
-    """Seconds of ``train`` for one plan: records only at the end (``train_loss``), at
-    every ``every`` steps with ``train_loss`` only, and with all three observables; and
-    the compiler's default cadence (50 log-spaced records)."""
-    import torch
-    from mfdsl_torch._engine import train
+def recording_cost(width: int, steps: int, every: int, tests: list[int], repeats: int = 3) -> list[str]:
+    """What recording costs one run (``run_group`` of one plan, 1 thread), as lines.
 
-    from mfdsl._data import make_dataset
+    The mechanism (records kept on the device, chunks ending at record steps, lazy
+    updates folded there): the best of ``repeats`` runs recording ``train_loss`` only
+    at the end and every ``every`` steps, alternated.  The evaluation of the test set
+    (``test_loss``, ``test_accuracy``): the share of a run's time spent in the observer
+    (measured inside the run, so it does not suffer from the machine's drift between
+    runs), every ``every`` steps and at the compiler's default cadence (50 log-spaced
+    records), for each test-set size."""
+    import torch
+    from mfdsl_torch import _engine
+
+    import mfdsl
     from mfdsl._plan import ObservablePlan
 
     torch.set_num_threads(1)
-    plan = make_plans(steps, every, [width], 1, test)[0]
-    loss_only = (ObservablePlan(name="train_loss"),)
+    backend = mfdsl.get_backend("torch")
     default_steps = np.unique(
         np.concatenate([[0], np.round(np.geomspace(1, steps, 50)).astype(np.int64), [steps]])
     )
-    variants = {
-        "end only": dataclasses.replace(plan, record_steps=np.array([steps]), observables=loss_only),
-        f"every {every}, train_loss": dataclasses.replace(plan, observables=loss_only),
-        f"every {every}, all three": plan,
-        "default (log 50), all three": dataclasses.replace(plan, record_steps=default_steps),
-    }
-    out = {}
-    for name, p in variants.items():
-        data = make_dataset(p.data, p.seed)
-        out[name] = _timed(lambda p=p, d=data: train(p, d))
-    return out
+    loss_only = (ObservablePlan(name="train_loss"),)
+    plan = make_plans(steps, every, [width], 1, None)[0]
+    end = dataclasses.replace(plan, record_steps=np.array([steps]), observables=loss_only)
+    cadence = dataclasses.replace(plan, observables=loss_only)
+    times: dict[str, list[float]] = {"end": [], "every": []}
+    for _ in range(repeats):
+        times["end"].append(_timed(lambda: backend.run_group([end])))
+        times["every"].append(_timed(lambda: backend.run_group([cadence])))
+    bare, rec = min(times["end"]), min(times["every"])
+    lines = [
+        f"train_loss only: recorded at the end {bare:.2f} s, every {every} steps {rec:.2f} s "
+        f"({100 * (rec - bare) / rec:+.1f}%; best of {repeats})"
+    ]
+    spent = [0.0]
+    observe = _engine._Observer.observe
+
+    def timed_observe(self: Any) -> dict[str, np.ndarray]:
+        t = time.perf_counter()
+        try:
+            return observe(self)
+        finally:
+            spent[0] += time.perf_counter() - t
+
+    _engine._Observer.observe = timed_observe
+    try:
+        for test in tests:
+            plan = make_plans(steps, every, [width], 1, test)[0]
+            for name, p in ((f"every {every}", plan), ("log 50", replace_steps(plan, default_steps))):
+                spent[0] = 0.0
+                total = _timed(lambda p=p: backend.run_group([p]))
+                lines.append(
+                    f"test set {test}, {name}: {total:.2f} s, of which evaluation {spent[0]:.2f} s "
+                    f"({100 * spent[0] / total:.1f}%)"
+                )
+    finally:
+        _engine._Observer.observe = observe
+    return lines
+
+
+def replace_steps(plan: Any, steps: np.ndarray) -> Any:
+    return dataclasses.replace(plan, record_steps=steps)
 
 
 # --------------------------------------------------------------------------- report
@@ -239,13 +301,18 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="--steps 2000")
     parser.add_argument("--widths", default="50,100,200,400,800")
     parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--test", type=int, default=None, help="test-set size (default: the spec's 10000)")
+    parser.add_argument(
+        "--tests",
+        default="10000,1000",
+        help="test-set sizes to run the sweep with (the spec's is 10000), comma-separated",
+    )
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--only", choices=("sweep", "bandwidth", "recording"), help="run one part only")
     args = parser.parse_args()
     if args.quick:
         args.steps = 2000
     widths = [int(w) for w in args.widths.split(",")]
+    tests = [int(t) for t in args.tests.split(",")]
     sys.path.insert(0, HERE)
 
     import torch
@@ -256,62 +323,74 @@ def main() -> None:
     )
     print(
         f"workload: widths {widths}, {args.seeds} seeds, batch 1, {args.steps} steps, "
-        f"records every {args.every}, test set {args.test or 'spec (10000)'}; "
-        f"{args.workers} worker processes × 1 thread"
+        f"records every {args.every}; {args.workers} worker processes × 1 thread"
     )
     if args.only in (None, "sweep"):
-        plans = make_plans(args.steps, args.every, widths, args.seeds, args.test)
-        base = sweep("baseline", plans, args.workers)
-        mine = sweep("mfdsl", plans, args.workers)
-        for name, r in (("baseline", base), ("mfdsl", mine)):
-            print(
-                f"{name:9s} sweep: wall {r['wall']:8.1f} s   cpu user {r['user']:8.1f} s  "
-                f"sys {r['sys']:6.2f} s   tasks {r['tasks']}"
-            )
-        print(
-            f"speed-up (wall): {base['wall'] / mine['wall']:.2f}×   "
-            f"(cpu: {(base['user'] + base['sys']) / (mine['user'] + mine['sys']):.2f}×)"
-        )
-        rel = max(
-            float(np.max(np.abs(b["test_loss"] - m["test_loss"]) / np.abs(b["test_loss"])))
-            for b, m in zip(base["records"], mine["records"], strict=True)
-        )
-        print(f"cross-check: max relative test-loss difference baseline vs mfdsl {rel:.1e}")
+        for test in tests:
+            compare_sweeps(make_plans(args.steps, args.every, widths, args.seeds, test), args.workers, test)
 
     w = max(widths)
     if args.only in (None, "bandwidth"):
         bandwidth_report(w)
     if args.only in (None, "recording"):
-        print(f"\nrecording cost (train(), one run, 1 thread, {args.steps} steps):")
+        print(f"\nrecording cost (run_group of one plan, 1 thread, {args.steps} steps):")
         for rw in sorted({min(widths), w}):
-            costs = recording_cost(rw, args.steps, args.every, args.test)
-            bare = costs["end only"]
-            print(
-                f"  width {rw}: "
-                + ", ".join(f"{k} {v:.2f} s ({100 * (v - bare) / v:+.1f}%)" for k, v in costs.items())
-            )
+            for line in recording_cost(rw, args.steps, args.every, tests):
+                print(f"  width {rw}: {line}")
+
+
+def compare_sweeps(plans: list[Any], workers: int, test: int) -> None:
+    print(
+        f"\ntest set {test}{' (the spec)' if test == 10000 else ''}, load average {os.getloadavg()[0]:.2f}:"
+    )
+    base = sweep("baseline", plans, workers)
+    mine = sweep("mfdsl", plans, workers)
+    for name, r in (("baseline", base), ("mfdsl", mine)):
+        print(
+            f"  {name:9s} sweep: wall {r['wall']:8.1f} s   cpu user {r['user']:8.1f} s  "
+            f"sys {r['sys']:6.2f} s   tasks {r['tasks']}"
+        )
+    print(
+        "  cpu (user + sys) per width, baseline / mfdsl: "
+        + ", ".join(
+            f"{w}: {base['per_width'][w]:.1f} / {mine['per_width'][w]:.1f} s" for w in base["per_width"]
+        )
+    )
+    print(
+        f"  speed-up (wall): {base['wall'] / mine['wall']:.2f}×   "
+        f"(cpu: {(base['user'] + base['sys']) / (mine['user'] + mine['sys']):.2f}×)"
+    )
+    rel = max(
+        float(np.max(np.abs(b["test_loss"] - m["test_loss"]) / np.abs(b["test_loss"])))
+        for b, m in zip(base["records"], mine["records"], strict=True)
+    )
+    print(f"  cross-check: max relative test-loss difference baseline vs mfdsl {rel:.1e}")
 
 
 def bandwidth_report(w: int) -> None:
     import torch
 
-    print(f"\nbandwidth at width {w}, batch 1, one process:")
+    print(f"\nbandwidth at width {w}, batch 1, one process (4 passes over the weights per step):")
     member = 8 * (3 * w * w + 50 * w + w)
     for threads in (1, 2):
         torch.set_num_threads(threads)
         ws = copy_bandwidth(2 * member)
         big = copy_bandwidth(1 << 30, repeats=4)
+        print(
+            f"  {threads} thread(s): copy({2 * member / 2**20:.0f} MiB) {ws / 1e9:.1f} GB/s, "
+            f"copy(1 GiB) {big / 1e9:.1f} GB/s"
+        )
         for dtype in ("float64", "float32"):
-            per, bw = training_bandwidth(w, 1, dtype, 200, threads)
-            print(
-                f"  {threads} thread(s) {dtype}: {per * 1e3:.3f} ms/step, {bw / 1e9:.1f} GB/s"
-                f" = {100 * bw / ws:.0f}% of copy({2 * member / 2**20:.0f} MiB) "
-                f"{ws / 1e9:.1f} GB/s, {100 * bw / big:.0f}% of copy(1 GiB) "
-                f"{big / 1e9:.1f} GB/s"
-            )
+            for lazy in (True, False):
+                per, bw = training_bandwidth(w, 1, dtype, 256, threads, lazy=lazy)
+                print(
+                    f"    {dtype} {'lazy updates    ' if lazy else 'immediate updates'}: "
+                    f"{per * 1e3:.3f} ms/step, {bw / 1e9:.1f} GB/s = {100 * bw / ws:.0f}% of "
+                    f"copy({2 * member / 2**20:.0f} MiB), {100 * bw / big:.0f}% of copy(1 GiB)"
+                )
     torch.set_num_threads(1)
     for members in (5,):
-        per, bw = training_bandwidth(w, members, "float64", 100, 1)
+        per, bw = training_bandwidth(w, members, "float64", 128, 1)
         print(
             f"  1 thread float64, ensemble of {members}: {per / members * 1e3:.3f} ms per "
             f"member-step, {bw / 1e9:.1f} GB/s"

@@ -1,6 +1,8 @@
 """Backends as plugins: the abstract base class and entry-point discovery.
 
-A backend is a class registered under the entry-point group ``mfdsl.backends``.  Its
+A backend is a class registered under the entry-point group ``mfdsl.backends``.  It
+trains one sweep point per :meth:`Backend.run` call, or, through the optional hooks
+:meth:`Backend.group` and :meth:`Backend.run_group`, several points as one unit.  Its
 module must import cheaply: the heavy library (torch, jax) is imported inside
 :meth:`Backend.run` / :meth:`Backend.require`, so ``mfdsl check`` validates a spec's
 backend options without either installed.
@@ -11,8 +13,8 @@ from __future__ import annotations
 import abc
 import importlib
 import warnings
-from collections.abc import Callable, Mapping
-from functools import cache
+from collections.abc import Callable, Mapping, Sequence
+from functools import cache, partial
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -62,10 +64,57 @@ class Backend(abc.ABC):
 
         Returns ``{"records": {name: array}, "status": "done"|"diverged",
         "message": str}``; arrays have the record steps as their first axis.
+
+        The result may also carry ``"attrs"``: a mapping of JSON-able facts about the
+        run (the jax backend reports ``limit_reductions``, ``limit_collapsed_layers``,
+        ``limit_particles``, ``limit_solver`` and, when there are any,
+        ``limit_warnings``).  ``mfdsl run`` gathers them per run and, when the sweep
+        ends, writes each ``NAME`` as the store's root attribute ``NAME = {run key:
+        value}`` (run keys such as ``"jax:width=inf,seed=0"``), merged with what a
+        resumed store already holds (``docs/store.md``).  Every backend of a sweep
+        shares the root attributes: give the names a distinctive prefix (the jax
+        backend's start with ``limit_``).
         """
 
     def check(self, spec: Spec) -> None:  # noqa: B027 - optional hook
         """Reject constructs this backend cannot compute, raising ``SpecError``."""
+
+    # ---- optional: several sweep points as one unit of work --------------------------
+
+    def group(self, plans: Sequence[RunPlan], workers: int) -> list[list[int]]:
+        """Cut the sweep points still to run into units of work for ``workers`` worker
+        processes: lists of indices into ``plans``, every index exactly once.  Each
+        unit goes to :meth:`run_group` in one worker.  The runner hands the units out
+        largest first (by the sum of its members' sizes), whatever their order here.
+
+        The default runs every point alone.  A backend that trains several points
+        faster together (the torch backend batches the seeds of a width into one
+        network) returns them together; it should keep a unit below a worker's share of
+        the whole, so that the sweep still spreads over the workers.
+        """
+        return [[i] for i in range(len(plans))]
+
+    def run_group(
+        self,
+        plans: Sequence[RunPlan],
+        *,
+        progress: Callable[[int, int, float], None] | None = None,
+    ) -> list[Mapping[str, Any]]:
+        """Train one unit of :meth:`group`: a result per plan, in order, each what
+        :meth:`run` returns for that plan alone.  ``progress(i, step, loss)`` reports on
+        ``plans[i]``.  If it raises, the runner runs the unit's points one by one with
+        :meth:`run_group` again, so that a failure is charged only to the points that
+        fail.
+
+        The default calls :meth:`run` for each plan in turn.
+        """
+        results: list[Mapping[str, Any]] = []
+        for i, plan in enumerate(plans):
+            member_progress = None
+            if progress is not None:
+                member_progress = partial(progress, i)
+            results.append(self.run(plan, progress=member_progress))
+        return results
 
 
 @cache

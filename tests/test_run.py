@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -251,7 +252,7 @@ def test_diverged_runs_are_results(tmp_path: Path) -> None:
 
 FAILING = """\
 experiment failing
-data mnist { root = "/nonexistent/mnist", classes = [0, 1], train = 100, test = 64 }
+data mnist { root = "ROOT", classes = [0, 1], train = 100, test = 64 }
 network mlp { hidden = 1, activation = tanh }
 train { optimizer = sgd(lr = 0.1), loss = logistic, batch = 4, steps = 10 }
 record every 5 { train_loss, test_accuracy }
@@ -259,10 +260,21 @@ sweep { width = [8, 16], seed = [0, 1] }
 """
 
 
+def labels_only(folder: Path) -> Path:
+    """An MNIST folder with the label files and no images: the labels size the sweep
+    before it starts (``mfdsl run`` checks them once), then every run fails to read
+    the images."""
+    folder.mkdir()
+    for name, n in (("train-labels-idx1-ubyte", 200), ("t10k-labels-idx1-ubyte", 100)):
+        (folder / name).write_bytes(struct.pack(">II", 0x801, n) + bytes(i % 2 for i in range(n)))
+    return folder
+
+
 @needs_torch
 def test_failed_runs_are_recorded_and_the_sweep_goes_on(tmp_path: Path) -> None:
     store = tmp_path / "failing.zarr"
-    result = run_sweep(spec_file(tmp_path, FAILING), store)
+    text = FAILING.replace("ROOT", str(labels_only(tmp_path / "mnist")))
+    result = run_sweep(spec_file(tmp_path, text), store)
     assert result.code == 1, result.out + result.err
     assert "4 run(s) failed" in one_line(result.err)
     log = Path(f"{store}.log").read_text(encoding="utf-8")

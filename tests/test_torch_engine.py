@@ -159,6 +159,12 @@ ACTS = {
     "gelu": torch.nn.functional.gelu,
     "erf": torch.erf,
     "identity": lambda h: h,
+    # Mei–Montanari–Nguyen's σ, written from its definition
+    "piecewise_linear": lambda h: torch.where(
+        h <= 0.5,
+        torch.full_like(h, -2.5),
+        torch.where(h >= 1.5, torch.full_like(h, 7.5), -2.5 + 10 * (h - 0.5)),
+    ),
 }
 PSIS = {"identity": lambda z: z, "tanh": torch.tanh, "sigmoid": torch.sigmoid}
 
@@ -204,6 +210,8 @@ GRAD_CASES = [
     ((6, 5), True, "gelu", "identity", "cross_entropy", "multiclass", 3),
     ((6, 5), True, "erf", "identity", "mse", "multiclass", 3),
     ((6, 5), False, "identity", "tanh", "mse", "regression", 1),
+    ((6, 5), True, "piecewise_linear", "identity", "mse", "binary", 1),
+    ((7,), False, "piecewise_linear", "tanh", "mse", "regression", 2),
 ]
 
 

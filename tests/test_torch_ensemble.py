@@ -116,6 +116,17 @@ CASES = {
         1,
         "identity",
     ),
+    "L2-piecewise_linear": (
+        (12, 10),
+        "piecewise_linear",
+        True,
+        5,
+        OptimizerPlan(kind="sgd", lr=0.02),
+        "mse",
+        "binary",
+        1,
+        "identity",
+    ),
     "L2-erf": (
         (12, 10),
         "erf",
@@ -127,12 +138,24 @@ CASES = {
         3,
         "sigmoid",
     ),
-    # member by member (not batched) and row-blocked fused backward + update
-    "L2-wide-blocked": (
+    # member by member (not batched), lazy updates of the 520 × 520 layer (batch ≤ 4)
+    "L2-wide-lazy": (
         (520, 520),
         "relu",
         False,
         2,
+        OptimizerPlan(kind="sgd", lr=0.01),
+        "mse",
+        "binary",
+        1,
+        "identity",
+    ),
+    # member by member and row-blocked fused backward + update (batch > 4)
+    "L2-wide-blocked": (
+        (520, 520),
+        "relu",
+        False,
+        8,
         OptimizerPlan(kind="sgd", lr=0.01),
         "mse",
         "binary",

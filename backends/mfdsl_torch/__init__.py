@@ -1,12 +1,17 @@
 """mfdsl's PyTorch backend: trains finite-width networks at every width of a sweep.
 
+The seeds of a width (and any sweep variable that leaves the network's shapes alone)
+train together as one batched ensemble (:mod:`._ensemble`), each with the results it
+gets alone: :meth:`TorchBackend.group` forms the ensembles, :meth:`TorchBackend.run_group`
+trains one.
+
 This module imports no torch: the engine (``_engine``) is imported when a run starts,
 so specs naming this backend check without torch installed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, final
 
 from mfdsl import Backend, BackendUnavailable, Option
@@ -49,17 +54,48 @@ class TorchBackend(Backend):
         *,
         progress: Callable[[int, float], None] | None = None,
     ) -> Mapping[str, Any]:
+        member_progress = None
+        if progress is not None:
+            report = progress
+
+            def member_progress(member: int, step: int, loss: float) -> None:
+                report(step, loss)
+
+        return self.run_group([plan], progress=member_progress)[0]
+
+    def group(self, plans: Sequence[RunPlan], workers: int) -> list[list[int]]:
+        """Ensembles: the points that differ only in what leaves the shapes alone (seed,
+        initial laws, learning rate, …) train as one batched network, as many as fit
+        in cache and a worker's share of the sweep (``_ensemble.group_plans``)."""
         self.require()
+        from ._ensemble import group_plans
+
+        return group_plans(plans, workers=workers)
+
+    def run_group(
+        self,
+        plans: Sequence[RunPlan],
+        *,
+        progress: Callable[[int, int, float], None] | None = None,
+    ) -> list[Mapping[str, Any]]:
+        """One ensemble (``_ensemble.train_ensemble``): each plan's result is, bit for
+        bit on CPU, what training it alone gives."""
+        self.require()
+        if not plans:
+            return []
+        options = {(p.options.get("device", "cpu"), p.options.get("dtype", "float64")) for p in plans}
+        if len(options) > 1:  # not one ensemble: train each alone
+            return super().run_group(plans, progress=progress)
         from mfdsl._data import make_dataset
 
-        from ._engine import train
+        from ._ensemble import train_ensemble
 
-        dataset = make_dataset(plan.data, plan.seed)
-        result = train(
-            plan,
-            dataset,
+        device, dtype = options.pop()
+        results = train_ensemble(
+            plans,
+            [make_dataset(plan.data, plan.seed) for plan in plans],
             progress=progress,
-            device=str(plan.options.get("device", "cpu")),
-            dtype=str(plan.options.get("dtype", "float64")),
+            device=str(device),
+            dtype=str(dtype),
         )
-        return {"records": result.records, "status": result.status, "message": result.message}
+        return [{"records": r.records, "status": r.status, "message": r.message} for r in results]

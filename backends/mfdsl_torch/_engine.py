@@ -11,7 +11,9 @@ where ``m_ℓ = LayerPlan.forward_mult``.  The backward pass is derived by hand 
 autograd: every activation, output map and loss the plans name is covered), runs under
 ``torch.no_grad`` and fuses each weight gradient into its update (a rank-``B``
 ``W ← W + aᵀ(c·g)`` in place), so no gradient tensor is materialised and a step costs
-one pass over each weight matrix beyond the matrix products.
+one pass over each weight matrix beyond the matrix products; large layers taking plain
+SGD steps defer their updates and fold them in every 32 steps (*lazy updates*, see
+:mod:`._ensemble`), which agrees with updating at once up to rounding.
 
 The training itself lives in :mod:`._ensemble`: :func:`train` is
 :func:`~._ensemble.train_ensemble` with one member, and an ensemble's members get, bit
@@ -28,7 +30,8 @@ Conventions that are this engine's choices (the plan leaves them open):
   Langevin noise from a ``torch.Generator`` on the run's device seeded with
   ``np.random.SeedSequence([plan.seed, 3])`` (its stream differs between CPU and CUDA).
 * **Activations** φ: ``relu``, ``tanh``, ``sigmoid``, ``gelu`` (exact: h·Φ(h)), ``erf``
-  (erf(h), not erf(h/√2)) and ``identity``.  **Output maps** ψ: ``identity``, ``tanh``,
+  (erf(h), not erf(h/√2)), ``identity`` and ``piecewise_linear`` (Mei–Montanari–Nguyen's
+  σ, see ``mfdsl._activations``).  **Output maps** ψ: ``identity``, ``tanh``,
   ``sigmoid``.  Biases start at 0 and sit inside ψ.
 * **Losses** per example, averaged over the minibatch: ``mse`` = ½‖y − ŷ‖² (summed
   over outputs; integer multiclass labels become one-hot targets), ``logistic`` =
@@ -85,13 +88,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from mfdsl._activations import PL_S1, PL_SLOPE, PL_T1, PL_T2
 from mfdsl._plan import LayerPlan, ObservablePlan, RunPlan
 
 __all__ = ["Dataset", "MemberNet", "Network", "Result", "Trainer", "train"]
@@ -105,8 +109,9 @@ NOISE_STREAM = 3
 # A data chunk holds at most this many input entries, so a large batch × dim input
 # (MNIST) does not pull hundreds of MB per chunk.
 _CHUNK_ELEMENTS = 1 << 23
-# Rows per block when evaluating the test set, times the widest layer.
-_EVAL_ELEMENTS = 1 << 22
+# Rows per block when evaluating the test set, times the widest layer: a block's
+# activations (2 MiB in float64) stay in cache between one layer's product and the next.
+_EVAL_ELEMENTS = 1 << 18
 
 _DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float64": torch.float64}
 
@@ -166,11 +171,20 @@ def _activation(name: str) -> Callable[[Tensor], Tensor]:
         return torch.erf
     if name == "identity":
         return _identity
+    if name == "piecewise_linear":
+        return piecewise_linear
     raise ValueError(f"unknown activation {name!r}")
 
 
 def _identity(h: Tensor) -> Tensor:
     return h
+
+
+def piecewise_linear(h: Tensor) -> Tensor:
+    """Mei–Montanari–Nguyen's σ (``mfdsl._activations``): ``(clamp(h, t1, t2) − t1) ·
+    slope + s1``, the ensemble's forward pass op for op (its backward pass takes the
+    slope strictly inside ``(t1, t2)``, 0 elsewhere)."""
+    return (h.clamp(PL_T1, PL_T2) - PL_T1) * PL_SLOPE + PL_S1
 
 
 def _output_map(name: str) -> Callable[[Tensor], Tensor]:
@@ -377,6 +391,8 @@ class _Observer:
     probes_spread: int
     spread_layers: tuple[int, ...]
     change_layers: tuple[int, ...]
+    eval_rows: int = 1
+    eval_buffers: list[Tensor] = field(default_factory=list)
 
     def observe(self) -> dict[str, np.ndarray]:
         out: dict[str, np.ndarray] = {}
@@ -410,25 +426,50 @@ class _Observer:
         return out
 
     def _test(self) -> tuple[float, float]:
+        """Test loss and accuracy, block by block into buffers kept between records
+        (no large temporaries: they would cost page faults at every record)."""
         n = self.test_x.shape[0]
         if n == 0:
             return math.nan, math.nan
-        width = max(max(layer.fan_out for layer in self.net.layers), self.net.layers[0].fan_in)
-        block = max(1, _EVAL_ELEMENTS // width)
         loss_sum = torch.zeros((), device=self.net.device, dtype=torch.float64)
         correct = torch.zeros((), device=self.net.device, dtype=torch.int64)
-        for s in range(0, n, block):
-            z, yhat = self.net.predict(self.test_x[s : s + block])
-            losses = _example_losses(self.loss, yhat, self.test_y[s : s + block])
+        for s in range(0, n, self.eval_rows):
+            z = self._eval_block(self.test_x[s : s + self.eval_rows])
+            losses = _example_losses(self.loss, self.net.psi(z), self.test_y[s : s + self.eval_rows])
             loss_sum += losses.sum(dtype=torch.float64)
             if self.test_labels is not None:
-                labels = self.test_labels[s : s + block]
+                labels = self.test_labels[s : s + self.eval_rows]
                 if self.task == "binary":
                     correct += (torch.sign(z[:, 0]) == labels).sum()
                 else:
                     correct += (torch.argmax(z, dim=1) == labels).sum()
         acc = correct.item() / n if self.test_labels is not None else math.nan
         return loss_sum.item() / n, acc
+
+    def _eval_block(self, x: Tensor) -> Tensor:
+        """The output before ψ on the rows ``x``: :meth:`MemberNet.forward`'s
+        arithmetic, each layer into its buffer (ReLU in place)."""
+        net = self.net
+        if not self.eval_buffers:
+            self.eval_buffers = [
+                torch.empty((self.eval_rows, layer.fan_out), device=net.device, dtype=net.dtype)
+                for layer in net.layers
+            ]
+        last = len(net.layers) - 1
+        a = x
+        for i, layer in enumerate(net.layers):
+            h = self.eval_buffers[i][: x.shape[0]]
+            m = layer.forward_mult
+            b = net.b[i]
+            if b is not None:
+                torch.addmm(b, a, net.W[i], alpha=m, out=h)
+            else:
+                torch.mm(a, net.W[i], out=h)
+                if m != 1.0:
+                    h.mul_(m)
+            if i < last:
+                a = h.clamp_min_(0.0) if net.activation == "relu" else net.phi(h)
+        return h
 
     def _change(self, ell: int) -> Tensor:
         w0 = self.w0[ell]
@@ -569,6 +610,7 @@ def _make_observer(net: MemberNet, plan: RunPlan, dataset: Dataset, task: str, o
         probes_spread=probes_spread,
         spread_layers=spread_layers,
         change_layers=change_layers,
+        eval_rows=max(1, min(n_test, _EVAL_ELEMENTS // max(layer.fan_out for layer in net.layers))),
     )
 
 

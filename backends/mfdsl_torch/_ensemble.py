@@ -54,9 +54,26 @@ count; bit-identity there is not claimed (it is untested: no GPU was at hand).
 
 **Speed.**  No gradient tensor is materialised: each weight matrix takes its rank-``B``
 update in place (``W ← W + aᵀ (c·g)``), after the backward product has read it.  Layers
-whose weights outgrow the L2 cache (member mode) are processed member by member in
-row blocks of :data:`_BLOCK_BYTES`, so a block's backward product and update run while
-the block is in cache.
+whose weights outgrow the L2 cache (member mode, over :data:`_BLOCK_MIN_BYTES`) stream
+through memory at every step, so they make fewer passes:
+
+* *Lazy updates* (plain SGD steps: no momentum, weight decay or noise; minibatches of
+  at most :data:`_LAZY_MAX_BATCH`): the layer keeps its pending updates aside as the
+  rows of ``U`` (inputs ``a``) and ``V`` (``c·g``), its weights being ``W + UᵀV``; the
+  forward and backward products add the pending share, ``(a Uᵀ) V`` and ``(g Vᵀ) U``
+  (``B × pending`` and ``pending × fan`` products), and ``W ← W + UᵀV`` is folded in
+  once every :data:`_LAZY_STEPS` steps and at every record step.  A step then reads
+  ``W`` twice and the fold reads and writes it once per 32 steps, against 4 passes for
+  immediate updates (see ``docs/performance.md``).  The sums are associated differently
+  from immediate updates, so the results agree with theirs to rounding (tested against
+  them, 10⁻¹² relative), not bit for bit; the folds fall on fixed steps (every 32
+  since the last record step), so the chunking does not change them, and each member
+  folds on its own 2-D views, so ensembles stay bit-identical to solo runs (a member
+  dropped for divergence leaves the others' pending updates pending).
+* *Row blocks* (the other large layers): member by member, in blocks of
+  :data:`_BLOCK_BYTES`, so a block's backward product and update run while the block
+  is in cache.
+
 All step buffers are allocated once; the per-step losses stay on the device and are
 read once per data chunk.  A diverged member is dropped from the ensemble at the end of
 the chunk in which it diverged (its state is discarded; its records stay NaN after its
@@ -73,6 +90,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from mfdsl._activations import PL_S1, PL_SLOPE, PL_T1, PL_T2
 from mfdsl._plan import LayerPlan, RunPlan
 
 from ._engine import (
@@ -99,8 +117,13 @@ _BMM_NAIVE = 400
 _GRAIN = 32768
 #: row blocks of this many bytes per member for the fused backward product + update
 _BLOCK_BYTES = 1 << 20
-#: layers with more weight bytes per member than this are processed in row blocks
+#: layers with more weight bytes per member than this are processed in row blocks, or
+#: take lazy updates
 _BLOCK_MIN_BYTES = 1 << 21
+#: a lazy layer folds its pending updates into its weights every this many steps
+_LAZY_STEPS = 32
+#: lazy updates only for minibatches of at most this many examples
+_LAZY_MAX_BATCH = 4
 #: networks whose largest weight matrix has at most this many entries train in batched
 #: mode (one MKL batched gemm for all members), the others member by member
 _BATCHED_MAX = 1 << 16
@@ -525,11 +548,17 @@ class EnsembleTrainer:
                 self.mom[i] = _Gemm(v, self.AT[i], self.G[i], beta=1.0)
             else:
                 self.upd[i] = _Gemm(ens.W[i], self.AT[i], self.GS[i], beta=1.0)
-        # Row blocks of the fused backward product + update: member by member, each
-        # block's two products while it is in cache (the same for any E).
+        # Large layers (member mode) without momentum: lazy updates where the layer
+        # takes plain SGD steps, else row blocks of the fused backward product + update.
         self.blocks: list[list[list[_Block]] | None] = [None] * self.nl
+        # lazy[i] = (U, V, T): a member's pending updates are rows of U (its inputs A_i)
+        # and V (its c·G_i), ``pending`` rows in all, W_i + UᵀV its current weights; T
+        # is scratch for the B × pending products.
+        self.lazy: list[tuple[Tensor, Tensor, Tensor] | None] = [None] * self.nl
+        self.pending = int(state.get("pending", 0))
+        self.lazy_rows = _LAZY_STEPS * B
         item = torch.empty((), dtype=dt).element_size()
-        for i in range(self.lowest + 1, self.nl):
+        for i in range(self.lowest, self.nl):
             fan_in, fan_out = layers[i].fan_in, layers[i].fan_out
             if (
                 ens.batched
@@ -538,6 +567,17 @@ class EnsembleTrainer:
                 or fan_in * fan_out * item <= _BLOCK_MIN_BYTES
             ):
                 continue
+            if not self.decay_on[i] and not self.noisy and B <= _LAZY_MAX_BATCH:
+                R = self.lazy_rows
+                carried = state.get("lazy", [None] * self.nl)[i]
+                u, v = pad(R, fan_in), pad(R, fan_out)
+                if carried is not None:
+                    u.copy_(carried[0])
+                    v.copy_(carried[1])
+                self.lazy[i] = (u, v, pad(B * R))
+                continue
+            if i == self.lowest:
+                continue  # no backward product below the lowest trainable layer
             rows = max(1, _BLOCK_BYTES // (fan_out * item))
             per_member = []
             for e in range(E):
@@ -556,6 +596,7 @@ class EnsembleTrainer:
                     ]
                 )
             self.blocks[i] = per_member
+        self.lazy_on = any(lz is not None for lz in self.lazy)
 
         self._lrxi = np.zeros((0, Ea))
         none: list[_Coef | None] = [None] * self.nl
@@ -648,9 +689,11 @@ class EnsembleTrainer:
 
     # ---- steps
 
-    def run(self, xs: Tensor, ys: Tensor, start: int) -> Tensor:
+    def run(self, xs: Tensor, ys: Tensor, start: int, *, fold: bool = True) -> Tensor:
         """``n`` updates from step ``start`` on a prepared chunk; the minibatch losses
-        ``(n, E)`` (on the device)."""
+        ``(n, E)`` (on the device).  With ``fold`` the weights are up to date at the end
+        (lazy layers' pending updates applied); without, they may stay pending, to be
+        applied on their own schedule, which the chunking then does not change."""
         n = xs.shape[1]
         ens = self.ens
         losses = torch.empty((n, ens.Ea), device=ens.device, dtype=ens.dtype)
@@ -671,7 +714,47 @@ class EnsembleTrainer:
                 for k in range(n):
                     self._step(xs[:, k], ys[:, k], k, losses[k])
             losses.mul_(self._loss_scale())
+            if fold:
+                self.fold()
         return losses[:, : ens.E]
+
+    def fold(self) -> None:
+        """Apply the lazy layers' pending updates: ``W ← W + UᵀV``, one product per
+        member (on its 2-D views, as alone)."""
+        j = self.pending
+        if j:
+            for i, lazy in enumerate(self.lazy):
+                if lazy is not None:
+                    u, v, _ = lazy
+                    for e in range(self.ens.E):
+                        self.ens.W[i][e].addmm_(u[e, :j].t(), v[e, :j])
+        self.pending = 0
+
+    def _lazy_forward(self, i: int) -> None:
+        """``H_i += m·(A_i Uᵀ) V``: the pending updates' share of layer ``i``'s product."""
+        lazy = self.lazy[i]
+        assert lazy is not None
+        u, v, t = lazy
+        j, B = self.pending, self.batch
+        for e in range(self.ens.E):
+            tj = t[e, : B * j].view(B, j)
+            torch.mm(self.A[i][e], u[e, :j].t(), out=tj)
+            self.H[i][e].addmm_(tj, v[e, :j], alpha=self.mult[i])
+
+    def _lazy_update(self, i: int, below: bool) -> None:
+        """The pending updates' share of the backward product, ``G_{i-1} += m·(G_i Vᵀ)
+        U``; then this step's update, ``A_i`` and ``c·G_i``, appended to ``U`` and ``V``."""
+        lazy = self.lazy[i]
+        assert lazy is not None
+        u, v, t = lazy
+        j, B = self.pending, self.batch
+        for e in range(self.ens.E):
+            if below and j:
+                tj = t[e, : B * j].view(B, j)
+                torch.mm(self.G[i][e], v[e, :j].t(), out=tj)
+                self.G[i - 1][e].addmm_(tj, u[e, :j], alpha=self.mult[i])
+            u[e, j : j + B].copy_(self.A[i][e])
+            v[e, j : j + B].copy_(self.GS[i][e])
 
     def minibatch_loss(self, x: Tensor, y: Tensor) -> Tensor:
         """The batch-mean loss ``(E,)`` of one minibatch ``x`` ``(Ea, B, d)`` at the
@@ -706,12 +789,19 @@ class EnsembleTrainer:
         for i in range(self.nl):
             h = self.H[i]
             self.fwd[i](self.mult[i])
+            if self.pending and self.lazy[i] is not None:
+                self._lazy_forward(i)
             bias = ens.b[i]
             if bias is not None:
                 h.add_(bias)
             if i < self.last and act != "identity":
                 if act == "relu":
                     torch.clamp_min(h, 0.0, out=self.A[i + 1])
+                elif act == "piecewise_linear":
+                    # clamp, −, ×, + are each correctly rounded: no member care needed
+                    a = self.A[i + 1]
+                    torch.clamp(h, PL_T1, PL_T2, out=a)
+                    a.sub_(PL_T1).mul_(PL_SLOPE).add_(PL_S1)
                 else:
                     _each(_ACT_OUT[act], h, self.A[i + 1])
         if self.output == "tanh":
@@ -775,6 +865,10 @@ class EnsembleTrainer:
             return
         if act == "identity":
             return
+        if act == "piecewise_linear":
+            # φ' = slope strictly inside (t1, t2), else 0 (the kinks too, as relu'(0) = 0)
+            g.masked_fill_((h <= PL_T1) | (h >= PL_T2), 0.0).mul_(PL_SLOPE)
+            return
         a, t1, t2 = self.A[i + 1], self.T1[i], self.T2[i]
         if act == "tanh":
             torch.mul(a, a, out=t1)
@@ -822,7 +916,11 @@ class EnsembleTrainer:
                 torch.mul(g, self._c[i].at(k), out=gs)  # type: ignore[union-attr]
                 fc = self._factor[i]
                 blocks = self.blocks[i]
-                if blocks is not None:
+                if self.lazy[i] is not None:
+                    if below:
+                        self.bwd[i](self.mult[i])  # type: ignore[misc]
+                    self._lazy_update(i, below)
+                elif blocks is not None:
                     m = self.mult[i]
                     fcv = None if fc is None else fc.values[k]
                     for e, member in enumerate(blocks):
@@ -849,6 +947,10 @@ class EnsembleTrainer:
                     self._bias_update(i, k, g)
             if below:
                 self._act_grad(i - 1)
+        if self.lazy_on:
+            self.pending += self.batch
+            if self.pending == self.lazy_rows:
+                self.fold()
 
     def _momentum_update(self, i: int, k: int) -> None:
         """``v ← μ v + m·aᵀg (+ wd·W)``, ``W ← W − η v``."""
@@ -933,6 +1035,13 @@ def _subset(trainer: EnsembleTrainer, keep: Sequence[int]) -> EnsembleTrainer:
         "vW": [None if v is None else v.index_select(0, idx) for v in trainer.vW],
         "vb": [None if v is None else v.index_select(0, idx) for v in trainer.vb],
         "generators": [trainer.generators[j] for j in keep],
+        # lazy layers' pending updates go along unapplied: a member's fold schedule does
+        # not depend on the others
+        "lazy": [
+            None if lz is None else (lz[0].index_select(0, idx), lz[1].index_select(0, idx))
+            for lz in trainer.lazy
+        ],
+        "pending": trainer.pending,
     }
     return EnsembleTrainer(sub, [trainer.tasks[j] for j in keep], trainer.outputs, state)
 
@@ -1031,7 +1140,7 @@ def train_ensemble(
         xs, ys = trainer.prepare_chunk([datasets[m].train_chunk(step, n, batch) for m in active])
         if xs.shape[1] != n or xs.shape[2] != batch:
             raise ValueError(f"train_chunk({step}, {n}, {batch}) gave x of shape {tuple(xs.shape[1:])}")
-        losses = trainer.run(xs, ys, step).to("cpu", torch.float64).numpy()
+        losses = trainer.run(xs, ys, step, fold=step + n == target).to("cpu", torch.float64).numpy()
         keep: list[int] = []
         for j, m in enumerate(active):
             col = np.ascontiguousarray(losses[:, j])
