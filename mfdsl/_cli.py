@@ -1,7 +1,7 @@
-"""The ``mfdsl`` command line: check, show, fmt, run, plot, report.
+"""The ``mfdsl`` command line: check, show, fmt, run, plot, report, verify.
 
-Exit codes: 0 success, 1 a run failed (or ``fmt --check`` found changes), 2 a bad spec
-or bad usage.
+Exit codes: 0 success, 1 a run failed (or ``fmt --check`` found changes, or ``verify``
+found problems), 2 a bad spec or bad usage.
 """
 
 from __future__ import annotations
@@ -25,15 +25,16 @@ def _console(stderr: bool = False) -> Console:
     return Console(stderr=stderr, highlight=False, soft_wrap=True)
 
 
-def print_error(error: SpecError, console: Console | None = None) -> None:
-    """A spec error, coloured: location and message, source excerpt, hint."""
+def print_error(error: SpecError, console: Console | None = None, *, level: str = "error") -> None:
+    """A spec error (or, with ``level = "warning"``, a warning), coloured: location and
+    message, source excerpt, hint."""
     console = console or _console(stderr=True)
     lines = error.render().split("\n")
     head, rest = lines[0], lines[1:]
     text = Text()
     location, _, message = head.partition(": ")
     text.append(location + ": ", style="bold")
-    text.append("error: ", style="bold red")
+    text.append(f"{level}: ", style="bold red" if level == "error" else "bold yellow")
     text.append(message)
     console.print(text)
     for line in rest:
@@ -90,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="format a spec canonically (comments kept)",
         description="Print a .mf spec in canonical format, keeping comments.",
     )
-    fmt.add_argument("spec", help="the .mf spec file")
+    fmt.add_argument("specs", nargs="+", metavar="spec", help="the .mf spec files")
     group = fmt.add_mutually_exclusive_group()
     group.add_argument(
         "--check", action="store_true", help="exit 1 if the file is not formatted; change nothing"
@@ -103,7 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train the spec's networks at every sweep point (width × seed × ...) and write all trajectories into one zarr store.",
     )
     run.add_argument("spec", help="the spec file")
-    run.add_argument("-o", "--output", metavar="PATH", help="the store (default: runs/<experiment>.zarr)")
+    run.add_argument(
+        "-o",
+        "--output",
+        metavar="PATH",
+        help="the store: a path or an fsspec URL the workers reach, file:///… or s3://… (default: runs/<experiment>.zarr)",
+    )
     run.add_argument(
         "--backend",
         action="append",
@@ -111,7 +117,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="run only this backend (repeatable; default: the spec's 'backends')",
     )
     run.add_argument(
-        "--workers", type=int, metavar="N", help="parallel worker processes (default: the usable cores)"
+        "--workers",
+        type=int,
+        metavar="N",
+        help="parallel worker processes, of the local pool or of --scheduler local (default: the usable cores)",
+    )
+    run.add_argument(
+        "--scheduler",
+        metavar="ADDRESS",
+        help="run every unit of work as a task of a Dask cluster: the scheduler's address "
+        "(tcp://HOST:8786), or 'local' for a LocalCluster of --workers processes; needs "
+        "pip install 'mfdsl[dask]' (default: a local process pool)",
     )
     mode = run.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true", help="finish the runs an existing store has not done")
@@ -150,6 +166,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     report.add_argument("store", help="the zarr store written by 'mfdsl run'")
     report.add_argument("--json", action="store_true", help="print the same as JSON on stdout")
+
+    verify = sub.add_parser(
+        "verify",
+        help="check that a store's data agrees with its statuses",
+        description="Check a results store: every cell's status agrees with its data (done runs complete and finite, pending cells empty), every chunk decodes, the stored spec parses and matches the store's shape, the attributes are complete. Exit 1 with a list of problems otherwise.",
+    )
+    verify.add_argument("store", help="the zarr store written by 'mfdsl run'")
     return parser
 
 
@@ -165,6 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "run": _run,
             "plot": _plot,
             "report": _report,
+            "verify": _verify,
         }[args.command]
         return handler(args)
     except SpecError as error:
@@ -182,11 +206,20 @@ def _load(args: argparse.Namespace) -> Any:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from ._expand import check_all
+    from ._expand import check_all, check_data, spec_warnings
     from ._plugins import available_backends
 
     spec = _load(args)
     points = check_all(spec)
+    for warning in spec_warnings(spec):
+        print_error(warning, level="warning")
+    try:
+        check_data(spec, points)
+    except SpecError as error:
+        # Missing data files do not make the spec wrong (it may be checked on one machine
+        # and run on another), but 'mfdsl run' stops on them: say so now.
+        error.message += " ('mfdsl run' stops on this)"
+        print_error(error, level="warning")
     console = _console()
     rows, total = [], 0
     for name in spec.backends:
@@ -203,28 +236,38 @@ def _check(args: argparse.Namespace) -> int:
     for var in spec.sweep.variables:
         values = ", ".join(str(v) for v in var.values)
         table.add_row(var.name, f"{values}  ({len(var.values)})")
-    steps = sorted({_steps(p.spec) for p in points})
-    table.add_row("steps", ", ".join(map(str, steps)))
+    steps = {_steps(p.spec) for p in points}
+    shown = [str(s) for s in sorted(s for s in steps if s is not None)]
+    if None in steps:
+        shown.append("? (epochs over the data files, not found)")
+    table.add_row("steps", ", ".join(shown))
     data = spec.data
     table.add_row("data", data.kind)
-    table.add_row("network", f"mlp, {spec.network.hidden} hidden layer(s), {spec.network.activation}")
-    table.add_row(
-        "scaling",
-        str(
-            spec.scaling
-            if isinstance(spec.scaling, str)
-            else ", ".join(sorted({str(p.spec.scaling) for p in points}))
-        ),
-    )
+
+    def across(values: set[Any]) -> str:
+        # a field that is a sweep variable takes one value per point
+        return ", ".join(str(v) for v in sorted(values, key=str))
+
+    hidden = {p.spec.network.hidden for p in points}
+    layers = "1 hidden layer" if hidden == {1} else f"{across(hidden)} hidden layers"
+    activation = across({p.spec.network.activation for p in points})
+    table.add_row("network", f"mlp, {layers}, {activation}")
+    table.add_row("scaling", across({p.spec.scaling for p in points}))
     console.print(table)
     console.print(f"[green]✓[/green] {args.spec} is valid")
     return EXIT_OK
 
 
-def _steps(spec: Any) -> int:
+def _steps(spec: Any) -> int | None:
+    """The steps of a sweep point (``None`` when they count the examples of image data
+    whose files are missing: ``epochs`` over ``train = all``)."""
     from ._compile import total_steps
+    from ._data import DataError
 
-    return total_steps(spec)
+    try:
+        return total_steps(spec)
+    except DataError:
+        return None
 
 
 def _show(args: argparse.Namespace) -> int:
@@ -238,28 +281,34 @@ def _fmt(args: argparse.Namespace) -> int:
     from ._fmt import format_source
     from ._syntax import read_source
 
-    source = read_source(args.spec)
-    formatted = format_source(source, args.spec)
-    if args.check:
-        if formatted != source:
-            _console(stderr=True).print(f"{args.spec} would be reformatted")
-            return EXIT_FAILED
-        return EXIT_OK
-    if args.write:
-        if formatted != source:
-            tmp = f"{args.spec}.mfdsl-tmp"
-            with open(tmp, "w", encoding="utf-8") as handle:
-                handle.write(formatted)
-            os.replace(tmp, args.spec)
-        return EXIT_OK
-    sys.stdout.write(formatted)
-    return EXIT_OK
+    status = EXIT_OK
+    for path in args.specs:
+        source = read_source(path)
+        formatted = format_source(source, path)
+        if args.check:
+            if formatted != source:
+                _console(stderr=True).print(f"{path} would be reformatted")
+                status = EXIT_FAILED
+        elif args.write:
+            if formatted != source:
+                tmp = f"{path}.mfdsl-tmp"
+                with open(tmp, "w", encoding="utf-8") as handle:
+                    handle.write(formatted)
+                os.replace(tmp, path)
+        else:
+            sys.stdout.write(formatted)
+    return status
 
 
 def _run(args: argparse.Namespace) -> int:
+    from ._expand import check_data, spec_warnings
     from ._runner import run_command
 
-    return run_command(args, _load(args))
+    spec = _load(args)
+    for warning in spec_warnings(spec):
+        print_error(warning, level="warning")
+    check_data(spec)  # once, here, rather than in every worker
+    return run_command(args, spec)
 
 
 def _plot(args: argparse.Namespace) -> int:
@@ -290,6 +339,18 @@ def _report(args: argparse.Namespace) -> int:
     else:
         render(summary, _console())
     return EXIT_OK
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from ._verify import NotAStore, render, verify
+
+    try:
+        report = verify(args.store)
+    except NotAStore as error:
+        _console(stderr=True).print(Text("error: ", style="bold red") + Text(str(error)))
+        return EXIT_USAGE
+    render(report, _console())
+    return EXIT_OK if report.ok else EXIT_FAILED
 
 
 if __name__ == "__main__":  # pragma: no cover

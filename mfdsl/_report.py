@@ -32,7 +32,8 @@ from typing import Any
 import numpy as np
 
 from ._ir import OBSERVABLES
-from ._store import STATUS, STEP, STORE_FORMAT, TIME, Status
+from ._store import STATUS, STEP, TIME, Status
+from ._verify import NotAStore, open_attrs
 
 SWEEP_FIXED = ("width", "seed")
 
@@ -77,24 +78,20 @@ def open_results(path: str | os.PathLike[str]) -> Any:
     """The store at ``path`` as an ``xarray.Dataset``, after checking it is an mfdsl
     store of a format this version reads (``mfdsl_store_format`` ≤ ``STORE_FORMAT``)."""
     import xarray as xr
-    import zarr
 
-    where = os.fspath(path)
-    if not os.path.exists(where):
-        raise StoreError(f"{where}: no such store")
+    from . import _location as loc
+
+    where = loc.normalize(os.fspath(path))
     try:
-        attrs = dict(zarr.open_group(where, mode="r").attrs)
-    except Exception as error:  # noqa: BLE001 - zarr raises many kinds for "not a store"
-        raise StoreError(f"{where} is not a zarr store ({type(error).__name__}: {error})") from None
-    version = attrs.get("mfdsl_store_format")
-    if version is None:
-        raise StoreError(f"{where} was not written by mfdsl (it has no 'mfdsl_store_format' attribute)")
-    if isinstance(version, bool) or not isinstance(version, int) or version > STORE_FORMAT:
+        open_attrs(where)  # mfdsl's, and a format this version reads
+    except NotAStore as error:
+        raise StoreError(str(error)) from None
+    try:
+        ds = xr.open_zarr(where, consolidated=True)
+    except Exception as error:  # noqa: BLE001 - a damaged store: say so, no traceback
         raise StoreError(
-            f"{where} has store format {version!r}, newer than this mfdsl reads ({STORE_FORMAT}); "
-            "upgrade mfdsl to read it"
-        )
-    ds = xr.open_zarr(where, consolidated=True)
+            f"{where} cannot be opened ({type(error).__name__}: {error}); 'mfdsl verify {where}' says more"
+        ) from None
     missing = [name for name in (STATUS, STEP, TIME, *SWEEP_FIXED) if name not in ds.variables]
     if missing:
         raise StoreError(f"{where} lacks {', '.join(missing)}: not a complete mfdsl store")

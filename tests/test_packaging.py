@@ -75,7 +75,6 @@ def test_checkout_launcher() -> None:
     assert "valid" in out.stdout
 
 
-@pytest.mark.slow
 def test_wheel_ships_grammar_and_backends(tmp_path: Path) -> None:
     """A wheel works on its own: grammar inside the package, backends as packages,
     entry points declared, and a spec checks from a directory far from the source."""

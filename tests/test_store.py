@@ -335,3 +335,61 @@ def test_bad_skeletons_are_refused(tmp_path: Path, change: dict[str, Any], match
     }
     with pytest.raises(ValueError, match=match):
         create_store(tmp_path / "bad.zarr", **{**args, **change})
+
+
+# ---- where a store lives ---------------------------------------------------------------------
+
+
+def test_file_urls_are_local_paths(tmp_path: Path) -> None:
+    from mfdsl._location import normalize
+
+    assert normalize(f"file://{tmp_path}/x.zarr") == f"{tmp_path}/x.zarr"
+    assert normalize("file://localhost/a%20b.zarr") == "/a b.zarr"
+    assert normalize("runs/x.zarr") == "runs/x.zarr"
+    with pytest.raises(ValueError, match="a path on this machine"):
+        normalize("file://otherhost/x.zarr")
+    url = f"file://{tmp_path}/url.zarr"
+    create_store(
+        url, sweep={"width": [8.0], "seed": [0]}, steps=[0], time=(("step",), np.zeros(1)), variables=[]
+    )
+    assert (tmp_path / "url.zarr" / "zarr.json").is_file()  # zarr's local store, not fsspec's
+    write_run(url, index={"width": 0, "seed": 0}, records={}, steps=[0], status=2, message="x")
+    assert read_status(url).tolist() == [[2]]
+
+
+def test_a_store_at_an_fsspec_url() -> None:
+    """Any fsspec URL works end to end (memory:// here; s3:// and the like alike), and
+    so do the runner's files beside the store."""
+    pytest.importorskip("fsspec")
+    from mfdsl import _location as loc
+
+    url = "memory://mfdsl-test/runs/a.zarr"
+    create_store(
+        url,
+        sweep={"width": [8.0], "seed": [0, 1]},
+        steps=[0, 1],
+        time=(("step",), np.array([0.0, 0.1])),
+        variables=[VariableSpec(name="train_loss", long_name="training loss")],
+    )
+    try:
+        write_run(
+            url,
+            index={"width": 0, "seed": 1},
+            records={"train_loss": np.array([1.0, 2.0])},
+            steps=[0, 1],
+            status=1,
+        )
+        finalize(url)
+        assert read_status(url).tolist() == [[0, 1]]
+        with open_store(url) as ds:
+            assert ds["train_loss"].values[0, 1].tolist() == [1.0, 2.0]
+            assert "finalized" in ds.attrs
+        assert loc.exists(url) and loc.list_names("memory://mfdsl-test/runs") == ["a.zarr"]
+        loc.append_text(f"{url}.log", "a\n")
+        loc.append_text(f"{url}.log", "b\n")
+        assert loc.read_text(f"{url}.log") == "a\nb\n"
+        assert loc.create_text(f"{url}.lock", "me") and not loc.create_text(f"{url}.lock", "you")
+        assert loc.read_text(f"{url}.lock") == "me"
+    finally:
+        loc.remove("memory://mfdsl-test")
+    assert not loc.exists(url)

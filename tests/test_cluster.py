@@ -1,0 +1,124 @@
+"""``mfdsl run --scheduler``: the sweep as tasks of a Dask cluster, equal to the local
+run bit for bit; the cluster's refusals (no Dask, no scheduler, no GPU worker)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from conftest import SweepStore, assert_same_data, open_store, run_cli
+
+from mfdsl import _cluster
+
+pytest.importorskip("torch")
+
+#: the tests that need Dask's distributed scheduler (the 'dask' extra; 'dev' has it)
+needs_dask = pytest.mark.skipif(importlib.util.find_spec("distributed") is None, reason="needs dask")
+
+
+@pytest.fixture(autouse=True)
+def _wide_console(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "1000")
+
+
+@pytest.fixture
+def tiny(sweep_store: Callable[[str], SweepStore]) -> SweepStore:
+    return sweep_store("torch")
+
+
+@pytest.fixture(scope="module")
+def threads_cluster() -> Iterator[str]:
+    """A scheduler with one in-process worker thread, reached by its tcp:// address
+    (cheap: no process to start, torch already imported)."""
+    pytest.importorskip("distributed")
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+        yield str(cluster.scheduler_address)
+
+
+def consolidated(store: Path) -> bool:
+    root = json.loads((store / "zarr.json").read_text(encoding="utf-8"))
+    return bool(root.get("consolidated_metadata"))
+
+
+@needs_dask
+def test_two_worker_local_cluster_matches_the_local_run(tiny: SweepStore, tmp_path: Path) -> None:
+    """The issue's acceptance test: a LocalCluster of two worker processes (one thread
+    each), the store given as a file:// URL; every value equal to the local pool's."""
+    store = tmp_path / "dask.zarr"
+    result = run_cli("run", tiny.spec, "-o", f"file://{store}", "--scheduler", "local", "--workers", "2")
+    assert result.code == 0, result.out + result.err
+    assert "on a local Dask cluster" in result.out
+    assert "8/8" in result.out  # progress counted every run
+    with open_store(store) as on_dask, open_store(tiny.store) as local:
+        assert_same_data(on_dask, local)
+        assert "finalized" in on_dask.attrs
+    assert consolidated(store)
+    assert not Path(f"{store}.lock").exists()
+    assert run_cli("verify", store).code == 0
+
+
+@needs_dask
+def test_existing_scheduler_by_address(tiny: SweepStore, tmp_path: Path, threads_cluster: str) -> None:
+    store = tmp_path / "tcp.zarr"
+    result = run_cli("run", tiny.spec, "-o", store, "--scheduler", threads_cluster)
+    assert result.code == 0, result.out + result.err
+    assert f"on the Dask cluster at {threads_cluster}" in result.out
+    with open_store(store) as on_dask, open_store(tiny.store) as local:
+        assert_same_data(on_dask, local)
+    # --resume on a cluster: nothing left to do
+    again = run_cli("run", tiny.spec, "-o", store, "--scheduler", threads_cluster, "--resume")
+    assert again.code == 0, again.err
+    assert "8 run(s) already finished, 0 to go" in again.out
+
+
+@needs_dask
+def test_cuda_tasks_need_a_gpu_worker(tiny: SweepStore, tmp_path: Path, threads_cluster: str) -> None:
+    store = tmp_path / "gpu.zarr"
+    result = run_cli(
+        "run", tiny.spec, "-o", store, "--scheduler", threads_cluster, "--set", "torch.device=cuda"
+    )
+    assert result.code == 2, result.out + result.err
+    err = " ".join(result.err.split())
+    assert "asks for a 'GPU' resource" in err and "--resources GPU=1" in err
+    assert "--resume" in err  # the store made so far is kept for later
+    assert not Path(f"{store}.lock").exists()
+
+
+def test_tasks_ask_for_a_gpu_when_the_device_is_cuda() -> None:
+    assert _cluster.needs_gpu({"device": "cuda"})
+    assert _cluster.needs_gpu({"device": "cuda:1"})
+    assert not _cluster.needs_gpu({"device": "cpu"})
+    assert not _cluster.needs_gpu({})
+
+
+@needs_dask
+def test_scheduler_refusals(tiny: SweepStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = tmp_path / "never.zarr"
+    monkeypatch.setattr(_cluster, "CONNECT_TIMEOUT", "0.5s")
+    cases = [
+        (["--scheduler", "tcp://127.0.0.1:9", "--workers", "2"], "--workers sets the size of a local"),
+        (["--scheduler", "localhost:8786"], "a scheduler's address, e.g. tcp://HOST:8786"),
+        (["--scheduler", "tcp://127.0.0.1:9"], "cannot reach the Dask scheduler at tcp://127.0.0.1:9"),
+    ]
+    for extra, message in cases:
+        result = run_cli("run", tiny.spec, "-o", store, *extra)
+        assert result.code == 2, result.out + result.err
+        assert message in " ".join(result.err.split())
+        assert not store.exists()
+
+
+def test_without_dask_the_scheduler_says_how_to_install_it(
+    tiny: SweepStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "distributed", None)  # import distributed fails
+    store = tmp_path / "never.zarr"
+    result = run_cli("run", tiny.spec, "-o", store, "--scheduler", "local")
+    assert result.code == 2
+    assert "pip install 'mfdsl[dask]'" in result.err
+    assert not store.exists()

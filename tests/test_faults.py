@@ -1,0 +1,431 @@
+"""Faults injected into ``mfdsl run``, each ending in the store an uninterrupted run
+writes (bit for bit on CPU) or in a clear message before anything is trained: a worker
+process killed mid-run, the driver killed, Ctrl-C, a chunk cut off mid-write, a
+read-only or full target, two runs on one store."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import ROOT, SweepStore, assert_same_data, cell_files, open_store, run_cli, run_sweep
+
+from mfdsl import _lock
+from mfdsl._store import read_status
+
+pytest.importorskip("torch")
+
+
+@pytest.fixture(autouse=True)
+def _wide_console(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "1000")
+
+
+@pytest.fixture
+def tiny(sweep_store: Callable[[str], SweepStore]) -> SweepStore:
+    return sweep_store("torch")
+
+
+def one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def script(folder: Path, name: str, body: str) -> Path:
+    path = folder / name
+    path.write_text(body, encoding="utf-8")
+    return path
+
+
+@contextlib.contextmanager
+def process_group(
+    args: list[str], cwd: Path, env: dict[str, str] | None = None
+) -> Iterator[subprocess.Popen[str]]:
+    """A subprocess in a session of its own, whose whole group is killed on exit."""
+    proc = subprocess.Popen(
+        args,
+        cwd=cwd,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "COLUMNS": "1000", **(env or {})},
+    )
+    try:
+        yield proc
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+
+
+def assert_whole(store: Path, reference: Path) -> None:
+    with open_store(store) as got, open_store(reference) as whole:
+        assert_same_data(got, whole)
+        assert "finalized" in got.attrs
+    assert run_cli("verify", store).code == 0
+
+
+# ---- a worker process killed mid-run ------------------------------------------------------
+
+# ``mfdsl run`` whose worker processes SIGKILL themselves at step 20 of a run, once
+# (a marker file says it happened).  Spawned workers run this file's top level too, so
+# the patch reaches them.
+KILLING_WORKER = """\
+import os
+import signal
+import sys
+
+import mfdsl._runner as runner
+
+MARK = os.environ["MFDSL_TEST_MARK"]
+_get_backend = runner.get_backend
+
+
+class Killing:
+    def __init__(self, backend):
+        self._backend = backend
+
+    def __getattr__(self, name):
+        attr = getattr(self._backend, name)
+        if name not in ("run", "run_group"):
+            return attr
+
+        def call(*args, progress=None, **kwargs):
+            def report(*values):
+                if values[-2] >= 20 and not os.path.exists(MARK):  # (..., step, loss)
+                    open(MARK, "w").close()
+                    os.kill(os.getpid(), signal.SIGKILL)
+                if progress is not None:
+                    progress(*values)
+
+            return attr(*args, progress=report, **kwargs)
+
+        return call
+
+
+runner.get_backend = lambda name: Killing(_get_backend(name))
+
+if __name__ == "__main__":
+    from mfdsl._cli import main
+
+    sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_worker_killed_mid_run_is_run_again(tiny: SweepStore, tmp_path: Path) -> None:
+    store = tmp_path / "tiny.zarr"
+    mark = tmp_path / "killed"
+    runner = script(tmp_path, "killing_worker.py", KILLING_WORKER)
+    args = [sys.executable, str(runner), "run", str(tiny.spec), "-o", str(store), "--workers", "2"]
+    with process_group(args, tmp_path, {"MFDSL_TEST_MARK": str(mark)}) as proc:
+        out, err = proc.communicate(timeout=300)
+    assert mark.exists(), "no worker was killed"
+    assert proc.returncode == 0, out + err
+    assert "a worker process died" in one_line(out)
+    assert_whole(store, tiny.store)
+
+
+# ---- the driver killed ----------------------------------------------------------------------
+
+# ``mfdsl run`` whose driver SIGKILLs itself (alone: its workers are orphaned) once the
+# first unit of work has finished: the lock stays behind, owned by a dead pid.
+KILLED_DRIVER = """\
+import concurrent.futures as cf
+import os
+import signal
+import sys
+
+from mfdsl._cli import main
+
+_as_completed = cf.as_completed
+
+
+def as_completed(*args, **kwargs):
+    for future in _as_completed(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGKILL)
+        yield future
+
+
+if __name__ == "__main__":
+    cf.as_completed = as_completed
+    sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_resume_after_the_driver_was_killed(tiny: SweepStore, tmp_path: Path) -> None:
+    store = tmp_path / "tiny.zarr"
+    runner = script(tmp_path, "killed_driver.py", KILLED_DRIVER)
+    args = [sys.executable, str(runner), "run", str(tiny.spec), "-o", str(store), "--workers", "1"]
+    with process_group(args, tmp_path) as proc:
+        # the orphaned workers leave by themselves, closing the pipes communicate reads
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == -signal.SIGKILL, out + err
+        deadline = time.monotonic() + 60
+        while _group_alive(proc.pid):
+            assert time.monotonic() < deadline, "the dead driver's workers are still running"
+            time.sleep(0.1)
+        owner = json.loads(Path(f"{store}.lock").read_text(encoding="utf-8"))
+        assert owner["pid"] == proc.pid and owner["host"] == socket.gethostname()
+        status = read_status(store)
+        assert (status == 0).any(), "the kill should leave runs pending"
+
+        result = run_sweep(tiny.spec, store, "--resume")
+    assert result.code == 0, result.out + result.err
+    assert f"taking over the stale lock of pid {proc.pid}" in one_line(result.err)
+    assert not Path(f"{store}.lock").exists()
+    assert_whole(store, tiny.store)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+# ---- Ctrl-C ------------------------------------------------------------------------------------
+
+# ``mfdsl run`` that gets Ctrl-C (SIGINT to its whole process group, as a terminal sends
+# it) once the first unit of work has finished.
+INTERRUPTED = """\
+import concurrent.futures as cf
+import os
+import signal
+import sys
+
+from mfdsl._cli import main
+
+_as_completed = cf.as_completed
+
+
+def as_completed(*args, **kwargs):
+    first = True
+    for future in _as_completed(*args, **kwargs):
+        if first:
+            os.killpg(0, signal.SIGINT)
+            first = False
+        yield future
+
+
+if __name__ == "__main__":
+    cf.as_completed = as_completed
+    sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_ctrl_c_keeps_finished_runs_for_resume(tiny: SweepStore, tmp_path: Path) -> None:
+    store = tmp_path / "tiny.zarr"
+    runner = script(tmp_path, "interrupted.py", INTERRUPTED)
+    args = [sys.executable, str(runner), "run", str(tiny.spec), "-o", str(store), "--workers", "1"]
+    with process_group(args, tmp_path) as proc:
+        out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, out + err
+    assert "interrupted" in err and "--resume" in err
+    assert "Traceback" not in err
+    assert not Path(f"{store}.lock").exists()  # released on the way out
+    status = read_status(store)
+    assert np.all((status == 0) | (status == 1)) and (status == 0).any()
+    result = run_sweep(tiny.spec, store, "--resume")
+    assert result.code == 0, result.out + result.err
+    assert_whole(store, tiny.store)
+
+
+# ---- a write cut off mid-chunk -------------------------------------------------------------------
+
+
+def chunk_of(store: Path, variable: str, cell: tuple[int, ...]) -> Path:
+    (path,) = [store / name for name in cell_files(store, cell) if name.startswith(f"{variable}/")]
+    return path
+
+
+def test_a_chunk_cut_off_mid_write_is_run_again(tiny: SweepStore, tmp_path: Path) -> None:
+    """A done cell whose data chunk was cut short (a crash of the machine before the
+    file reached the disk, a full disk on a store that does not write atomically) and
+    a cell whose status chunk was: ``verify`` names both, ``--resume`` runs both again."""
+    store = tmp_path / "tiny.zarr"
+    shutil.copytree(tiny.store, store)
+    data = chunk_of(store, "test_loss", (0, 1, 1))
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    status = store / "status" / "c" / "1" / "0" / "1"
+    status.write_bytes(status.read_bytes()[:-3])
+    untouched = cell_files(store, (1, 1, 0))
+
+    check = run_cli("verify", store)
+    assert check.code == 1
+    text = one_line(check.out)
+    assert "cell width=8, seed=1, act=relu: test_loss: chunk unreadable" in text
+    assert "cell width=16, seed=0, act=relu: status unreadable" in text
+
+    result = run_sweep(tiny.spec, store, "--resume")
+    assert result.code == 0, result.out + result.err
+    assert "2 finished run(s) do not read back intact and run again" in one_line(result.err)
+    assert "6 run(s) already finished, 2 to go" in one_line(result.out)
+    assert cell_files(store, (1, 1, 0)) == untouched  # the intact cells were not rewritten
+    assert_whole(store, tiny.store)
+
+
+def test_a_writer_stopped_between_data_and_status(tiny: SweepStore, tmp_path: Path) -> None:
+    """Data written, status not (the writer died in between): the cell is pending, so
+    ``verify`` calls it out and ``--resume`` runs it."""
+    store = tmp_path / "tiny.zarr"
+    shutil.copytree(tiny.store, store)
+    (store / "status" / "c" / "0" / "0" / "0").unlink()  # pending again, its data kept
+    check = run_cli("verify", store)
+    assert check.code == 1
+    assert "cell width=8, seed=0, act=tanh: pending, but holds data" in one_line(check.out)
+    result = run_sweep(tiny.spec, store, "--resume")
+    assert result.code == 0, result.out + result.err
+    assert "7 run(s) already finished, 1 to go" in one_line(result.out)
+    assert_whole(store, tiny.store)
+
+
+# ---- a read-only or full target ----------------------------------------------------------------
+
+
+def test_a_full_disk_is_refused_before_training(
+    tiny: SweepStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 20_000, 20_000))
+    store = tmp_path / "full.zarr"
+    result = run_sweep(tiny.spec, store)
+    assert result.code == 2, result.out + result.err
+    err = one_line(result.err)
+    assert "not enough space for" in err and "19.5 KiB are free" in err
+    assert not store.exists() and not Path(f"{store}.lock").exists()
+
+
+def _namespaces() -> bool:
+    """Whether this machine lets a process mount a tmpfs in namespaces of its own."""
+    if shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(
+        ["unshare", "-Urm", "sh", "-c", "mount -t tmpfs -o size=16k none /mnt"], capture_output=True
+    )
+    return probe.returncode == 0
+
+
+needs_namespaces = pytest.mark.skipif(
+    sys.platform != "linux" or not _namespaces(), reason="needs user and mount namespaces (unshare)"
+)
+
+
+def in_tmpfs(folder: Path, options: str, command: str, setup: str = "") -> subprocess.CompletedProcess[str]:
+    """``command`` run with a tmpfs (``options``) mounted on ``folder``, in private
+    user and mount namespaces: nothing is mounted outside the command."""
+    mfdsl = f"{sys.executable} -m mfdsl"
+    line = f"mount -t tmpfs -o {options} none {folder} && {setup} {command.replace('mfdsl ', mfdsl + ' ')}"
+    return subprocess.run(
+        ["unshare", "-Urm", "sh", "-c", line],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env={**os.environ, "COLUMNS": "1000"},
+    )
+
+
+@needs_namespaces
+def test_a_read_only_target_is_refused_before_training(tiny: SweepStore, tmp_path: Path) -> None:
+    target = tmp_path / "ro"
+    target.mkdir()
+    proc = in_tmpfs(target, "ro,size=1m", f"mfdsl run {tiny.spec} -o {target}/x.zarr")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert f"cannot write to {target}: it is on a read-only file system" in one_line(proc.stderr)
+    assert "Traceback" not in proc.stderr
+
+
+@needs_namespaces
+def test_resume_on_a_read_only_store_is_refused(tiny: SweepStore, tmp_path: Path) -> None:
+    target = tmp_path / "ro"
+    target.mkdir()
+    copy = f"cp -r {tiny.store} {target}/x.zarr && mount -o remount,ro {target} &&"
+    proc = in_tmpfs(target, "size=4m", f"mfdsl run {tiny.spec} -o {target}/x.zarr --resume", setup=copy)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "read-only file system" in one_line(proc.stderr)
+    assert "Traceback" not in proc.stderr
+
+
+@needs_namespaces
+def test_a_full_file_system_is_refused_before_training(tiny: SweepStore, tmp_path: Path) -> None:
+    target = tmp_path / "small"
+    target.mkdir()
+    proc = in_tmpfs(target, "size=64k", f"mfdsl run {tiny.spec} -o {target}/x.zarr && ls {target}")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "not enough space for" in one_line(proc.stderr)
+    assert "Traceback" not in proc.stderr
+
+
+# ---- two runs on one store --------------------------------------------------------------------
+
+
+def test_a_second_run_on_the_same_store_is_refused(tiny: SweepStore, tmp_path: Path) -> None:
+    """A real ``mfdsl run`` in another process holds the lock; a second one refuses
+    with its pid and host, and touches nothing."""
+    slow = tmp_path / "slow.mf"
+    slow.write_text(tiny.spec.read_text(encoding="utf-8").replace("steps     = 40", "steps     = 100000"))
+    store = tmp_path / "slow.zarr"
+    lock = Path(f"{store}.lock")
+    args = [sys.executable, "-m", "mfdsl", "run", str(slow), "-o", str(store), "--workers", "1"]
+    with process_group(args, tmp_path) as proc:
+        deadline = time.monotonic() + 120
+        while not (lock.exists() and lock.stat().st_size) and proc.poll() is None:
+            assert time.monotonic() < deadline, "the first run never took the lock"
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.communicate()
+        result = run_sweep(slow, store, "--resume")
+        assert result.code == 2, result.out + result.err
+        err = one_line(result.err)
+        assert f"is being written by another mfdsl run: pid {proc.pid} on host {socket.gethostname()}" in err
+        assert f"delete {lock}" in err
+        assert json.loads(lock.read_text(encoding="utf-8"))["pid"] == proc.pid  # still the first's
+
+
+def test_lock_file_rules(tmp_path: Path) -> None:
+    store = str(tmp_path / "s.zarr")
+    path = Path(f"{store}.lock")
+    warnings: list[str] = []
+
+    held = _lock.acquire(store, warnings.append)
+    assert json.loads(path.read_text())["pid"] == os.getpid()
+    with pytest.raises(_lock.StoreLocked, match=f"pid {os.getpid()} on host"):
+        _lock.acquire(store, warnings.append)  # a live owner, even this very process
+    held.release()
+    assert not path.exists()
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    path.write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "started": "then"}))
+    taken = _lock.acquire(store, warnings.append)
+    assert warnings == [
+        f"taking over the stale lock of pid {dead.pid} on host {socket.gethostname()} (since then), which is no longer running"
+    ]
+    taken.release()
+
+    path.write_text(json.dumps({"pid": 1, "host": "elsewhere.example", "started": "then"}))
+    with pytest.raises(_lock.StoreLocked, match=r"pid 1 on host elsewhere\.example"):
+        _lock.acquire(store, warnings.append)  # another host's: cannot be checked, so obeyed
+    path.write_text("")
+    with pytest.raises(_lock.StoreLocked, match="cannot be read"):
+        _lock.acquire(store, warnings.append)
+
+    # a lock someone else took over meanwhile is not removed by its former owner
+    path.unlink()
+    mine = _lock.acquire(store, warnings.append)
+    path.write_text(json.dumps({"pid": os.getpid(), "host": "other", "started": "now"}))
+    mine.release()
+    assert path.exists()
