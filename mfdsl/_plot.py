@@ -181,8 +181,14 @@ def _curves(figure_cls: Any, parts: list[Slice]) -> Any:
             label=f"mean over seeds ± 1 sample std (up to {seeds} seed{'s' * (seeds > 1)})",
         )
     )
+    # At most two legend entries per column of panels: a narrow figure's legend would
+    # otherwise run off its sides.
     fig.legend(
-        handles=handles, loc="outside lower center", ncol=min(len(handles), 6), fontsize=8, frameon=False
+        handles=handles,
+        loc="outside lower center",
+        ncol=min(len(handles), 6, 2 * cols),
+        fontsize=8,
+        frameon=False,
     )
     return fig
 

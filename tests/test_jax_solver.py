@@ -46,6 +46,14 @@ P5_CASES = {
         optimizer="sgd(lr = 0.2, momentum = 0.5, weight_decay = 0.01)",
         extra="  schedule = cosine(final = 0.1)\n  freeze = [last]",
     ),
+    # Mei–Montanari–Nguyen's two-layer net: piecewise-linear σ, output weights frozen at 1
+    "L1-piecewise_linear-frozen-output": dict(
+        hidden=1,
+        act="piecewise_linear",
+        init="  layer 1 ~ normal(0.3, 1)\n  layer 2 ~ constant(1)",
+        optimizer="sgd(lr = 0.05)",
+        extra="  freeze = [last]",
+    ),
     # relu, identity output, no bias, mse (the plain case)
     "L2-relu-plain": dict(hidden=2, act="relu"),
 }

@@ -102,6 +102,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from mfdsl._activations import PL_S1, PL_SLOPE, PL_T1, PL_T2
 from mfdsl._plan import DistPlan, RunPlan
 
 __all__ = ["Result", "System", "build_system", "solve"]
@@ -258,7 +259,17 @@ def _activation(name: str) -> Callable[[jax.Array], jax.Array]:
         return jax.scipy.special.erf
     if name == "identity":
         return lambda h: h
+    if name == "piecewise_linear":
+        return _piecewise_linear
     raise ValueError(f"unknown activation {name!r}")
+
+
+def _piecewise_linear(h: jax.Array) -> jax.Array:
+    # torch's op order; a jnp.where keeps the derivative 0 at the kinks (the torch
+    # engine's convention) where jnp.clip's would be split between the branches.
+    inside = (h > PL_T1) & (h < PL_T2)
+    ramp = jnp.where(inside, h, jnp.where(h <= PL_T1, PL_T1, PL_T2))
+    return (ramp - PL_T1) * PL_SLOPE + PL_S1
 
 
 def _output_map(name: str) -> Callable[[jax.Array], jax.Array]:
