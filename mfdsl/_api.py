@@ -455,18 +455,8 @@ class _YamlReader:
         return shift
 
 
-_YAML_KEYS = (
-    "experiment",
-    "data",
-    "network",
-    "scaling",
-    "init",
-    "train",
-    "record",
-    "sweep",
-    "backends",
-    "options",
-)
+# a YAML spec's top-level keys: the statements, and the backends' option blocks
+_YAML_KEYS = (*KEYWORDS, "options")
 
 
 def _yaml_statements(doc: _Yaml) -> list[Statement]:

@@ -318,10 +318,15 @@ def _plot(args: argparse.Namespace) -> int:
     try:
         path = plot_store(args.store, kind=args.kind, variables=args.var, output=args.output)
     except (StoreError, PlotError) as error:
-        _console(stderr=True).print(Text("error: ", style="bold red") + Text(str(error)))
-        return EXIT_USAGE
+        return _store_error(error)
     _console().print(Text(path))
     return EXIT_OK
+
+
+def _store_error(error: Exception) -> int:
+    """A store that cannot be read: one line on stderr, exit 2."""
+    _console(stderr=True).print(Text("error: ", style="bold red") + Text(str(error)))
+    return EXIT_USAGE
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -332,8 +337,7 @@ def _report(args: argparse.Namespace) -> int:
     try:
         summary = summarize(args.store)
     except StoreError as error:
-        _console(stderr=True).print(Text("error: ", style="bold red") + Text(str(error)))
-        return EXIT_USAGE
+        return _store_error(error)
     if args.json:
         sys.stdout.write(json.dumps(summary, indent=2, allow_nan=False) + "\n")
     else:
@@ -347,8 +351,7 @@ def _verify(args: argparse.Namespace) -> int:
     try:
         report = verify(args.store)
     except NotAStore as error:
-        _console(stderr=True).print(Text("error: ", style="bold red") + Text(str(error)))
-        return EXIT_USAGE
+        return _store_error(error)
     render(report, _console())
     return EXIT_OK if report.ok else EXIT_FAILED
 

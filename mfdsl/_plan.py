@@ -189,3 +189,18 @@ class RunPlan:
     def time(self, step: np.ndarray | int) -> np.ndarray:
         """Mean-field time ``t = lr * step``."""
         return self.optimizer.lr * np.asarray(step, dtype=np.float64)
+
+
+def check_compatible(loss: str, task: str, outputs: int) -> None:
+    """Raise ``ValueError`` unless ``loss`` suits a dataset of this task with ``outputs``
+    network outputs (a backend's last guard; the spec's validation catches these first)."""
+    if loss not in ("mse", "logistic", "cross_entropy"):
+        raise ValueError(f"unknown loss {loss!r}")
+    if task not in ("binary", "multiclass", "regression"):
+        raise ValueError(f"unknown dataset task {task!r}")
+    if loss == "logistic" and (task == "multiclass" or outputs != 1):
+        raise ValueError("the logistic loss needs one output and ±1 targets")
+    if loss == "cross_entropy" and task != "multiclass":
+        raise ValueError(f"cross_entropy needs a multiclass dataset, not {task}")
+    if task == "binary" and outputs != 1:
+        raise ValueError("a binary dataset has one output")

@@ -103,7 +103,7 @@ import numpy as np
 from jax import lax
 
 from mfdsl._activations import PL_S1, PL_SLOPE, PL_T1, PL_T2
-from mfdsl._plan import DistPlan, RunPlan
+from mfdsl._plan import DistPlan, RunPlan, check_compatible
 
 __all__ = ["Result", "System", "build_system", "solve"]
 
@@ -590,19 +590,6 @@ def _targets(y: np.ndarray, task: str, loss: str, outputs: int, dtype: Any, lead
     return t.astype(dtype)
 
 
-def _check_compatible(loss: str, task: str, outputs: int) -> None:
-    if loss not in ("mse", "logistic", "cross_entropy"):
-        raise ValueError(f"unknown loss {loss!r}")
-    if task not in ("binary", "multiclass", "regression"):
-        raise ValueError(f"unknown dataset task {task!r}")
-    if loss == "logistic" and (task == "multiclass" or outputs != 1):
-        raise ValueError("the logistic loss needs one output and ±1 targets")
-    if loss == "cross_entropy" and task != "multiclass":
-        raise ValueError(f"cross_entropy needs a multiclass dataset, not {task}")
-    if task == "binary" and outputs != 1:
-        raise ValueError("a binary dataset has one output")
-
-
 def _pieces(m: int, cap: int) -> list[int]:
     """``m`` steps as chunks of at most ``cap``."""
     return [cap] * (m // cap) + ([m % cap] if m % cap else [])
@@ -685,7 +672,7 @@ def _solve(
     np_dtype = np.dtype(dtype)
     task = str(dataset.task)
     outputs = int(dataset.outputs)
-    _check_compatible(plan.loss, task, outputs)
+    check_compatible(plan.loss, task, outputs)
     system = build_system(plan, particles, reduce)
     if system.widths[0] != int(dataset.dim):
         raise ValueError(f"layer 1 has fan_in {system.widths[0]}, the data dim {dataset.dim}")

@@ -96,7 +96,7 @@ import torch
 from torch import Tensor
 
 from mfdsl._activations import PL_S1, PL_SLOPE, PL_T1, PL_T2
-from mfdsl._plan import LayerPlan, ObservablePlan, RunPlan
+from mfdsl._plan import LayerPlan, ObservablePlan, RunPlan, check_compatible
 
 __all__ = ["Dataset", "MemberNet", "Network", "Result", "Trainer", "train"]
 
@@ -205,19 +205,6 @@ def _example_losses(loss: str, yhat: Tensor, y: Tensor) -> Tensor:
         return torch.nn.functional.softplus(-(y * yhat)).sum(dim=1)
     logp = torch.log_softmax(yhat, dim=1)
     return -logp.gather(1, y[:, None])[:, 0]
-
-
-def _check_compatible(loss: str, task: str, outputs: int) -> None:
-    if loss not in ("mse", "logistic", "cross_entropy"):
-        raise ValueError(f"unknown loss {loss!r}")
-    if task not in ("binary", "multiclass", "regression"):
-        raise ValueError(f"unknown dataset task {task!r}")
-    if loss == "logistic" and (task == "multiclass" or outputs != 1):
-        raise ValueError("the logistic loss needs one output and ±1 targets")
-    if loss == "cross_entropy" and task != "multiclass":
-        raise ValueError(f"cross_entropy needs a multiclass dataset, not {task}")
-    if task == "binary" and outputs != 1:
-        raise ValueError("a binary dataset has one output")
 
 
 def _prepare_targets(
@@ -344,7 +331,7 @@ class Trainer:
 
         if net.ensemble.plans[0] is not plan:
             net.ensemble.plans[0] = plan
-        _check_compatible(plan.loss, task, outputs)
+        check_compatible(plan.loss, task, outputs)
         self.net = net
         self.core = EnsembleTrainer(net.ensemble, [task], outputs)
 

@@ -91,7 +91,7 @@ import torch
 from torch import Tensor
 
 from mfdsl._activations import PL_S1, PL_SLOPE, PL_T1, PL_T2
-from mfdsl._plan import LayerPlan, RunPlan
+from mfdsl._plan import LayerPlan, RunPlan, check_compatible
 
 from ._engine import (
     _CHUNK_ELEMENTS,
@@ -102,7 +102,6 @@ from ._engine import (
     MemberNet,
     Result,
     _allocate,
-    _check_compatible,
     _make_observer,
     _prepare_targets,
 )
@@ -1081,7 +1080,7 @@ def train_ensemble(
         raise ValueError("ensemble members must have datasets with the same outputs")
     k_out = outputs.pop()
     for plan, task in zip(plans, tasks, strict=True):
-        _check_compatible(plan.loss, task, k_out)
+        check_compatible(plan.loss, task, k_out)
     ens = Ensemble(plans, device=device, dtype=dtype)
     first = ens.layers[0]
     for ds in datasets:
