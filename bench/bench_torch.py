@@ -44,7 +44,9 @@ SPEC = os.path.join(ROOT, "specs", "nguyen2019_fig5.mf")
 OBSERVED = ("train_loss", "test_loss", "test_accuracy")
 
 
-def make_plans(steps: int, every: int, widths: list[int], seeds: int, test: int | None) -> list[Any]:
+def make_plans(
+    steps: int, every: int, widths: list[int], seeds: int, test: int | None, dtype: str = "float64"
+) -> list[Any]:
     import mfdsl
     from mfdsl._compile import compile_point
 
@@ -54,6 +56,7 @@ def make_plans(steps: int, every: int, widths: list[int], seeds: int, test: int 
         f"sweep.width={widths}",
         f"sweep.seed=0..{seeds - 1}",
         "sweep.tau2=[0.1]",
+        f"torch.dtype={dtype}",
     ]
     if test is not None:
         overrides.append(f"data.test={test}")
@@ -85,11 +88,12 @@ def _usage() -> tuple[float, float]:
 
 
 def run_baseline(plan: Any) -> tuple[list[dict[str, np.ndarray]], float, float, float]:
+    import torch
     from baseline_loop import train_baseline
 
     u0, s0 = _usage()
     t0 = time.perf_counter()
-    rec = train_baseline(plan)
+    rec = train_baseline(plan, dtype=getattr(torch, str(plan.options.get("dtype", "float64"))))
     wall = time.perf_counter() - t0
     u1, s1 = _usage()
     return [rec], u1 - u0, s1 - s0, wall
@@ -306,6 +310,12 @@ def main() -> None:
         default="10000,1000",
         help="test-set sizes to run the sweep with (the spec's is 10000), comma-separated",
     )
+    parser.add_argument(
+        "--dtypes",
+        default="float64,float32",
+        help="precisions to run the sweep in, comma-separated (float64: mfdsl's default; "
+        "float32: torch's, what a hand-written loop uses)",
+    )
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--only", choices=("sweep", "bandwidth", "recording"), help="run one part only")
     args = parser.parse_args()
@@ -326,8 +336,10 @@ def main() -> None:
         f"records every {args.every}; {args.workers} worker processes × 1 thread"
     )
     if args.only in (None, "sweep"):
-        for test in tests:
-            compare_sweeps(make_plans(args.steps, args.every, widths, args.seeds, test), args.workers, test)
+        for dtype in args.dtypes.split(","):
+            for test in tests:
+                plans = make_plans(args.steps, args.every, widths, args.seeds, test, dtype)
+                compare_sweeps(plans, args.workers, test, dtype)
 
     w = max(widths)
     if args.only in (None, "bandwidth"):
@@ -339,9 +351,10 @@ def main() -> None:
                 print(f"  width {rw}: {line}")
 
 
-def compare_sweeps(plans: list[Any], workers: int, test: int) -> None:
+def compare_sweeps(plans: list[Any], workers: int, test: int, dtype: str) -> None:
     print(
-        f"\ntest set {test}{' (the spec)' if test == 10000 else ''}, load average {os.getloadavg()[0]:.2f}:"
+        f"\n{dtype}, test set {test}{' (the spec)' if test == 10000 else ''}, "
+        f"load average {os.getloadavg()[0]:.2f}:"
     )
     base = sweep("baseline", plans, workers)
     mine = sweep("mfdsl", plans, workers)

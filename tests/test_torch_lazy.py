@@ -109,3 +109,40 @@ def test_lazy_ensemble_with_a_diverging_member_equals_solo_runs(
                 assert got.records[name].tobytes() == arr.tobytes(), name
     finally:
         torch.set_num_threads(old)
+
+
+def test_lazy_updates_off_is_the_immediate_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    plan = wide_plan()
+    data = FakeData()
+    off = train_ensemble([plan], [data], lazy=False)[0]
+    monkeypatch.setattr(_ensemble, "_LAZY_MAX_BATCH", 0)
+    eager = train_ensemble([plan], [data])[0]
+    for name, arr in eager.records.items():
+        np.testing.assert_array_equal(off.records[name], arr, err_msg=name)
+    assert not EnsembleTrainer(Ensemble([plan]), ["binary"], 1, lazy=False).lazy_on
+
+
+def test_the_torch_option_reaches_the_trainer(monkeypatch: pytest.MonkeyPatch) -> None:
+    from conftest import ROOT
+
+    import mfdsl
+    from mfdsl._compile import compile_point
+
+    seen: list[bool] = []
+    real = _ensemble.train_ensemble
+
+    def spy(*args: object, lazy: bool = True, **kw: object) -> object:
+        seen.append(lazy)
+        return real(*args, lazy=lazy, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_ensemble, "train_ensemble", spy)
+    for value, expected in (("off", False), ("auto", True)):
+        spec = mfdsl.load(
+            ROOT / "specs" / "quickstart.mf",
+            overrides=[f"torch.lazy_updates={value}", "train.steps=4", "sweep.width=[8]", "sweep.seed=[0]"],
+        )
+        point = next(p for p in mfdsl.expand(spec) if p.coords.get("width", 0) != float("inf"))
+        plan = compile_point(point.spec, dict(point.coords), "torch")
+        assert plan.options["lazy_updates"] == value
+        mfdsl.get_backend("torch").run_group([plan])
+        assert seen[-1] is expected

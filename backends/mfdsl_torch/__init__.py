@@ -38,6 +38,13 @@ class TorchBackend(Backend):
             default="float64",
             help="floating-point precision",
         ),
+        Option(
+            name="lazy_updates",
+            kind=Choice(("auto", "off")),
+            default="auto",
+            help="defer large layers' plain SGD updates and apply them every 32 steps "
+            "(`auto`: where that saves memory traffic; `off`: every update at once, summed as plain SGD sums it)",
+        ),
     )
 
     def require(self) -> None:
@@ -83,19 +90,27 @@ class TorchBackend(Backend):
         self.require()
         if not plans:
             return []
-        options = {(p.options.get("device", "cpu"), p.options.get("dtype", "float64")) for p in plans}
+        options = {
+            (
+                p.options.get("device", "cpu"),
+                p.options.get("dtype", "float64"),
+                p.options.get("lazy_updates", "auto"),
+            )
+            for p in plans
+        }
         if len(options) > 1:  # not one ensemble: train each alone
             return super().run_group(plans, progress=progress)
         from mfdsl._data import make_dataset
 
         from ._ensemble import train_ensemble
 
-        device, dtype = options.pop()
+        device, dtype, lazy = options.pop()
         results = train_ensemble(
             plans,
             [make_dataset(plan.data, plan.seed) for plan in plans],
             progress=progress,
             device=str(device),
             dtype=str(dtype),
+            lazy=lazy != "off",
         )
         return [{"records": r.records, "status": r.status, "message": r.message} for r in results]

@@ -128,6 +128,9 @@ _LAZY_MAX_BATCH = 4
 _BATCHED_MAX = 1 << 16
 
 
+#: a lazy product's operands for one member (see EnsembleTrainer._make_lazy_views)
+_Views5 = tuple[Tensor, Tensor, Tensor, Tensor, Tensor]
+
 # --------------------------------------------------------------------------- kernels
 
 
@@ -400,9 +403,14 @@ class _Coef:
     def __init__(self, values: np.ndarray, device: torch.device, dtype: torch.dtype) -> None:
         self.values = values  # (n, Ea) float64
         self.tensor: Tensor | None = None
-        self.floats: list[float] | None = None
+        self.floats: list[float] | list[Tensor] | None = None
         if values.shape[1] == 1 or bool(np.all(values == values[:, :1])):
-            self.floats = values[:, 0].tolist()
+            if dtype == torch.float64 or device.type != "cpu":
+                self.floats = values[:, 0].tolist()
+            else:
+                # ATen would convert a Python float to the tensors' dtype at every
+                # product (an allocation and a copy); converted once here, the same way
+                self.floats = list(torch.tensor(values[:, 0], dtype=torch.float64).to(dtype).unbind(0))
         else:
             self.tensor = torch.as_tensor(np.array(values[:, :, None, None])).to(device=device, dtype=dtype)
 
@@ -418,9 +426,16 @@ class EnsembleTrainer:
     docstring, for every member at once), with the backward pass derived by hand."""
 
     def __init__(
-        self, ens: Ensemble, tasks: Sequence[str], outputs: int, state: dict[str, Any] | None = None
+        self,
+        ens: Ensemble,
+        tasks: Sequence[str],
+        outputs: int,
+        state: dict[str, Any] | None = None,
+        *,
+        lazy: bool = True,
     ) -> None:
         self.ens = ens
+        self.allow_lazy = lazy
         E, Ea = ens.E, ens.Ea
         dev, dt = ens.device, ens.dtype
         # The dummy of a one-member batched ensemble copies member 0's numbers (with
@@ -566,7 +581,7 @@ class EnsembleTrainer:
                 or fan_in * fan_out * item <= _BLOCK_MIN_BYTES
             ):
                 continue
-            if not self.decay_on[i] and not self.noisy and B <= _LAZY_MAX_BATCH:
+            if lazy and not self.decay_on[i] and not self.noisy and B <= _LAZY_MAX_BATCH:
                 R = self.lazy_rows
                 carried = state.get("lazy", [None] * self.nl)[i]
                 u, v = pad(R, fan_in), pad(R, fan_out)
@@ -596,6 +611,12 @@ class EnsembleTrainer:
                 )
             self.blocks[i] = per_member
         self.lazy_on = any(lz is not None for lz in self.lazy)
+        # The lazy products' operands for every pending count, made once: the step
+        # would otherwise spend as long slicing views as multiplying at large width.
+        self._lazy_views: list[list[tuple[list[_Views5], list[_Views5]]] | None] = [
+            None if lz is None else [self._make_lazy_views(i, j) for j in range(0, self.lazy_rows, B)]
+            for i, lz in enumerate(self.lazy)
+        ]
 
         self._lrxi = np.zeros((0, Ea))
         none: list[_Coef | None] = [None] * self.nl
@@ -729,31 +750,47 @@ class EnsembleTrainer:
                         self.ens.W[i][e].addmm_(u[e, :j].t(), v[e, :j])
         self.pending = 0
 
-    def _lazy_forward(self, i: int) -> None:
-        """``H_i += m·(A_i Uᵀ) V``: the pending updates' share of layer ``i``'s product."""
+    def _make_lazy_views(self, i: int, j: int) -> tuple[list[_Views5], list[_Views5]]:
+        """Per member, the operands of :meth:`_lazy_forward` and :meth:`_lazy_update`
+        with ``j`` updates pending."""
         lazy = self.lazy[i]
         assert lazy is not None
         u, v, t = lazy
-        j, B = self.pending, self.batch
+        B = self.batch
+        fwd: list[_Views5] = []
+        upd: list[_Views5] = []
         for e in range(self.ens.E):
             tj = t[e, : B * j].view(B, j)
-            torch.mm(self.A[i][e], u[e, :j].t(), out=tj)
-            self.H[i][e].addmm_(tj, v[e, :j], alpha=self.mult[i])
+            ue, ve = u[e, :j], v[e, :j]
+            fwd.append((self.A[i][e], ue.t(), tj, self.H[i][e], ve))
+            upd.append((self.G[i][e], ve.t(), tj, self.G[i - 1][e] if i > 0 else tj, ue))
+        return fwd, upd
+
+    def _lazy_forward(self, i: int) -> None:
+        """``H_i += m·(A_i Uᵀ) V``: the pending updates' share of layer ``i``'s product."""
+        views = self._lazy_views[i]
+        assert views is not None
+        m = self.mult[i]
+        for a, ut, tj, h, v in views[self.pending // self.batch][0]:
+            torch.mm(a, ut, out=tj)
+            h.addmm_(tj, v, alpha=m)
 
     def _lazy_update(self, i: int, below: bool) -> None:
         """The pending updates' share of the backward product, ``G_{i-1} += m·(G_i Vᵀ)
         U``; then this step's update, ``A_i`` and ``c·G_i``, appended to ``U`` and ``V``."""
-        lazy = self.lazy[i]
-        assert lazy is not None
-        u, v, t = lazy
+        lazy, views = self.lazy[i], self._lazy_views[i]
+        assert lazy is not None and views is not None
+        u, v, _ = lazy
         j, B = self.pending, self.batch
-        for e in range(self.ens.E):
-            if below and j:
-                tj = t[e, : B * j].view(B, j)
-                torch.mm(self.G[i][e], v[e, :j].t(), out=tj)
-                self.G[i - 1][e].addmm_(tj, u[e, :j], alpha=self.mult[i])
-            u[e, j : j + B].copy_(self.A[i][e])
-            v[e, j : j + B].copy_(self.GS[i][e])
+        if below and j:
+            m = self.mult[i]
+            for g, vt, tj, gb, ue in views[j // B][1]:
+                torch.mm(g, vt, out=tj)
+                gb.addmm_(tj, ue, alpha=m)
+        # element-wise copies round nothing: all members in one call each
+        E = self.ens.E
+        u[:E, j : j + B].copy_(self.A[i][:E])
+        v[:E, j : j + B].copy_(self.GS[i][:E])
 
     def minibatch_loss(self, x: Tensor, y: Tensor) -> Tensor:
         """The batch-mean loss ``(E,)`` of one minibatch ``x`` ``(Ea, B, d)`` at the
@@ -1042,7 +1079,9 @@ def _subset(trainer: EnsembleTrainer, keep: Sequence[int]) -> EnsembleTrainer:
         ],
         "pending": trainer.pending,
     }
-    return EnsembleTrainer(sub, [trainer.tasks[j] for j in keep], trainer.outputs, state)
+    return EnsembleTrainer(
+        sub, [trainer.tasks[j] for j in keep], trainer.outputs, state, lazy=trainer.allow_lazy
+    )
 
 
 # --------------------------------------------------------------------------- driver
@@ -1056,6 +1095,7 @@ def train_ensemble(
     device: str | torch.device = "cpu",
     dtype: str | torch.dtype = "float64",
     chunk_steps: int = 1024,
+    lazy: bool = True,
 ) -> list[Result]:
     """Train the networks of ``plans`` (member ``e`` on ``datasets[e]``) as one batched
     ensemble; one :class:`~._engine.Result` per plan, each the result of training that
@@ -1064,7 +1104,8 @@ def train_ensemble(
     The plans must agree on :func:`ensemble_key` (a ``ValueError`` says so otherwise).
     ``progress(member, step, train_loss)`` is called at each record step of each member
     still training, members in order.  A member that diverges is dropped at the end of
-    the data chunk in which it diverged; the others go on.
+    the data chunk in which it diverged; the others go on.  ``lazy=False`` turns lazy
+    updates off (every layer takes its update at once, as a plain SGD step sums it).
     """
     plans = list(plans)
     datasets = list(datasets)
@@ -1103,7 +1144,7 @@ def train_ensemble(
     E = len(plans)
     observers = [_make_observer(ens.member(e), plans[e], datasets[e], tasks[e], k_out) for e in range(E)]
     records = [_allocate(obs, len(steps_u)) for obs in observers]
-    trainer = EnsembleTrainer(ens, tasks, k_out)
+    trainer = EnsembleTrainer(ens, tasks, k_out, lazy=lazy)
     active = list(range(E))  # active[j]: the plan index of ensemble member j
     status = ["done"] * E
     messages = [""] * E
