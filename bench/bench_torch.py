@@ -5,7 +5,9 @@ The workload is Nguyen (2019) Fig. 5's (``specs/nguyen2019_fig5.mf``): five laye
 widths 50 … 800, 5 seeds, ``tau2 = 0.1``; 20 000 steps recorded every 500
 (``train_loss``, ``test_loss``, ``test_accuracy``: what the baseline records), with the
 spec's 10 000 test points and with 1 000 (the evaluation of the test set, the same
-matrix products for both, is most of the work at 10 000).  Both sweeps run in 2 worker
+matrix products for both, is most of the work at 10 000), in float64 (mfdsl's default)
+and float32 (torch's, what a hand-written loop uses; both sides run in the same
+precision).  Both sweeps run in 2 worker
 processes (spawned, 1 BLAS/OpenMP thread each, the machine's 2 cores split evenly),
 tasks handed out largest first: the baseline one run per task, mfdsl the units of work
 ``mfdsl run`` forms and trains (``mfdsl._runner.group_tasks``, i.e. the torch backend's
@@ -19,7 +21,8 @@ a 1 GiB one, against mfdsl's width-800 training (the least traffic of a batch-1 
 4 passes over every weight matrix); and what recording costs.
 
     python bench/bench_torch.py --quick          # 2 000 steps (a few minutes)
-    python bench/bench_torch.py                  # the full workload, test sets of 10 000 and 1 000
+    python bench/bench_torch.py                  # the full workload (about 45 min on 2 cores)
+    python bench/bench_torch.py --only sweep --tests 1000 --dtypes float32
     python bench/bench_torch.py --only sweep --tests 10000   # the sweep alone, the spec's test set
 """
 
