@@ -122,3 +122,25 @@ def test_without_dask_the_scheduler_says_how_to_install_it(
     assert result.code == 2
     assert "pip install 'mfdsl[dask]'" in result.err
     assert not store.exists()
+
+
+@needs_dask
+def test_a_dask_worker_killed_mid_task_is_replaced_and_its_task_run_again(
+    tiny: SweepStore, tmp_path: Path
+) -> None:
+    """A worker process of a LocalCluster SIGKILLs itself at step 20 of a run (once):
+    its nanny starts a new one, the scheduler hands the lost task out again, and the
+    store is the uninterrupted run's, bit for bit."""
+    from test_faults import KILLING_WORKER, assert_whole, process_group, script
+
+    store = tmp_path / "tiny.zarr"
+    mark = tmp_path / "killed"
+    runner = script(tmp_path, "killing_worker.py", KILLING_WORKER)
+    args = [sys.executable, str(runner), "run", str(tiny.spec), "-o", str(store)]
+    args += ["--scheduler", "local", "--workers", "2"]
+    with process_group(args, tmp_path, {"MFDSL_TEST_MARK": str(mark)}) as proc:
+        out, err = proc.communicate(timeout=300)
+    assert mark.exists(), "no worker was killed"
+    assert proc.returncode == 0, out + err
+    assert "8/8" in out
+    assert_whole(store, tiny.store)
