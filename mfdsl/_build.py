@@ -313,7 +313,9 @@ def _nested(expr: ex.Expr, kind: Nested, ctx: _Context, key: str) -> Any:
 def _sweep(stmt: Statement) -> ir.Sweep:
     variables = []
     seen: dict[str, Span | None] = {}
-    for entry in _entries(stmt):
+    entries = list(_entries(stmt))
+    swept = {entry.key for entry in entries}
+    for entry in entries:
         if entry.key in seen:
             raise SpecError(f"duplicate sweep variable '{entry.key}'", entry.key_span)
         if entry.key in ("dim",):
@@ -328,12 +330,22 @@ def _sweep(stmt: Statement) -> ir.Sweep:
         # A name may be a value (a symbol: ``act = [relu, tanh]``), not part of an expression.
         written = entry.value
         symbols = (written, *ex.children(written)) if isinstance(written, (ex.List, ex.Range)) else (written,)
-        inner = next((name for name in ex.names(written) if name not in symbols), None)
-        if inner is not None:
-            raise SpecError(
-                f"sweep values must be constants, but '{inner.id}' is a name inside an expression",
-                inner.span,
-            )
+        # by identity: equal Name nodes compare equal whatever their position
+        for name in ex.names(written):
+            bare = any(name is sym for sym in symbols)
+            if name.id in swept:
+                raise SpecError(
+                    f"sweep values must be constants, but '{name.id}' is a sweep variable: "
+                    "one variable's values cannot depend on another's",
+                    name.span,
+                    hint="sweep one of them and write the other as an expression of it where it "
+                    "is used, e.g. lr = 0.1 * width in the train block",
+                )
+            if not bare:
+                raise SpecError(
+                    f"sweep values must be constants, but '{name.id}' is a name inside an expression",
+                    name.span,
+                )
         value = ex.evaluate(entry.value, {}, symbols=True)
         values = value if isinstance(value, tuple) else (value,)
         flat = []

@@ -249,6 +249,30 @@ VALIDATION_ERRORS = [
     case("unknown-network", with_("network mlp", "network cnn"), 3, 9, "unknown network 'cnn'", "'mlp'"),
     case("no-sweep", with_("sweep {\n  width = [64, 256]\n  seed = 0..1\n}\n", ""), 1, 1, "no 'sweep' block"),
     case("sweeping-dim", sweeping("dim = [1, 2]", BASE), 19, 3, "'dim'", "cannot be swept"),
+    case(
+        "sweep-value-of-another-variable",
+        sweeping("lr = [0.1 * width, 1 / width]", BASE),
+        19,
+        15,
+        "'width' is a sweep variable",
+        "cannot depend on another's",
+        "lr = 0.1 * width",
+    ),
+    case(
+        "sweep-values-that-name-a-variable",
+        with_("seed = 0..1", "seed = [width, width + 1]"),
+        18,
+        11,
+        "'width' is a sweep variable",
+    ),
+    case(
+        "sweep-value-a-name-in-an-expression",
+        sweeping("lr = [0.1 * base]", BASE),
+        19,
+        15,
+        "sweep values must be constants",
+        "'base' is a name inside an expression",
+    ),
     # training length
     case(
         "steps-and-epochs",
