@@ -370,6 +370,60 @@ def test_a_full_file_system_is_refused_before_training(tiny: SweepStore, tmp_pat
     assert "Traceback" not in proc.stderr
 
 
+# ``mfdsl run`` whose disk fills up after two runs are written: from the third on,
+# every cell write (in whichever worker process) fails with ENOSPC.
+FILLING_DISK = """\
+import errno
+import os
+import sys
+
+import mfdsl._store as store_module
+
+COUNT = os.environ["MFDSL_TEST_COUNT"]
+_write_run = store_module.write_run
+
+
+def write_run(*args, **kwargs):
+    with open(COUNT, "a") as f:
+        f.write("x")
+    with open(COUNT) as f:
+        if len(f.read()) > 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+    return _write_run(*args, **kwargs)
+
+
+store_module.write_run = write_run
+
+if __name__ == "__main__":
+    from mfdsl._cli import main
+
+    sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_disk_that_fills_up_mid_run_stops_the_sweep_and_keeps_what_is_written(
+    tiny: SweepStore, tmp_path: Path
+) -> None:
+    store = tmp_path / "tiny.zarr"
+    runner = script(tmp_path, "filling_disk.py", FILLING_DISK)
+    args = [sys.executable, str(runner), "run", str(tiny.spec), "-o", str(store), "--workers", "2"]
+    with process_group(args, tmp_path, {"MFDSL_TEST_COUNT": str(tmp_path / "count")}) as proc:
+        out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1, out + err
+    message = one_line(err)
+    assert f"cannot write to {store}: the disk is full" in message
+    assert "Finished runs are kept" in message and "--resume" in message
+    assert "Traceback" not in err
+    assert not Path(f"{store}.lock").exists()
+    status = read_status(store)
+    assert (status == 1).sum() >= 1, "the runs written before the disk filled up are kept"
+    assert (status != 1).any()
+    # space freed: the resume finishes the sweep as one uninterrupted run would
+    result = run_sweep(tiny.spec, store, "--resume")
+    assert result.code == 0, result.out + result.err
+    assert_whole(store, tiny.store)
+
+
 # ---- two runs on one store --------------------------------------------------------------------
 
 
