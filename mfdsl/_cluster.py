@@ -27,6 +27,8 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+from ._errors import count
+
 #: retries of a task that raised (a worker lost mid-task is retried by the scheduler)
 RETRIES = 2
 #: how long to wait for a scheduler to answer
@@ -130,7 +132,7 @@ def execute_on_cluster(
     with connect(scheduler, workers, gpu) as client:
         _check_workers(client, scheduler, gpu, warn)
         where = "a local Dask cluster" if scheduler == "local" else f"the Dask cluster at {scheduler}"
-        console.print(f"running {len(units)} task(s) on {where}")
+        console.print(f"running {count(len(units), 'task')} on {where}")
         by_key: dict[str, Sequence[Any]] = {}
         futures = []
         for i, unit in enumerate(units):

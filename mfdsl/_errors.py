@@ -165,3 +165,8 @@ def one_of(choices: Iterable[str]) -> str:
     if len(quoted) <= 1:
         return "".join(quoted)
     return ", ".join(quoted[:-1]) + " or " + quoted[-1]
+
+
+def count(n: int, noun: str, plural: str | None = None) -> str:
+    """``"1 run"``, ``"3 runs"``: ``n`` and ``noun``, plural unless ``n`` is 1."""
+    return f"{n} {noun if n == 1 else (plural or noun + 's')}"

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from ._errors import count
 from ._report import STATUS, STEP, TIME, Series, Slice, StoreError, fit_rate, open_results, slices
 from ._store import Status
 
@@ -252,7 +253,9 @@ def _particles(figure_cls: Any, ds: Any) -> Any:
     components = [str(c) for c in ds["component"].values]
     missing = [c for c in _COMPONENTS if c not in components]
     if missing:
-        raise StoreError(f"the particles record lacks component(s) {', '.join(missing)}")
+        raise StoreError(
+            f"the particles record lacks {count(len(missing), 'component')}: {', '.join(missing)}"
+        )
     rows: list[tuple[float, int, np.ndarray, np.ndarray, np.ndarray]] = []
     for wi, width in enumerate(ds["width"].values):
         done = np.flatnonzero(status[wi] == Status.DONE)

@@ -33,7 +33,7 @@ from . import _ir as ir
 from . import _location as loc
 from ._api import to_yaml
 from ._compile import compile_point
-from ._errors import SpecError
+from ._errors import SpecError, count
 from ._expand import Point, check_all
 from ._plan import RunPlan
 from ._plugins import Backend, BackendUnavailable, available_backends, get_backend
@@ -468,7 +468,7 @@ def _run_locked(args: argparse.Namespace, spec: ir.Spec) -> int:
     todo = [t for t in tasks if prepared[tuple(t.index[d] for d in layout.sweep)] not in (1, 3)]
     skipped = len(tasks) - len(todo)
     if skipped:
-        console.print(f"resuming: {skipped} run(s) already finished, {len(todo)} to go")
+        console.print(f"resuming: {count(skipped, 'run')} already finished, {len(todo)} to go")
     workers = max(1, min(args.workers or default_workers(), len(todo) or 1))
     groups = group_tasks(todo, workers)
     workers = max(1, min(workers, len(groups)))
@@ -489,9 +489,11 @@ def _run_locked(args: argparse.Namespace, spec: ir.Spec) -> int:
     failed = [o for o in outcomes if o[1] == "failed"]
     diverged = [o for o in outcomes if o[1] == "diverged"]
     if diverged:
-        console.print(f"[yellow]{len(diverged)} run(s) diverged[/yellow] (marked in 'status')")
+        console.print(f"[yellow]{count(len(diverged), 'run')} diverged[/yellow] (marked in 'status')")
     if failed:
-        err.print(f"[red]{len(failed)} run(s) failed[/red]; errors in {store}.log and the store's 'message':")
+        err.print(
+            f"[red]{count(len(failed), 'run')} failed[/red]; errors in {store}.log and the store's 'message':"
+        )
         for key, _, message in failed[:5]:
             err.print(f"  {escape(key)}: {escape(message)}")
     if interrupted:
@@ -657,7 +659,7 @@ def _check_space(store: str, layout: Layout, runs: int, skeleton: bool, err: Any
     if need <= free:
         return True
     err.print(
-        f"[red]error:[/red] not enough space for {escape(store)}: {runs} run(s) need up to "
+        f"[red]error:[/red] not enough space for {escape(store)}: {count(runs, 'run')} need up to "
         f"{_size(need)} (uncompressed), and {_size(free)} are free on "
         f"{escape(loc.parent(os.path.abspath(store)))}. Free some space or write elsewhere (-o)."
     )
@@ -693,7 +695,7 @@ def _resume_status(store: str, tasks: Sequence[Task], layout: Layout, err: Any) 
         redo.append(f"{check.labels[cell]}: {problems[0]}")
     if redo:
         err.print(
-            f"[yellow]warning:[/yellow] {len(redo)} finished run(s) do not read back intact and run again:"
+            f"[yellow]warning:[/yellow] {count(len(redo), 'finished run')} do not read back intact and run again:"
         )
         for line in redo[:5]:
             err.print(f"  {escape(line)}")
@@ -831,8 +833,8 @@ def _execute_all(
                 if left:
                     left.sort()  # largest first again
                     console.print(
-                        f"[yellow]a worker process died[/yellow]: running its pool's {len(left)} "
-                        "unfinished unit(s) again"
+                        f"[yellow]a worker process died[/yellow]: running its pool's "
+                        f"{count(len(left), 'unfinished unit')} again"
                     )
                     for unit in (groups[i] for i in left):
                         for task in unit:

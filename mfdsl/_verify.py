@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import _location as loc
+from ._errors import count
 
 if TYPE_CHECKING:
     from ._plan import RunPlan
@@ -143,12 +144,14 @@ def check_cells(store: str, tasks: Sequence[Task] | None) -> CellCheck:
                 continue
             outside = present & ~mask
             if outside.any():
-                check.add(cell, f"{name}: {int(outside.sum())} value(s) where the run records none")
+                check.add(cell, f"{name}: {count(int(outside.sum()), 'value')} where the run records none")
             if state == DONE:
                 bad = mask & ~np.isfinite(values)
                 if bad.any():
                     missing = int((mask & np.isnan(values)).sum())
-                    what = f"{missing} of {int(mask.sum())} recorded value(s) missing" if missing else ""
+                    what = (
+                        f"{missing} of {count(int(mask.sum()), 'recorded value')} missing" if missing else ""
+                    )
                     infinite = int((mask & np.isinf(values)).sum())
                     what += ("; " if what and infinite else "") + (f"{infinite} infinite" if infinite else "")
                     check.add(cell, f"{name}: {what}")
@@ -193,7 +196,10 @@ def _lenient(
     flat = values[rows].reshape(len(rows), -1)
     empty = int((~np.isfinite(flat)).all(axis=1).sum())
     if empty:
-        check.add(cell, f"{name}: {empty} of {len(rows)} record step(s) hold no finite value")
+        check.add(
+            cell,
+            f"{name}: {empty} of {count(len(rows), 'record step')} {'holds' if empty == 1 else 'hold'} no finite value",
+        )
 
 
 def expected(
@@ -444,7 +450,9 @@ def _replan(store: str, attrs: Mapping[str, Any], group: Any, report: Report) ->
         return None
     missing = [n for n in names if n not in available_backends()]
     if missing:
-        report.notes.append(f"backend(s) {', '.join(missing)} not installed: cells checked loosely")
+        report.notes.append(
+            f"{'backend' if len(missing) == 1 else 'backends'} {', '.join(missing)} not installed: cells checked loosely"
+        )
         return None
     try:
         layout, tasks = plan_tasks(spec, points, [get_backend(n) for n in names])
@@ -483,7 +491,8 @@ def render(report: Report, console: Any) -> None:
         console.print(Text("✓ ", style="green") + Text(f"{report.store}: no problems ({counts})"))
         return
     console.print(
-        Text("✗ ", style="bold red") + Text(f"{report.store}: {len(report.problems)} problem(s) ({counts})")
+        Text("✗ ", style="bold red")
+        + Text(f"{report.store}: {count(len(report.problems), 'problem')} ({counts})")
     )
     for problem in report.problems:
         console.print(Text(f"  - {problem}"))

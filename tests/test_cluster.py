@@ -74,7 +74,7 @@ def test_existing_scheduler_by_address(tiny: SweepStore, tmp_path: Path, threads
     # --resume on a cluster: nothing left to do
     again = run_cli("run", tiny.spec, "-o", store, "--scheduler", threads_cluster, "--resume")
     assert again.code == 0, again.err
-    assert "8 run(s) already finished, 0 to go" in again.out
+    assert "8 runs already finished, 0 to go" in again.out
 
 
 @needs_dask

@@ -270,8 +270,8 @@ def test_a_chunk_cut_off_mid_write_is_run_again(tiny: SweepStore, tmp_path: Path
 
     result = run_sweep(tiny.spec, store, "--resume")
     assert result.code == 0, result.out + result.err
-    assert "2 finished run(s) do not read back intact and run again" in one_line(result.err)
-    assert "6 run(s) already finished, 2 to go" in one_line(result.out)
+    assert "2 finished runs do not read back intact and run again" in one_line(result.err)
+    assert "6 runs already finished, 2 to go" in one_line(result.out)
     assert cell_files(store, (1, 1, 0)) == untouched  # the intact cells were not rewritten
     assert_whole(store, tiny.store)
 
@@ -287,7 +287,7 @@ def test_a_writer_stopped_between_data_and_status(tiny: SweepStore, tmp_path: Pa
     assert "cell width=8, seed=0, act=tanh: pending, but holds data" in one_line(check.out)
     result = run_sweep(tiny.spec, store, "--resume")
     assert result.code == 0, result.out + result.err
-    assert "7 run(s) already finished, 1 to go" in one_line(result.out)
+    assert "7 runs already finished, 1 to go" in one_line(result.out)
     assert_whole(store, tiny.store)
 
 

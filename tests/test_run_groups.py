@@ -127,7 +127,7 @@ def test_resume_regroups_the_pending_points(
     units = spy_on_group(monkeypatch)
     result = run_sweep(stores["spec"], store, "--resume")
     assert result.code == 0, result.out + result.err
-    assert "9 run(s) already finished, 3 to go" in " ".join(result.out.split())
+    assert "9 runs already finished, 3 to go" in " ".join(result.out.split())
     # the pending points only, as two ensembles: the two seeds of width 8 together
     assert sorted(sorted(u) for u in units) == [[(8.0, 1, 0.05), (8.0, 2, 0.05)], [(260.0, 0, 1e6)]]
     assert {cell: cell_files(store, cell) for cell in finished} == before  # not written again

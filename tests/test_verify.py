@@ -65,12 +65,12 @@ def test_every_kind_of_disagreement_is_listed(copy: Path) -> None:
     text = problems(copy)
     for line in [
         "cell width=8, seed=0, act=tanh: test_loss: 1 infinite",
-        "cell width=16, seed=0, act=tanh: output: 15 of 15 recorded value(s) missing",
-        "cell width=16, seed=1, act=relu: train_loss: 1 of 5 recorded value(s) missing",
-        "cell width=8, seed=1, act=tanh: weight_change: 1 value(s) where the run records none",
+        "cell width=16, seed=0, act=tanh: output: 15 of 15 recorded values missing",
+        "cell width=16, seed=1, act=relu: train_loss: 1 of 5 recorded values missing",
+        "cell width=8, seed=1, act=tanh: weight_change: 1 value where the run records none",
         "cell width=8, seed=1, act=relu: failed without a message",
         "cell width=16, seed=1, act=tanh: pending, but has a message",
-        "6 problem(s) (6 done, 1 failed, 1 pending)",
+        "6 problems (6 done, 1 failed, 1 pending)",
     ]:
         assert line in text, text
 
