@@ -121,7 +121,9 @@ def execute_on_cluster(
     as a task of the cluster; ``lost(unit, message)`` records a unit the cluster could
     not finish.  Returns every run's outcome and whether Ctrl-C stopped the sweep."""
     from distributed import as_completed
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import Progress
+
+    from ._runner import sweep_columns
 
     outcomes: list[Outcome] = []
     if not units:
@@ -151,14 +153,7 @@ def execute_on_cluster(
                 )
             )
         total = sum(len(u) for u in units)
-        columns = (
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[info]}"),
-            TimeElapsedColumn(),
-        )
-        with Progress(*columns, console=console, transient=False) as progress:
+        with Progress(*sweep_columns(), console=console, transient=False) as progress:
             overall = progress.add_task("sweep", total=total, info="")
             try:
                 for future in as_completed(futures):

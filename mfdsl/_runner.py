@@ -299,11 +299,10 @@ def _record_result(
     return task.key, status.name.lower(), message
 
 
-def _record_failure(store: str, task: Task, error: BaseException) -> tuple[str, str, str]:
-    """The task's cell marked failed, with ``error``'s whole traceback as its message."""
+def _write_failed(store: str, task: Task, message: str) -> None:
+    """The task's cell marked failed, with ``message``."""
     from ._store import Status, write_run
 
-    message = "".join(traceback.format_exception(error))
     write_run(
         store,
         index=task.index,
@@ -312,6 +311,11 @@ def _record_failure(store: str, task: Task, error: BaseException) -> tuple[str, 
         status=Status.FAILED,
         message=message,
     )
+
+
+def _record_failure(store: str, task: Task, error: BaseException) -> tuple[str, str, str]:
+    """The task's cell marked failed, with ``error``'s whole traceback as its message."""
+    _write_failed(store, task, "".join(traceback.format_exception(error)))
     return task.key, "failed", f"{type(error).__name__}: {error}"
 
 
@@ -735,19 +739,13 @@ def _execute_all(
     workers: int,
     console: Any,
 ) -> tuple[list[tuple[str, str, str]], bool]:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import Progress
 
     outcomes: list[tuple[str, str, str]] = []
     if not groups:
         return outcomes, False
     steps = {t.key: t.plan.steps for unit in groups for t in unit}
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(),
-    )
+    columns = sweep_columns()
     # spawn, not fork: the driver runs threads (progress), and forking those is unsafe.
     ctx = mp.get_context("spawn")
     # A worker killed while it writes to the progress queue leaves the queue's lock taken
@@ -921,20 +919,25 @@ def _terminate(pool: cf.ProcessPoolExecutor) -> None:
         process.terminate()
 
 
+def sweep_columns() -> tuple[Any, ...]:
+    """The progress display's columns (the local pool's and a Dask cluster's): name,
+    bar, done/total, the outcome counts, time."""
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+
+    return (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+    )
+
+
 def _mark_failed(store: str, task: Task, message: str) -> None:
     """Record a run its worker could not (the worker died).  If even that cannot be
     written, the cell stays pending, which ``--resume`` runs again all the same."""
-    from ._store import Status, write_run
-
     with contextlib.suppress(OSError):
-        write_run(
-            store,
-            index=task.index,
-            records={},
-            steps=task.plan.record_steps,
-            status=Status.FAILED,
-            message=message,
-        )
+        _write_failed(store, task, message)
 
 
 def _counts(outcomes: Iterable[tuple[str, str, str]]) -> str:

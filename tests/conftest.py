@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
+import signal
+import subprocess
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -172,3 +175,38 @@ def cell_files(store: Path, index: Sequence[int]) -> dict[str, int]:
 
 def finite(values: np.ndarray) -> bool:
     return bool(np.all(np.isfinite(values)))
+
+
+@pytest.fixture
+def wide_console(monkeypatch: pytest.MonkeyPatch) -> None:
+    """rich wraps at the terminal width (80 without one): keep messages on one line."""
+    monkeypatch.setenv("COLUMNS", "1000")
+
+
+@pytest.fixture
+def tiny(sweep_store: Callable[[str], SweepStore]) -> SweepStore:
+    """The tiny spec's store, run once with torch (read it, never write it)."""
+    pytest.importorskip("torch")
+    return sweep_store("torch")
+
+
+@contextlib.contextmanager
+def process_group(
+    args: list[str], cwd: Path, env: dict[str, str] | None = None
+) -> Iterator[subprocess.Popen[str]]:
+    """A subprocess in a session of its own, whose whole group is killed on exit."""
+    proc = subprocess.Popen(
+        args,
+        cwd=cwd,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "COLUMNS": "1000", **(env or {})},
+    )
+    try:
+        yield proc
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()

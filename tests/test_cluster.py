@@ -6,7 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,14 +20,7 @@ pytest.importorskip("torch")
 needs_dask = pytest.mark.skipif(importlib.util.find_spec("distributed") is None, reason="needs dask")
 
 
-@pytest.fixture(autouse=True)
-def _wide_console(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("COLUMNS", "1000")
-
-
-@pytest.fixture
-def tiny(sweep_store: Callable[[str], SweepStore]) -> SweepStore:
-    return sweep_store("torch")
+pytestmark = pytest.mark.usefixtures("wide_console")
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +124,8 @@ def test_a_dask_worker_killed_mid_task_is_replaced_and_its_task_run_again(
     """A worker process of a LocalCluster SIGKILLs itself at step 20 of a run (once):
     its nanny starts a new one, the scheduler hands the lost task out again, and the
     store is the uninterrupted run's, bit for bit."""
-    from test_faults import KILLING_WORKER, assert_whole, process_group, script
+    from conftest import process_group
+    from test_faults import KILLING_WORKER, assert_whole, script
 
     store = tmp_path / "tiny.zarr"
     mark = tmp_path / "killed"

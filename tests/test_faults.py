@@ -5,7 +5,6 @@ read-only or full target, two runs on one store."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -14,12 +13,20 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, SweepStore, assert_same_data, cell_files, open_store, run_cli, run_sweep
+from conftest import (
+    ROOT,
+    SweepStore,
+    assert_same_data,
+    cell_files,
+    open_store,
+    process_group,
+    run_cli,
+    run_sweep,
+)
 
 from mfdsl import _lock
 from mfdsl._store import read_status
@@ -27,14 +34,7 @@ from mfdsl._store import read_status
 pytest.importorskip("torch")
 
 
-@pytest.fixture(autouse=True)
-def _wide_console(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("COLUMNS", "1000")
-
-
-@pytest.fixture
-def tiny(sweep_store: Callable[[str], SweepStore]) -> SweepStore:
-    return sweep_store("torch")
+pytestmark = pytest.mark.usefixtures("wide_console")
 
 
 def one_line(text: str) -> str:
@@ -45,28 +45,6 @@ def script(folder: Path, name: str, body: str) -> Path:
     path = folder / name
     path.write_text(body, encoding="utf-8")
     return path
-
-
-@contextlib.contextmanager
-def process_group(
-    args: list[str], cwd: Path, env: dict[str, str] | None = None
-) -> Iterator[subprocess.Popen[str]]:
-    """A subprocess in a session of its own, whose whole group is killed on exit."""
-    proc = subprocess.Popen(
-        args,
-        cwd=cwd,
-        start_new_session=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "COLUMNS": "1000", **(env or {})},
-    )
-    try:
-        yield proc
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
 
 
 def assert_whole(store: Path, reference: Path) -> None:

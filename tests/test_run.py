@@ -4,16 +4,14 @@ failure, the store against training by hand; and the CLI's exit codes."""
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib.util
-import os
 import re
 import shutil
 import signal
 import struct
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +23,7 @@ from conftest import (
     assert_same_data,
     cell_files,
     open_store,
+    process_group,
     run_cli,
     run_sweep,
 )
@@ -39,16 +38,7 @@ needs_torch = pytest.mark.skipif(importlib.util.find_spec("torch") is None, reas
 EXAMPLES = sorted((ROOT / "specs").glob("*.mf"))
 
 
-@pytest.fixture(autouse=True)
-def _wide_console(monkeypatch: pytest.MonkeyPatch) -> None:
-    # rich wraps at the terminal width (80 without one): keep messages on one line
-    monkeypatch.setenv("COLUMNS", "1000")
-
-
-@pytest.fixture
-def tiny(sweep_store: Callable[[str], SweepStore]) -> SweepStore:
-    pytest.importorskip("torch")
-    return sweep_store("torch")
+pytestmark = pytest.mark.usefixtures("wide_console")
 
 
 def spec_file(folder: Path, text: str, name: str = "spec.mf") -> Path:
@@ -158,20 +148,6 @@ if __name__ == "__main__":
     cf.as_completed = as_completed
     sys.exit(main(sys.argv[1:]))
 """
-
-
-@contextlib.contextmanager
-def process_group(args: list[str], cwd: Path) -> Iterator[subprocess.Popen[str]]:
-    """A subprocess in a session of its own, whose whole group is killed on exit."""
-    proc = subprocess.Popen(
-        args, cwd=cwd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    try:
-        yield proc
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
 
 
 def test_resume_after_kill_gives_the_uninterrupted_store(tiny: SweepStore, tmp_path: Path) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import importlib.util
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -20,15 +19,7 @@ from mfdsl._store import _quiet_consolidation, write_run
 needs_torch = pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="needs torch")
 
 
-@pytest.fixture(autouse=True)
-def _wide_console(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("COLUMNS", "1000")
-
-
-@pytest.fixture
-def tiny(sweep_store: Callable[[str], SweepStore]) -> SweepStore:
-    pytest.importorskip("torch")
-    return sweep_store("torch")
+pytestmark = pytest.mark.usefixtures("wide_console")
 
 
 @pytest.fixture
