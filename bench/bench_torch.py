@@ -18,7 +18,9 @@ reports its own user and system CPU time (``resource.getrusage``).
 Then, in this process with one thread: the copy bandwidth (``dst.copy_(src)``, bytes =
 2 × size, best of several) of a buffer as large as a width-800 member's weights and of
 a 1 GiB one, against mfdsl's width-800 training (the least traffic of a batch-1 step:
-4 passes over every weight matrix); and what recording costs.
+4 passes over every weight matrix) in its native step loop (what this workload runs)
+and in its ATen step loops (what runs where the native one does not apply); and what
+recording costs.
 
     python bench/bench_torch.py --quick          # 2 000 steps (a few minutes)
     python bench/bench_torch.py                  # the full workload (about 45 min on 2 cores)
@@ -189,14 +191,21 @@ def _timed(f: Any) -> float:
     return time.perf_counter() - t
 
 
+#: the step loops of the torch engine: the native one (this workload's default) and
+#: the ATen ones (the engine's path where the native loop does not apply)
+PATHS = ("native", "aten lazy", "aten immediate")
+
+
 def training_bandwidth(
-    width: int, members: int, dtype: str, steps: int, threads: int, *, lazy: bool = True
+    width: int, members: int, dtype: str, steps: int, threads: int, *, path: str = "native"
 ) -> tuple[float, float]:
     """Seconds per step (best of 5 chunks) of mfdsl's step loop at ``width``, and the
-    achieved bandwidth counting 4 passes over every weight matrix per member.  Without
-    ``lazy``, every layer takes its update at once (the engine's path for large layers
-    with momentum, weight decay, noise or minibatches over 4), which does make the 4
-    passes; lazy layers (the default for this workload) make about 2 + 2/32."""
+    achieved bandwidth counting 4 passes over every weight matrix per member.
+
+    ``path``: ``native``, the compiled loop, reads each weight row once forward and
+    reads and writes it once backward (3 passes; with ReLU it skips the rows of units
+    that are off); ``aten immediate`` makes the 4 passes (the engine's path for large
+    layers with momentum, weight decay or noise); ``aten lazy`` about 2 + 2/32."""
     import torch
     from mfdsl_torch import _ensemble
     from mfdsl_torch._ensemble import Ensemble, EnsembleTrainer
@@ -206,12 +215,13 @@ def training_bandwidth(
     old = torch.get_num_threads()
     old_lazy = _ensemble._LAZY_MAX_BATCH
     torch.set_num_threads(threads)
-    if not lazy:
+    if path == "aten immediate":
         _ensemble._LAZY_MAX_BATCH = 0
     try:
         plans = make_plans(20000, 500, [width], members, 64)
         ens = Ensemble(plans, dtype=dtype)
-        trainer = EnsembleTrainer(ens, ["binary"] * members, 1)
+        trainer = EnsembleTrainer(ens, ["binary"] * members, 1, native=path == "native")
+        assert trainer.native == (path == "native"), "the native step loop is not available here"
         xs, ys = trainer.prepare_chunk([make_dataset(p.data, p.seed).train_chunk(0, steps, 1) for p in plans])
         trainer.run(xs, ys, 0)
         per = min(_timed(lambda: trainer.run(xs, ys, 0)) for _ in range(5)) / steps
@@ -397,10 +407,10 @@ def bandwidth_report(w: int) -> None:
             f"copy(1 GiB) {big / 1e9:.1f} GB/s"
         )
         for dtype in ("float64", "float32"):
-            for lazy in (True, False):
-                per, bw = training_bandwidth(w, 1, dtype, 256, threads, lazy=lazy)
+            for path in PATHS:
+                per, bw = training_bandwidth(w, 1, dtype, 256, threads, path=path)
                 print(
-                    f"    {dtype} {'lazy updates    ' if lazy else 'immediate updates'}: "
+                    f"    {dtype} {path:15s}: "
                     f"{per * 1e3:.3f} ms/step, {bw / 1e9:.1f} GB/s = {100 * bw / ws:.0f}% of "
                     f"copy({2 * member / 2**20:.0f} MiB), {100 * bw / big:.0f}% of copy(1 GiB)"
                 )
@@ -408,7 +418,7 @@ def bandwidth_report(w: int) -> None:
     for members in (5,):
         per, bw = training_bandwidth(w, members, "float64", 128, 1)
         print(
-            f"  1 thread float64, ensemble of {members}: {per / members * 1e3:.3f} ms per "
+            f"  1 thread float64 native, ensemble of {members}: {per / members * 1e3:.3f} ms per "
             f"member-step, {bw / 1e9:.1f} GB/s"
         )
 

@@ -91,6 +91,7 @@ def test_wheel_ships_grammar_and_backends(tmp_path: Path) -> None:
         archive.extractall(tmp_path / "site")
     assert "mfdsl/grammars/mfdsl.lark" in names
     assert "mfdsl_torch/__init__.py" in names and "mfdsl_jax/__init__.py" in names
+    assert "mfdsl_torch/_native.c" in names  # compiled on the user's machine
     entry = next(n for n in names if n.endswith("entry_points.txt"))
     assert "mfdsl_torch:TorchBackend" in zipfile.ZipFile(wheel).read(entry).decode()
     spec = tmp_path / "spec.mf"

@@ -215,8 +215,15 @@ GRAD_CASES = [
 ]
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["native", "aten"])
 @pytest.mark.parametrize("case", GRAD_CASES, ids=lambda c: "-".join(map(str, c)))
-def test_update_matches_autograd_of_explicit_network(case: tuple[Any, ...]) -> None:
+def test_update_matches_autograd_of_explicit_network(
+    case: tuple[Any, ...], native: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not native:  # the ATen path where the native step loop would take the step
+        from mfdsl_torch import _native
+
+        monkeypatch.setattr(_native, "library", lambda: None)
     widths, bias, act, out, loss, task, k = case
     data = FakeData(dim=4, outputs=k, task=task)
     lr = 0.7

@@ -165,9 +165,16 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["native", "aten"])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("name", list(CASES))
-def test_ensemble_members_equal_solo_runs_bitwise(name: str, threads: int) -> None:
+def test_ensemble_members_equal_solo_runs_bitwise(
+    name: str, threads: int, native: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not native:  # the ATen path where the native step loop would take the step
+        from mfdsl_torch import _native
+
+        monkeypatch.setattr(_native, "library", lambda: None)
     widths, act, bias, batch, opt, loss, task, k, out = CASES[name]
     datas = [FakeData(dim=4, outputs=k, task=task, seed=s) for s in range(3)]
     obs = tuple(o for o in ALL_OBS if task != "regression" or o.name != "test_accuracy")

@@ -13,7 +13,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from mfdsl_torch import _ensemble
+from mfdsl_torch import _ensemble, _native
 from mfdsl_torch._engine import train
 from mfdsl_torch._ensemble import Ensemble, EnsembleTrainer, train_ensemble
 from test_torch_engine import FakeData, make_plan
@@ -22,6 +22,12 @@ from mfdsl._plan import ObservablePlan, OptimizerPlan, RunPlan
 
 OBS = tuple(ObservablePlan(name=n) for n in ("train_loss", "test_loss", "weight_change", "output"))
 WIDE = (520, 520)  # a 520 × 520 float64 layer: 2.2 MB, beyond _BLOCK_MIN_BYTES
+
+
+@pytest.fixture(autouse=True)
+def aten_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lazy updates belong to the ATen path: keep the native step loop out."""
+    monkeypatch.setattr(_native, "library", lambda: None)
 
 
 def wide_plan(**kw: object) -> RunPlan:
@@ -120,29 +126,3 @@ def test_lazy_updates_off_is_the_immediate_path(monkeypatch: pytest.MonkeyPatch)
     for name, arr in eager.records.items():
         np.testing.assert_array_equal(off.records[name], arr, err_msg=name)
     assert not EnsembleTrainer(Ensemble([plan]), ["binary"], 1, lazy=False).lazy_on
-
-
-def test_the_torch_option_reaches_the_trainer(monkeypatch: pytest.MonkeyPatch) -> None:
-    from conftest import ROOT
-
-    import mfdsl
-    from mfdsl._compile import compile_point
-
-    seen: list[bool] = []
-    real = _ensemble.train_ensemble
-
-    def spy(*args: object, lazy: bool = True, **kw: object) -> object:
-        seen.append(lazy)
-        return real(*args, lazy=lazy, **kw)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(_ensemble, "train_ensemble", spy)
-    for value, expected in (("off", False), ("auto", True)):
-        spec = mfdsl.load(
-            ROOT / "specs" / "quickstart.mf",
-            overrides=[f"torch.lazy_updates={value}", "train.steps=4", "sweep.width=[8]", "sweep.seed=[0]"],
-        )
-        point = next(p for p in mfdsl.expand(spec) if p.coords.get("width", 0) != float("inf"))
-        plan = compile_point(point.spec, dict(point.coords), "torch")
-        assert plan.options["lazy_updates"] == value
-        mfdsl.get_backend("torch").run_group([plan])
-        assert seen[-1] is expected

@@ -45,6 +45,14 @@ class TorchBackend(Backend):
             help="defer large layers' plain SGD updates and apply them every 32 steps "
             "(`auto`: where that saves memory traffic; `off`: every update at once, summed as plain SGD sums it)",
         ),
+        Option(
+            name="native",
+            kind=Choice(("auto", "off")),
+            default="auto",
+            help="run plain SGD steps with the mse loss on the CPU in a compiled loop, built with the "
+            "system's C compiler on first use (`auto`: where it applies and a compiler is at hand; "
+            "`off`: always ATen ops)",
+        ),
     )
 
     def require(self) -> None:
@@ -95,6 +103,7 @@ class TorchBackend(Backend):
                 p.options.get("device", "cpu"),
                 p.options.get("dtype", "float64"),
                 p.options.get("lazy_updates", "auto"),
+                p.options.get("native", "auto"),
             )
             for p in plans
         }
@@ -104,7 +113,7 @@ class TorchBackend(Backend):
 
         from ._ensemble import train_ensemble
 
-        device, dtype, lazy = options.pop()
+        device, dtype, lazy, native = options.pop()
         results = train_ensemble(
             plans,
             [make_dataset(plan.data, plan.seed) for plan in plans],
@@ -112,5 +121,6 @@ class TorchBackend(Backend):
             device=str(device),
             dtype=str(dtype),
             lazy=lazy != "off",
+            native=native != "off",
         )
         return [{"records": r.records, "status": r.status, "message": r.message} for r in results]

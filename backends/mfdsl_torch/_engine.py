@@ -13,7 +13,10 @@ autograd: every activation, output map and loss the plans name is covered), runs
 ``W ← W + aᵀ(c·g)`` in place), so no gradient tensor is materialised and a step costs
 one pass over each weight matrix beyond the matrix products; large layers taking plain
 SGD steps defer their updates and fold them in every 32 steps (*lazy updates*, see
-:mod:`._ensemble`), which agrees with updating at once up to rounding.
+:mod:`._ensemble`), which agrees with updating at once up to rounding.  On the CPU,
+plain SGD with the ``mse`` loss and the ``identity`` output map runs in a compiled
+step loop instead (:mod:`._native`, the ``native`` option), which agrees with the ATen
+ops up to rounding and is several times faster at small batches.
 
 The training itself lives in :mod:`._ensemble`: :func:`train` is
 :func:`~._ensemble.train_ensemble` with one member, and an ensemble's members get, bit
@@ -501,6 +504,8 @@ def train(
     device: str | torch.device = "cpu",
     dtype: str | torch.dtype = "float64",
     chunk_steps: int = 1024,
+    lazy: bool = True,
+    native: bool = True,
 ) -> Result:
     """Train the finite network of ``plan`` on ``dataset`` and record its observables.
 
@@ -520,7 +525,14 @@ def train(
             report(step, loss)
 
     return train_ensemble(
-        [plan], [dataset], progress=member_progress, device=device, dtype=dtype, chunk_steps=chunk_steps
+        [plan],
+        [dataset],
+        progress=member_progress,
+        device=device,
+        dtype=dtype,
+        chunk_steps=chunk_steps,
+        lazy=lazy,
+        native=native,
     )[0]
 
 

@@ -1,0 +1,286 @@
+/* mfdsl's native step loop: plain SGD steps of one multilayer network, batch B.
+ *
+ * Compiled twice by _native.py, with -DREAL=double -DSFX=_f64 and -DREAL=float
+ * -DSFX=_f32, into one shared library loaded with ctypes.  It runs a whole chunk of
+ * steps of one network in one call, so a batch-1 step costs no dispatch at all: the
+ * ATen path spends ~45 small calls a step, which dominate below width ~400.
+ *
+ * The network (the torch backend's EnsembleTrainer, one member):
+ *   H_i = m_i · (A_i W_i) + b_i,   A_0 = X,   A_{i+1} = φ(H_i),   ŷ = H_last,
+ *   loss = Σ (ŷ − y)²  (the caller scales it by 1/(2B)),
+ *   G_last = (ŷ − y) / B,   G_{i−1} = m_i · (G_i W_iᵀ) ⊙ φ'(H_{i−1}),
+ *   W_i += A_iᵀ (c_i · G_i)   (c_i = −η_i m_i),   b_i += cb_i · Σ_batch G_i,
+ * with W_i stored (fan_in, fan_out) row-major, as the ensemble's member views.
+ *
+ * Each weight row is touched once in the forward pass and once in the backward pass,
+ * where its backward product and its update share one read–modify–write.  With ReLU a
+ * row whose input unit is off for the whole minibatch is skipped in both passes: its
+ * contributions are exact zeros and its unit's gradient is masked.
+ *
+ * Sums run in a fixed order fixed by this source alone, so a network's numbers do not
+ * depend on where its buffers lie or on which other networks are trained beside it.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#ifndef REAL
+#define REAL double
+#define SFX _f64
+#endif
+
+#define CAT_(a, b) a##b
+#define CAT(a, b) CAT_(a, b)
+#define NAME(x) CAT(x, SFX)
+
+/* independent partial sums of a dot product: two vectors' worth of 64-byte lanes */
+#define LANES (128 / (int)sizeof(REAL))
+
+enum { ACT_IDENTITY = 0, ACT_RELU = 1, ACT_PL = 2, ACT_TANH = 3, ACT_SIGMOID = 4, ACT_ERF = 5, ACT_GELU = 6 };
+
+static inline REAL NAME(act)(int act, REAL h, const double *pl) {
+    switch (act) {
+    case ACT_RELU:
+        return h <= 0 ? (REAL)0 : h; /* NaN passes, as ATen's clamp_min */
+    case ACT_PL: {
+        REAL c = h < (REAL)pl[0] ? (REAL)pl[0] : (h > (REAL)pl[1] ? (REAL)pl[1] : h);
+        return (c - (REAL)pl[0]) * (REAL)pl[3] + (REAL)pl[2];
+    }
+    case ACT_TANH:
+        return (REAL)tanh((double)h);
+    case ACT_SIGMOID:
+        return (REAL)(1.0 / (1.0 + exp(-(double)h)));
+    case ACT_ERF:
+        return (REAL)erf((double)h);
+    case ACT_GELU:
+        return (REAL)(0.5 * (double)h * (1.0 + erf((double)h * 0.70710678118654752440)));
+    default:
+        return h;
+    }
+}
+
+/* φ'(h), given h and a = φ(h); pl = (t1, t2, s1, slope) of the piecewise-linear map */
+static inline REAL NAME(act_grad)(int act, REAL h, REAL a, const double *pl) {
+    switch (act) {
+    case ACT_RELU:
+        return h <= 0 ? (REAL)0 : (REAL)1;
+    case ACT_PL:
+        return (h <= (REAL)pl[0] || h >= (REAL)pl[1]) ? (REAL)0 : (REAL)pl[3];
+    case ACT_TANH:
+        return (REAL)1 - a * a;
+    case ACT_SIGMOID:
+        return ((REAL)1 - a) * a;
+    case ACT_ERF:
+        return (REAL)(1.1283791670955125739 * exp(-(double)h * (double)h));
+    case ACT_GELU: {
+        double x = (double)h;
+        return (REAL)(0.5 * (1.0 + erf(x * 0.70710678118654752440)) +
+                      x * 0.39894228040143267794 * exp(-0.5 * x * x));
+    }
+    default:
+        return (REAL)1;
+    }
+}
+
+/* out[o] += Σ_j a[j] · rows[j][o] over the rows listed in idx (count n), four at a time */
+static void NAME(rows_axpy)(REAL *restrict out, const REAL *restrict W, int64_t fo, const int64_t *idx,
+                            const REAL *restrict a, int64_t n) {
+    int64_t j = 0;
+    for (; j + 4 <= n; j += 4) {
+        const REAL *restrict w0 = W + idx[j] * fo, *restrict w1 = W + idx[j + 1] * fo;
+        const REAL *restrict w2 = W + idx[j + 2] * fo, *restrict w3 = W + idx[j + 3] * fo;
+        REAL a0 = a[j], a1 = a[j + 1], a2 = a[j + 2], a3 = a[j + 3];
+        for (int64_t o = 0; o < fo; o++) {
+            REAL h = out[o];
+            h += a0 * w0[o];
+            h += a1 * w1[o];
+            h += a2 * w2[o];
+            h += a3 * w3[o];
+            out[o] = h;
+        }
+    }
+    for (; j < n; j++) {
+        const REAL *restrict w0 = W + idx[j] * fo;
+        REAL a0 = a[j];
+        for (int64_t o = 0; o < fo; o++)
+            out[o] += a0 * w0[o];
+    }
+}
+
+/* Σ_o w[o] g[o] in LANES partial sums (a fixed order), then w[o] += s · u[o] */
+static inline REAL NAME(dot_update)(REAL *restrict w, const REAL *restrict g, const REAL *restrict u, REAL s,
+                                    int64_t fo, int update) {
+    REAL acc[LANES];
+    for (int l = 0; l < LANES; l++)
+        acc[l] = 0;
+    int64_t o = 0;
+    if (update) {
+        for (; o + LANES <= fo; o += LANES)
+            for (int l = 0; l < LANES; l++) {
+                REAL x = w[o + l];
+                acc[l] += x * g[o + l];
+                w[o + l] = x + s * u[o + l];
+            }
+    } else {
+        for (; o + LANES <= fo; o += LANES)
+            for (int l = 0; l < LANES; l++)
+                acc[l] += w[o + l] * g[o + l];
+    }
+    REAL tail = 0;
+    for (; o < fo; o++) {
+        REAL x = w[o];
+        tail += x * g[o];
+        if (update)
+            w[o] = x + s * u[o];
+    }
+    for (int width = LANES / 2; width > 0; width /= 2)
+        for (int l = 0; l < width; l++)
+            acc[l] += acc[l + width];
+    return acc[0] + tail;
+}
+
+/*
+ * n plain-SGD steps of one network.
+ *   nl layers; fin[i], fout[i] their shapes; W[i] (fin × fout), b[i] (fout) or NULL;
+ *   mult[i] the forward multipliers; c[k·nl + i], cb[k·nl + i] step k's coefficients
+ *   (c = −η m for the weights, cb = −η_b for the biases; unused where frozen);
+ *   trainable[i]; lowest the lowest trainable layer (nl if none);
+ *   X (n × B × fin[0]) and Y (n × B × fout[nl−1]) the chunk's data;
+ *   loss[k] ← Σ (ŷ − y)² of step k, taken before its update.
+ * Returns 0, or −1 when scratch memory could not be allocated.
+ */
+int NAME(mf_sgd)(int nl, const int64_t *fin, const int64_t *fout, REAL **W, REAL **b, const double *mult,
+                 const int32_t *trainable, int lowest, int act, const double *pl, int64_t B, int64_t n,
+                 const REAL *X, const REAL *Y, const REAL *c, const REAL *cb, double *loss) {
+    /* scratch: per layer H, G (B × fout), GS (B × fout), A_in (B × fin), idx, coefs */
+    int64_t total = 0, maxin = 0;
+    for (int i = 0; i < nl; i++) {
+        total += 3 * B * fout[i] + B * fin[i];
+        if (fin[i] > maxin)
+            maxin = fin[i];
+    }
+    REAL *buf = (REAL *)calloc((size_t)(total + B * maxin), sizeof(REAL));
+    int64_t *idx = (int64_t *)malloc(sizeof(int64_t) * (size_t)(maxin > 0 ? maxin : 1));
+    REAL **H = (REAL **)malloc(sizeof(REAL *) * (size_t)nl * 4);
+    if (!buf || !idx || !H) {
+        free(buf);
+        free(idx);
+        free(H);
+        return -1;
+    }
+    REAL **G = H + nl, **GS = H + 2 * nl, **A = H + 3 * nl;
+    REAL *p = buf;
+    for (int i = 0; i < nl; i++) {
+        H[i] = p, p += B * fout[i];
+        G[i] = p, p += B * fout[i];
+        GS[i] = p, p += B * fout[i];
+        A[i] = p, p += B * fin[i];
+    }
+    REAL *coef = p; /* B × maxin: the active rows' inputs, gathered */
+    const int last = nl - 1;
+    const int64_t d = fin[0], K = fout[last];
+
+    for (int64_t k = 0; k < n; k++) {
+        const REAL *x = X + k * B * d, *y = Y + k * B * K;
+        memcpy(A[0], x, sizeof(REAL) * (size_t)(B * d));
+        /* ---- forward */
+        for (int i = 0; i < nl; i++) {
+            const int64_t fi = fin[i], fo = fout[i];
+            for (int64_t bb = 0; bb < B; bb++) {
+                REAL *h = H[i] + bb * fo;
+                const REAL *a = A[i] + bb * fi;
+                int64_t m = 0;
+                for (int64_t r = 0; r < fi; r++)
+                    if (a[r] != 0) {
+                        idx[m] = r;
+                        coef[m] = a[r];
+                        m++;
+                    }
+                memset(h, 0, sizeof(REAL) * (size_t)fo);
+                NAME(rows_axpy)(h, W[i], fo, idx, coef, m);
+                const REAL mi = (REAL)mult[i];
+                if (b[i])
+                    for (int64_t o = 0; o < fo; o++)
+                        h[o] = mi * h[o] + b[i][o];
+                else
+                    for (int64_t o = 0; o < fo; o++)
+                        h[o] = mi * h[o];
+                if (i < last) {
+                    REAL *an = A[i + 1] + bb * fo;
+                    for (int64_t o = 0; o < fo; o++)
+                        an[o] = NAME(act)(act, h[o], pl);
+                }
+            }
+        }
+        /* ---- loss and its gradient */
+        double sq = 0;
+        const REAL invb = (REAL)(1.0 / (double)B);
+        for (int64_t j = 0; j < B * K; j++) {
+            REAL r = H[last][j] - y[j];
+            sq += (double)(r * r);
+            G[last][j] = r * invb;
+        }
+        loss[k] = sq;
+        /* ---- backward products and updates, top down */
+        for (int i = last; i >= lowest; i--) {
+            const int64_t fi = fin[i], fo = fout[i];
+            const int below = i > lowest, upd = trainable[i];
+            const REAL ci = c[k * nl + i];
+            const REAL mi = (REAL)mult[i];
+            if (upd)
+                for (int64_t j = 0; j < B * fo; j++)
+                    GS[i][j] = ci * G[i][j];
+            if (upd && b[i]) {
+                const REAL cbi = cb[k * nl + i];
+                for (int64_t o = 0; o < fo; o++) {
+                    REAL s = 0;
+                    for (int64_t bb = 0; bb < B; bb++)
+                        s += G[i][bb * fo + o];
+                    b[i][o] += cbi * s;
+                }
+            }
+            if (!below && !upd)
+                continue;
+            REAL *gb = below ? G[i - 1] : NULL;
+            for (int64_t r = 0; r < fi; r++) {
+                REAL *w = W[i] + r * fo;
+                int on = 0;
+                for (int64_t bb = 0; bb < B; bb++)
+                    on |= A[i][bb * fi + r] != 0;
+                /* an off unit (ReLU, every example) has a zero update and a masked gradient */
+                if (!on && (!below || act == ACT_RELU)) {
+                    if (below)
+                        for (int64_t bb = 0; bb < B; bb++)
+                            gb[bb * fi + r] = 0;
+                    continue;
+                }
+                if (B == 1) {
+                    REAL dot = NAME(dot_update)(w, G[i], GS[i], A[i][r], fo, upd);
+                    if (below)
+                        gb[r] = mi * dot;
+                } else {
+                    for (int64_t bb = 0; bb < B; bb++) {
+                        REAL dot = NAME(dot_update)(w, G[i] + bb * fo, NULL, 0, fo, 0);
+                        if (below)
+                            gb[bb * fi + r] = mi * dot;
+                    }
+                    if (upd)
+                        for (int64_t bb = 0; bb < B; bb++) {
+                            const REAL s = A[i][bb * fi + r];
+                            const REAL *u = GS[i] + bb * fo;
+                            for (int64_t o = 0; o < fo; o++)
+                                w[o] += s * u[o];
+                        }
+                }
+            }
+            if (below)
+                for (int64_t j = 0; j < B * fi; j++)
+                    gb[j] *= NAME(act_grad)(act, H[i - 1][j], A[i][j], pl);
+        }
+    }
+    free(buf);
+    free(idx);
+    free(H);
+    return 0;
+}
