@@ -233,11 +233,12 @@ def training_bandwidth(
     return per, 4 * params * item * members / per
 
 
-def recording_cost(width: int, steps: int, every: int, tests: list[int], repeats: int = 3) -> list[str]:
+def recording_cost(width: int, steps: int, every: int, tests: list[int], seconds: float = 30.0) -> list[str]:
     """What recording costs one run (``run_group`` of one plan, 1 thread), as lines.
 
     The mechanism (records kept on the device, chunks ending at record steps, lazy
-    updates folded there): the best of ``repeats`` runs recording ``train_loss`` only
+    updates folded there): after a warm-up run of each, the best of as many runs as fit
+    in about ``seconds`` (at least 3) recording ``train_loss`` only
     at the end and every ``every`` steps, alternated.  The evaluation of the test set
     (``test_loss``, ``test_accuracy``): the share of a run's time spent in the observer
     (measured inside the run, so it does not suffer from the machine's drift between
@@ -259,12 +260,14 @@ def recording_cost(width: int, steps: int, every: int, tests: list[int], repeats
     end = dataclasses.replace(plan, record_steps=np.array([steps]), observables=loss_only)
     cadence = dataclasses.replace(plan, observables=loss_only)
     times: dict[str, list[float]] = {"end": [], "every": []}
+    warm = _timed(lambda: backend.run_group([end])) + _timed(lambda: backend.run_group([cadence]))
+    repeats = max(3, min(25, int(seconds / max(warm, 1e-3))))
     for _ in range(repeats):
         times["end"].append(_timed(lambda: backend.run_group([end])))
         times["every"].append(_timed(lambda: backend.run_group([cadence])))
     bare, rec = min(times["end"]), min(times["every"])
     lines = [
-        f"train_loss only: recorded at the end {bare:.2f} s, every {every} steps {rec:.2f} s "
+        f"train_loss only: recorded at the end {bare:.3f} s, every {every} steps {rec:.3f} s "
         f"({100 * (rec - bare) / rec:+.1f}%; best of {repeats})"
     ]
     spent = [0.0]
