@@ -49,15 +49,14 @@ def trainer_of(plan: RunPlan, **kw: bool) -> EnsembleTrainer:
     return EnsembleTrainer(Ensemble([plan]), ["binary"], 1, **kw)
 
 
-def test_native_takes_plain_sgd_with_mse_and_nothing_else() -> None:
+def test_native_takes_plain_sgd_and_nothing_else() -> None:
     assert trainer_of(plan_of()).native
     assert trainer_of(plan_of(bias=True, frozen=(1,), batch=3, activation="gelu")).native
+    assert trainer_of(plan_of(loss="logistic", output="tanh")).native
     assert not trainer_of(plan_of(), native=False).native
     assert not trainer_of(plan_of(optimizer=OptimizerPlan(kind="sgd", lr=0.01, momentum=0.9))).native
     assert not trainer_of(plan_of(optimizer=OptimizerPlan(kind="sgd", lr=0.01, weight_decay=1e-3))).native
     assert not trainer_of(plan_of(optimizer=OptimizerPlan(kind="langevin", lr=0.01, temperature=1e-4))).native
-    assert not trainer_of(plan_of(loss="logistic")).native
-    assert not trainer_of(plan_of(output="tanh")).native
     # a native trainer has no lazy layers: it updates every layer at once
     assert not trainer_of(plan_of(widths=(520, 520))).lazy_on
 
@@ -80,6 +79,31 @@ def test_native_equals_the_aten_path_up_to_rounding(act: str, batch: int, bias: 
     assert np.all(native.records["weight_change"][-1][[0, 2]] > 0)  # trained; layer 2 frozen or not
     if bias:
         assert np.all(native.records["weight_change"][:, 1] == 0)
+
+
+@pytest.mark.parametrize(
+    ("loss", "output", "task", "outputs"),
+    [
+        ("logistic", "identity", "binary", 1),
+        ("logistic", "tanh", "binary", 1),
+        ("mse", "sigmoid", "regression", 2),
+        ("mse", "tanh", "multiclass", 3),  # one-hot targets
+        ("cross_entropy", "identity", "multiclass", 3),
+        ("cross_entropy", "sigmoid", "multiclass", 4),
+    ],
+)
+@pytest.mark.parametrize("batch", [1, 3])
+def test_native_losses_and_output_maps_equal_the_aten_path(
+    loss: str, output: str, task: str, outputs: int, batch: int
+) -> None:
+    plan = plan_of(loss=loss, output=output, outputs=outputs, batch=batch, bias=True, activation="tanh")
+    data = FakeData(outputs=outputs, task=task)
+    native = train_ensemble([plan], [data])[0]
+    aten = train_ensemble([plan], [data], native=False, lazy=False)[0]
+    assert native.status == aten.status == "done"
+    for name, arr in aten.records.items():
+        np.testing.assert_allclose(native.records[name], arr, rtol=1e-10, atol=1e-13, err_msg=name)
+    assert np.all(native.records["weight_change"][-1] > 0)
 
 
 def test_native_float32_equals_the_aten_path_to_single_precision() -> None:

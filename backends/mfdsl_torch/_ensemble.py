@@ -74,8 +74,8 @@ through memory at every step, so they make fewer passes:
   :data:`_BLOCK_BYTES`, so a block's backward product and update run while the block
   is in cache.
 
-**The native step loop.**  Where it applies (CPU, plain SGD, ``mse`` loss, ``identity``
-output; see :mod:`._native`), none of the above runs: each member's chunk of steps is
+**The native step loop.**  Where it applies (CPU, plain SGD: no momentum, weight
+decay or noise; see :mod:`._native`), none of the above runs: each member's chunk of steps is
 one call into compiled C, member by member (on parallel threads when torch has
 several), which updates every layer at once and sums in an order fixed by its source,
 so members are bit-identical to solo runs by construction and results do not depend on
@@ -644,15 +644,15 @@ class EnsembleTrainer:
 
     def _native_args(self) -> list[Any] | None:
         """Per member, the native step loop's fixed arguments, or ``None`` where it does
-        not apply: not the CPU, another loss or output map than ``mse`` / ``identity``,
-        momentum, weight decay, Langevin noise, or no C compiler here."""
+        not apply: not the CPU, momentum, weight decay, Langevin noise, or no C compiler
+        here."""
         from . import _native
 
         ens = self.ens
         if (
             ens.device.type != "cpu"
-            or self.loss != "mse"
-            or self.output != "identity"
+            or self.loss not in _native.LOSSES
+            or self.output not in _native.OUTPUTS
             or self.momentum
             or self.noisy
             or any(self.decay_on)
@@ -671,6 +671,8 @@ class EnsembleTrainer:
                 self.trainable,
                 self.lowest,
                 self.activation,
+                self.output,
+                self.loss,
                 pl,
                 self.batch,
             )

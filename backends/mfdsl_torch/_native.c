@@ -6,9 +6,10 @@
  * ATen path spends ~45 small calls a step, which dominate below width ~400.
  *
  * The network (the torch backend's EnsembleTrainer, one member):
- *   H_i = m_i · (A_i W_i) + b_i,   A_0 = X,   A_{i+1} = φ(H_i),   ŷ = H_last,
- *   loss = Σ (ŷ − y)²  (the caller scales it by 1/(2B)),
- *   G_last = (ŷ − y) / B,   G_{i−1} = m_i · (G_i W_iᵀ) ⊙ φ'(H_{i−1}),
+ *   H_i = m_i · (A_i W_i) + b_i,   A_0 = X,   A_{i+1} = φ(H_i),   ŷ = ψ(H_last),
+ *   loss: the sum over the minibatch of (ŷ − y)² (mse), softplus(−y ŷ) (logistic) or
+ *   log softmax(ŷ)[y] (cross-entropy), which the caller scales by 1/(2B), 1/B, −1/B;
+ *   G_last = ∂(batch-mean loss)/∂ŷ ⊙ ψ'(H_last),   G_{i−1} = m_i · (G_i W_iᵀ) ⊙ φ'(H_{i−1}),
  *   W_i += A_iᵀ (c_i · G_i)   (c_i = −η_i m_i),   b_i += cb_i · Σ_batch G_i,
  * with W_i stored (fan_in, fan_out) row-major, as the ensemble's member views.
  *
@@ -38,6 +39,7 @@
 #define LANES (128 / (int)sizeof(REAL))
 
 enum { ACT_IDENTITY = 0, ACT_RELU = 1, ACT_PL = 2, ACT_TANH = 3, ACT_SIGMOID = 4, ACT_ERF = 5, ACT_GELU = 6 };
+enum { LOSS_MSE = 0, LOSS_LOGISTIC = 1, LOSS_CROSS_ENTROPY = 2 };
 
 static inline REAL NAME(act)(int act, REAL h, const double *pl) {
     switch (act) {
@@ -146,13 +148,17 @@ static inline REAL NAME(dot_update)(REAL *restrict w, const REAL *restrict g, co
  *   mult[i] the forward multipliers; c[k·nl + i], cb[k·nl + i] step k's coefficients
  *   (c = −η m for the weights, cb = −η_b for the biases; unused where frozen);
  *   trainable[i]; lowest the lowest trainable layer (nl if none);
- *   X (n × B × fin[0]) and Y (n × B × fout[nl−1]) the chunk's data;
- *   loss[k] ← Σ (ŷ − y)² of step k, taken before its update.
+ *   act the activation φ, out the output map ψ (ACT_IDENTITY, ACT_TANH or ACT_SIGMOID),
+ *   loss_kind the loss;
+ *   X (n × B × fin[0]) and Y the chunk's data: targets (n × B × fout[nl−1], REAL), or
+ *   for cross-entropy labels (n × B, int64);
+ *   loss[k] ← step k's loss sum (see above), taken before its update.
  * Returns 0, or −1 when scratch memory could not be allocated.
  */
 int NAME(mf_sgd)(int nl, const int64_t *fin, const int64_t *fout, REAL **W, REAL **b, const double *mult,
-                 const int32_t *trainable, int lowest, int act, const double *pl, int64_t B, int64_t n,
-                 const REAL *X, const REAL *Y, const REAL *c, const REAL *cb, double *loss) {
+                 const int32_t *trainable, int lowest, int act, int out, int loss_kind, const double *pl,
+                 int64_t B, int64_t n, const REAL *X, const void *Y, const REAL *c, const REAL *cb,
+                 double *loss) {
     /* scratch: per layer H, G (B × fout), GS (B × fout), A_in (B × fin), idx, coefs */
     int64_t total = 0, maxin = 0;
     for (int i = 0; i < nl; i++) {
@@ -160,7 +166,7 @@ int NAME(mf_sgd)(int nl, const int64_t *fin, const int64_t *fout, REAL **W, REAL
         if (fin[i] > maxin)
             maxin = fin[i];
     }
-    REAL *buf = (REAL *)calloc((size_t)(total + B * maxin), sizeof(REAL));
+    REAL *buf = (REAL *)calloc((size_t)(total + B * maxin + B * fout[nl - 1]), sizeof(REAL));
     int64_t *idx = (int64_t *)malloc(sizeof(int64_t) * (size_t)(maxin > 0 ? maxin : 1));
     REAL **H = (REAL **)malloc(sizeof(REAL *) * (size_t)nl * 4);
     if (!buf || !idx || !H) {
@@ -180,9 +186,10 @@ int NAME(mf_sgd)(int nl, const int64_t *fin, const int64_t *fout, REAL **W, REAL
     REAL *coef = p; /* B × maxin: the active rows' inputs, gathered */
     const int last = nl - 1;
     const int64_t d = fin[0], K = fout[last];
+    REAL *yhat = coef + B * maxin; /* B × K */
 
     for (int64_t k = 0; k < n; k++) {
-        const REAL *x = X + k * B * d, *y = Y + k * B * K;
+        const REAL *x = X + k * B * d;
         memcpy(A[0], x, sizeof(REAL) * (size_t)(B * d));
         /* ---- forward */
         for (int i = 0; i < nl; i++) {
@@ -214,14 +221,48 @@ int NAME(mf_sgd)(int nl, const int64_t *fin, const int64_t *fout, REAL **W, REAL
             }
         }
         /* ---- loss and its gradient */
-        double sq = 0;
+        const REAL *z = H[last];
+        REAL *g = G[last];
+        for (int64_t j = 0; j < B * K; j++)
+            yhat[j] = NAME(act)(out, z[j], pl);
+        double sum = 0;
         const REAL invb = (REAL)(1.0 / (double)B);
-        for (int64_t j = 0; j < B * K; j++) {
-            REAL r = H[last][j] - y[j];
-            sq += (double)(r * r);
-            G[last][j] = r * invb;
+        if (loss_kind == LOSS_CROSS_ENTROPY) {
+            const int64_t *labels = (const int64_t *)Y + k * B;
+            for (int64_t bb = 0; bb < B; bb++) {
+                const REAL *v = yhat + bb * K;
+                REAL *gv = g + bb * K;
+                REAL top = v[0];
+                for (int64_t o = 1; o < K; o++)
+                    top = v[o] > top ? v[o] : top;
+                double se = 0;
+                for (int64_t o = 0; o < K; o++)
+                    se += exp((double)(v[o] - top));
+                const REAL lse = top + (REAL)log(se);
+                sum += (double)(v[labels[bb]] - lse);
+                for (int64_t o = 0; o < K; o++)
+                    gv[o] = (REAL)exp((double)(v[o] - lse)) - (o == labels[bb] ? (REAL)1 : (REAL)0);
+                for (int64_t o = 0; o < K; o++)
+                    gv[o] *= invb;
+            }
+        } else {
+            const REAL *y = (const REAL *)Y + k * B * K;
+            for (int64_t j = 0; j < B * K; j++) {
+                if (loss_kind == LOSS_LOGISTIC) {
+                    const double margin = -(double)(y[j] * yhat[j]);
+                    sum += margin > 20 ? margin : log1p(exp(margin)); /* softplus, as ATen's */
+                    g[j] = (REAL)(1.0 / (1.0 + exp(-margin))) * y[j] * -invb;
+                } else {
+                    const REAL r = yhat[j] - y[j];
+                    sum += (double)(r * r);
+                    g[j] = r * invb;
+                }
+            }
         }
-        loss[k] = sq;
+        if (out != ACT_IDENTITY)
+            for (int64_t j = 0; j < B * K; j++)
+                g[j] *= NAME(act_grad)(out, z[j], yhat[j], pl);
+        loss[k] = sum;
         /* ---- backward products and updates, top down */
         for (int i = last; i >= lowest; i--) {
             const int64_t fi = fin[i], fo = fout[i];

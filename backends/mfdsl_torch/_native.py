@@ -2,9 +2,9 @@
 
 A batch-1 SGD step of a small network is a few microseconds of arithmetic but some 45
 ATen calls of ~4 µs each; the C loop runs a whole chunk of steps of one network in one
-call.  It covers the common case — CPU, plain SGD (no momentum, weight decay or noise),
-the ``mse`` loss with the ``identity`` output map — and :func:`supports` says when it
-applies; everything else trains on ATen ops.
+call.  It covers plain SGD on the CPU (no momentum, weight decay or noise) with every
+activation, loss and output map the plans name; ``EnsembleTrainer`` decides where it
+applies, and everything else trains on ATen ops.
 
 The library is compiled once per source, compiler and CPU into the cache directory
 (``$MFDSL_CACHE_DIR``, else ``$XDG_CACHE_HOME/mfdsl``, else ``~/.cache/mfdsl``), with
@@ -29,14 +29,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["ACTIVATIONS", "library", "run_member", "unavailable_reason"]
+__all__ = ["ACTIVATIONS", "LOSSES", "OUTPUTS", "library", "run_member", "unavailable_reason"]
 
 _SOURCE = Path(__file__).with_name("_native.c")
 _FLAGS = ("-O3", "-fPIC", "-std=c11")
 #: tried in order: the host's vector units where the compiler knows the flag
 _ARCH_FLAGS = (("-march=native",), ())
 
-#: activation codes of _native.c
+#: the losses and output maps of _native.c
+LOSSES = {"mse": 0, "logistic": 1, "cross_entropy": 2}
+OUTPUTS = ("identity", "tanh", "sigmoid")
+
+#: activation codes of _native.c (the output maps take the same codes)
 ACTIVATIONS = {
     "identity": 0,
     "relu": 1,
@@ -143,6 +147,8 @@ def _load() -> ctypes.CDLL:
             ctypes.c_void_p,  # trainable
             ctypes.c_int,  # lowest
             ctypes.c_int,  # act
+            ctypes.c_int,  # out
+            ctypes.c_int,  # loss_kind
             ctypes.c_void_p,  # pl
             ctypes.c_int64,  # B
             ctypes.c_int64,  # n
@@ -189,7 +195,22 @@ class MemberArgs:
     """The fixed arguments of one member's calls: shapes and pointers into the
     ensemble's tensors (which stay put: the trainer allocates them once)."""
 
-    __slots__ = ("B", "W", "act", "b", "fin", "fout", "keep", "lowest", "mult", "nl", "pl", "trainable")
+    __slots__ = (
+        "B",
+        "W",
+        "act",
+        "b",
+        "fin",
+        "fout",
+        "keep",
+        "loss",
+        "lowest",
+        "mult",
+        "nl",
+        "out",
+        "pl",
+        "trainable",
+    )
 
     def __init__(
         self,
@@ -199,6 +220,8 @@ class MemberArgs:
         trainable: list[bool],
         lowest: int,
         act: str,
+        out: str,
+        loss: str,
         pl: tuple[float, float, float, float],
         batch: int,
     ) -> None:
@@ -214,6 +237,8 @@ class MemberArgs:
         self.trainable = np.array(trainable, np.int32)
         self.lowest = int(lowest)
         self.act = ACTIVATIONS[act]
+        self.out = ACTIVATIONS[out]
+        self.loss = LOSSES[loss]
         self.pl = np.array(pl, np.float64)
         self.B = int(batch)
         self.keep = (W, b)  # the tensors must outlive the pointers
@@ -229,8 +254,9 @@ def run_member(
     loss: np.ndarray,
 ) -> None:
     """``n`` steps of one member on its chunk ``x`` ``(n, B, d)``, ``y`` ``(n, B, K)``
-    (contiguous, the weights' dtype); ``c``, ``cb`` ``(n, nl)`` in the weights' dtype;
-    ``loss`` ``(n,)`` float64 takes the squared residual sums."""
+    (contiguous, the weights' dtype; int64 labels ``(n, B)`` for cross-entropy); ``c``,
+    ``cb`` ``(n, nl)`` in the weights' dtype; ``loss`` ``(n,)`` float64 takes each
+    step's loss sum (``EnsembleTrainer._loss_scale`` makes it the batch mean)."""
     f64 = x.dtype == torch.float64
     fn = lib.mf_sgd_f64 if f64 else lib.mf_sgd_f32
     n = int(x.shape[0])
@@ -246,6 +272,8 @@ def run_member(
         args.trainable.ctypes.data,
         args.lowest,
         args.act,
+        args.out,
+        args.loss,
         args.pl.ctypes.data,
         args.B,
         n,
