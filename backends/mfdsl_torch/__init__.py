@@ -49,9 +49,9 @@ class TorchBackend(Backend):
             name="native",
             kind=Choice(("auto", "off")),
             default="auto",
-            help="run plain SGD steps (no momentum, weight decay or noise) on the CPU in a compiled loop, "
-            "built with the system's C compiler on first use (`auto`: where it applies and a compiler is "
-            "at hand; `off`: always ATen ops)",
+            help="run SGD steps (momentum and weight decay included; not Langevin noise) on the CPU in a "
+            "compiled loop, built with the system's C compiler on first use (`auto`: where it applies and a "
+            "compiler is at hand; `off`: always ATen ops)",
         ),
     )
 

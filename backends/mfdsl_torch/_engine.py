@@ -14,7 +14,7 @@ autograd: every activation, output map and loss the plans name is covered), runs
 one pass over each weight matrix beyond the matrix products; large layers taking plain
 SGD steps defer their updates and fold them in every 32 steps (*lazy updates*, see
 :mod:`._ensemble`), which agrees with updating at once up to rounding.  On the CPU,
-plain SGD (no momentum, weight decay or noise) runs in a compiled step loop instead (:mod:`._native`, the ``native`` option), which agrees with the ATen
+SGD without Langevin noise runs in a compiled step loop instead (:mod:`._native`, the ``native`` option), which agrees with the ATen
 ops up to rounding and is several times faster at small batches.
 
 The training itself lives in :mod:`._ensemble`: :func:`train` is

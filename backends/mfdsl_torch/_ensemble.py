@@ -74,8 +74,8 @@ through memory at every step, so they make fewer passes:
   :data:`_BLOCK_BYTES`, so a block's backward product and update run while the block
   is in cache.
 
-**The native step loop.**  Where it applies (CPU, plain SGD: no momentum, weight
-decay or noise; see :mod:`._native`), none of the above runs: each member's chunk of steps is
+**The native step loop.**  Where it applies (CPU, SGD without Langevin noise, momentum
+and weight decay included; see :mod:`._native`), none of the above runs: each member's chunk of steps is
 one call into compiled C, member by member (on parallel threads when torch has
 several), which updates every layer at once and sums in an order fixed by its source,
 so members are bit-identical to solo runs by construction and results do not depend on
@@ -644,8 +644,7 @@ class EnsembleTrainer:
 
     def _native_args(self) -> list[Any] | None:
         """Per member, the native step loop's fixed arguments, or ``None`` where it does
-        not apply: not the CPU, momentum, weight decay, Langevin noise, or no C compiler
-        here."""
+        not apply: not the CPU, Langevin noise, or no C compiler here."""
         from . import _native
 
         ens = self.ens
@@ -653,10 +652,7 @@ class EnsembleTrainer:
             ens.device.type != "cpu"
             or self.loss not in _native.LOSSES
             or self.output not in _native.OUTPUTS
-            or self.momentum
             or self.noisy
-            or any(self.decay_on)
-            or any(self.decay_b_on)
             or self.activation not in _native.ACTIVATIONS
         ):
             return None
@@ -675,6 +671,8 @@ class EnsembleTrainer:
                 self.loss,
                 pl,
                 self.batch,
+                [None if v is None else v[e] for v in self.vW] if self.momentum else None,
+                [None if v is None else v[e, 0] for v in self.vb] if self.momentum else None,
             )
             for e in range(ens.E)
         ]
@@ -696,19 +694,30 @@ class EnsembleTrainer:
         E, n = ens.E, int(xs.shape[1])
         self._prepare_coefs(start, n)
         np_dt = np.float64 if ens.dtype == torch.float64 else np.float32
-        c = np.zeros((E, n, self.nl), np.float64)
-        cb = np.zeros((E, n, self.nl), np.float64)
-        for i in range(self.nl):
-            ci, cbi = self._c[i], self._cb[i]
-            if ci is not None:
-                c[:, :, i] = ci.values[:, :E].T
-            if cbi is not None:
-                cb[:, :, i] = cbi.values[:, :E].T
-        c, cb = c.astype(np_dt), cb.astype(np_dt)
+        # the coefficients _prepare_coefs made for the ATen path, (E, n, nl, NCOEF);
+        # a factor of 1 and decays of 0 where a term is off (exact no-ops)
+        coef = np.zeros((E, n, self.nl, _native.NCOEF), np.float64)
+        coef[..., _native.COEFS.index("factor")] = 1.0
+        fields = {
+            "c": self._c,
+            "factor": self._factor,
+            "cb": self._cb,
+            "wd_b": self._wd_b,
+            "neg_eta": self._neg_eta,
+            "wd": self._wd,
+        }
+        for name, per_layer in fields.items():
+            f = _native.COEFS.index(name)
+            for i, cf in enumerate(per_layer):
+                if cf is not None:
+                    coef[:, :, i, f] = cf.values[:, :E].T
+        if self._mu is not None:
+            coef[..., _native.COEFS.index("mu")] = self._mu.values[:, :E].T[:, :, None]
+        coef = coef.astype(np_dt)
         loss = np.empty((E, n), np.float64)
 
         def one(e: int) -> None:
-            _native.run_member(lib, self._native[e], xs[e], ys[e], c[e], cb[e], loss[e])  # type: ignore[index]
+            _native.run_member(lib, self._native[e], xs[e], ys[e], coef[e], loss[e])  # type: ignore[index]
 
         threads = min(E, torch.get_num_threads())
         if threads > 1:

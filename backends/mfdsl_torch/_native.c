@@ -1,4 +1,5 @@
-/* mfdsl's native step loop: plain SGD steps of one multilayer network, batch B.
+/* mfdsl's native step loop: SGD steps (with momentum and weight decay) of one multilayer
+ * network, batch B.
  *
  * Compiled twice by _native.py, with -DREAL=double -DSFX=_f64 and -DREAL=float
  * -DSFX=_f32, into one shared library loaded with ctypes.  It runs a whole chunk of
@@ -10,7 +11,10 @@
  *   loss: the sum over the minibatch of (ŷ − y)² (mse), softplus(−y ŷ) (logistic) or
  *   log softmax(ŷ)[y] (cross-entropy), which the caller scales by 1/(2B), 1/B, −1/B;
  *   G_last = ∂(batch-mean loss)/∂ŷ ⊙ ψ'(H_last),   G_{i−1} = m_i · (G_i W_iᵀ) ⊙ φ'(H_{i−1}),
- *   W_i += A_iᵀ (c_i · G_i)   (c_i = −η_i m_i),   b_i += cb_i · Σ_batch G_i,
+ *   W_i ← (1 − η_i wd_i) W_i + A_iᵀ (c_i · G_i)   (c_i = −η_i m_i),
+ *   b_i ← b_i − η_b (Σ_batch G_i + wd_b b_i),
+ * or with momentum v ← μ v + m_i A_iᵀ G_i + wd_i W_i, W_i ← W_i − η_i v (and likewise
+ * for the biases, v_b ← μ v_b + Σ_batch G_i + wd_b b_i),
  * with W_i stored (fan_in, fan_out) row-major, as the ensemble's member views.
  *
  * Each weight row is touched once in the forward pass and once in the backward pass,
@@ -40,6 +44,9 @@
 
 enum { ACT_IDENTITY = 0, ACT_RELU = 1, ACT_PL = 2, ACT_TANH = 3, ACT_SIGMOID = 4, ACT_ERF = 5, ACT_GELU = 6 };
 enum { LOSS_MSE = 0, LOSS_LOGISTIC = 1, LOSS_CROSS_ENTROPY = 2 };
+/* a step's coefficients for one layer: c = −η m and the decay factor 1 − η wd (without
+   momentum), the bias's −η_b and decay wd_b, and with momentum −η, wd and μ */
+enum { C_W = 0, C_FACTOR = 1, C_B = 2, C_WDB = 3, C_NEG_ETA = 4, C_WD = 5, C_MU = 6, NCOEF = 8 };
 
 static inline REAL NAME(act)(int act, REAL h, const double *pl) {
     switch (act) {
@@ -145,8 +152,9 @@ static inline REAL NAME(dot_update)(REAL *restrict w, const REAL *restrict g, co
 /*
  * n plain-SGD steps of one network.
  *   nl layers; fin[i], fout[i] their shapes; W[i] (fin × fout), b[i] (fout) or NULL;
- *   mult[i] the forward multipliers; c[k·nl + i], cb[k·nl + i] step k's coefficients
- *   (c = −η m for the weights, cb = −η_b for the biases; unused where frozen);
+ *   mult[i] the forward multipliers; coef[(k·nl + i)·NCOEF + C_…] step k's coefficients
+ *   for layer i (unused where frozen); VW[i], VB[i] the momentum buffers (shaped as W[i],
+ *   b[i]), VW = VB = NULL without momentum;
  *   trainable[i]; lowest the lowest trainable layer (nl if none);
  *   act the activation φ, out the output map ψ (ACT_IDENTITY, ACT_TANH or ACT_SIGMOID),
  *   loss_kind the loss;
@@ -157,7 +165,7 @@ static inline REAL NAME(dot_update)(REAL *restrict w, const REAL *restrict g, co
  */
 int NAME(mf_sgd)(int nl, const int64_t *fin, const int64_t *fout, REAL **W, REAL **b, const double *mult,
                  const int32_t *trainable, int lowest, int act, int out, int loss_kind, const double *pl,
-                 int64_t B, int64_t n, const REAL *X, const void *Y, const REAL *c, const REAL *cb,
+                 int64_t B, int64_t n, const REAL *X, const void *Y, const REAL *coef, REAL **VW, REAL **VB,
                  double *loss) {
     /* scratch: per layer H, G (B × fout), GS (B × fout), A_in (B × fin), idx, coefs */
     int64_t total = 0, maxin = 0;
@@ -183,10 +191,10 @@ int NAME(mf_sgd)(int nl, const int64_t *fin, const int64_t *fout, REAL **W, REAL
         GS[i] = p, p += B * fout[i];
         A[i] = p, p += B * fin[i];
     }
-    REAL *coef = p; /* B × maxin: the active rows' inputs, gathered */
+    REAL *gathered = p; /* B × maxin: the active rows' inputs */
     const int last = nl - 1;
     const int64_t d = fin[0], K = fout[last];
-    REAL *yhat = coef + B * maxin; /* B × K */
+    REAL *yhat = gathered + B * maxin; /* B × K */
 
     for (int64_t k = 0; k < n; k++) {
         const REAL *x = X + k * B * d;
@@ -201,11 +209,11 @@ int NAME(mf_sgd)(int nl, const int64_t *fin, const int64_t *fout, REAL **W, REAL
                 for (int64_t r = 0; r < fi; r++)
                     if (a[r] != 0) {
                         idx[m] = r;
-                        coef[m] = a[r];
+                        gathered[m] = a[r];
                         m++;
                     }
                 memset(h, 0, sizeof(REAL) * (size_t)fo);
-                NAME(rows_axpy)(h, W[i], fo, idx, coef, m);
+                NAME(rows_axpy)(h, W[i], fo, idx, gathered, m);
                 const REAL mi = (REAL)mult[i];
                 if (b[i])
                     for (int64_t o = 0; o < fo; o++)
@@ -267,18 +275,29 @@ int NAME(mf_sgd)(int nl, const int64_t *fin, const int64_t *fout, REAL **W, REAL
         for (int i = last; i >= lowest; i--) {
             const int64_t fi = fin[i], fo = fout[i];
             const int below = i > lowest, upd = trainable[i];
-            const REAL ci = c[k * nl + i];
+            const REAL *cf = coef + (k * nl + i) * NCOEF;
             const REAL mi = (REAL)mult[i];
-            if (upd)
+            REAL *vw = VW ? VW[i] : NULL;
+            /* plain: no momentum and no decay this step, the update is W += aᵀ(c·g) */
+            const int plain = !vw && cf[C_FACTOR] == 1;
+            if (upd && !vw)
                 for (int64_t j = 0; j < B * fo; j++)
-                    GS[i][j] = ci * G[i][j];
+                    GS[i][j] = cf[C_W] * G[i][j];
             if (upd && b[i]) {
-                const REAL cbi = cb[k * nl + i];
+                REAL *vb = VB ? VB[i] : NULL;
                 for (int64_t o = 0; o < fo; o++) {
                     REAL s = 0;
                     for (int64_t bb = 0; bb < B; bb++)
                         s += G[i][bb * fo + o];
-                    b[i][o] += cbi * s;
+                    if (vb) {
+                        REAL v = vb[o] * cf[C_MU] + s;
+                        v += b[i][o] * cf[C_WDB];
+                        vb[o] = v;
+                        b[i][o] += v * cf[C_B];
+                    } else {
+                        s += b[i][o] * cf[C_WDB];
+                        b[i][o] += cf[C_B] * s;
+                    }
                 }
             }
             if (!below && !upd)
@@ -289,30 +308,48 @@ int NAME(mf_sgd)(int nl, const int64_t *fin, const int64_t *fout, REAL **W, REAL
                 int on = 0;
                 for (int64_t bb = 0; bb < B; bb++)
                     on |= A[i][bb * fi + r] != 0;
-                /* an off unit (ReLU, every example) has a zero update and a masked gradient */
-                if (!on && (!below || act == ACT_RELU)) {
+                /* an off unit (ReLU, every example) has a zero plain update and a masked
+                   gradient (momentum and decay still move its row) */
+                if (!on && (!below || act == ACT_RELU) && (plain || !upd)) {
                     if (below)
                         for (int64_t bb = 0; bb < B; bb++)
                             gb[bb * fi + r] = 0;
                     continue;
                 }
-                if (B == 1) {
+                if (B == 1 && plain) {
                     REAL dot = NAME(dot_update)(w, G[i], GS[i], A[i][r], fo, upd);
                     if (below)
                         gb[r] = mi * dot;
-                } else {
-                    for (int64_t bb = 0; bb < B; bb++) {
-                        REAL dot = NAME(dot_update)(w, G[i] + bb * fo, NULL, 0, fo, 0);
-                        if (below)
-                            gb[bb * fi + r] = mi * dot;
+                    continue;
+                }
+                for (int64_t bb = 0; bb < B; bb++) {
+                    REAL dot = NAME(dot_update)(w, G[i] + bb * fo, NULL, 0, fo, 0);
+                    if (below)
+                        gb[bb * fi + r] = mi * dot;
+                }
+                if (!upd)
+                    continue;
+                if (vw) {
+                    /* v ← μ v + m·aᵀg + wd·W,  W ← W − η v */
+                    REAL *v = vw + r * fo;
+                    const REAL mu = cf[C_MU], wd = cf[C_WD], neg_eta = cf[C_NEG_ETA];
+                    for (int64_t o = 0; o < fo; o++) {
+                        REAL s = 0;
+                        for (int64_t bb = 0; bb < B; bb++)
+                            s += A[i][bb * fi + r] * G[i][bb * fo + o];
+                        REAL x = v[o] * mu + mi * s;
+                        x += w[o] * wd;
+                        v[o] = x;
+                        w[o] += x * neg_eta;
                     }
-                    if (upd)
-                        for (int64_t bb = 0; bb < B; bb++) {
-                            const REAL s = A[i][bb * fi + r];
-                            const REAL *u = GS[i] + bb * fo;
-                            for (int64_t o = 0; o < fo; o++)
-                                w[o] += s * u[o];
-                        }
+                } else {
+                    const REAL fc = cf[C_FACTOR];
+                    for (int64_t o = 0; o < fo; o++) {
+                        REAL x = w[o] * fc;
+                        for (int64_t bb = 0; bb < B; bb++)
+                            x += A[i][bb * fi + r] * GS[i][bb * fo + o];
+                        w[o] = x;
+                    }
                 }
             }
             if (below)

@@ -2,9 +2,9 @@
 
 A batch-1 SGD step of a small network is a few microseconds of arithmetic but some 45
 ATen calls of ~4 µs each; the C loop runs a whole chunk of steps of one network in one
-call.  It covers plain SGD on the CPU (no momentum, weight decay or noise) with every
-activation, loss and output map the plans name; ``EnsembleTrainer`` decides where it
-applies, and everything else trains on ATen ops.
+call.  It covers SGD on the CPU, with momentum and weight decay, with every activation,
+loss and output map the plans name; Langevin noise (drawn from torch generators) and
+CUDA train on ATen ops, and ``EnsembleTrainer`` decides which.
 
 The library is compiled once per source, compiler and CPU into the cache directory
 (``$MFDSL_CACHE_DIR``, else ``$XDG_CACHE_HOME/mfdsl``, else ``~/.cache/mfdsl``), with
@@ -29,12 +29,25 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["ACTIVATIONS", "LOSSES", "OUTPUTS", "library", "run_member", "unavailable_reason"]
+__all__ = [
+    "ACTIVATIONS",
+    "COEFS",
+    "LOSSES",
+    "NCOEF",
+    "OUTPUTS",
+    "library",
+    "run_member",
+    "unavailable_reason",
+]
 
 _SOURCE = Path(__file__).with_name("_native.c")
 _FLAGS = ("-O3", "-fPIC", "-std=c11")
 #: tried in order: the host's vector units where the compiler knows the flag
 _ARCH_FLAGS = (("-march=native",), ())
+
+#: a step's coefficients per layer (the C_… fields of _native.c)
+COEFS = ("c", "factor", "cb", "wd_b", "neg_eta", "wd", "mu")
+NCOEF = 8
 
 #: the losses and output maps of _native.c
 LOSSES = {"mse": 0, "logistic": 1, "cross_entropy": 2}
@@ -154,8 +167,9 @@ def _load() -> ctypes.CDLL:
             ctypes.c_int64,  # n
             ctypes.c_void_p,  # X
             ctypes.c_void_p,  # Y
-            ctypes.c_void_p,  # c
-            ctypes.c_void_p,  # cb
+            ctypes.c_void_p,  # coef
+            ctypes.c_void_p,  # VW
+            ctypes.c_void_p,  # VB
             ctypes.c_void_p,  # loss
         ]
     return lib
@@ -197,6 +211,8 @@ class MemberArgs:
 
     __slots__ = (
         "B",
+        "VB",
+        "VW",
         "W",
         "act",
         "b",
@@ -224,6 +240,8 @@ class MemberArgs:
         loss: str,
         pl: tuple[float, float, float, float],
         batch: int,
+        vW: list[torch.Tensor | None] | None = None,
+        vb: list[torch.Tensor | None] | None = None,
     ) -> None:
         for w in W:
             if not w.is_contiguous():
@@ -241,7 +259,15 @@ class MemberArgs:
         self.loss = LOSSES[loss]
         self.pl = np.array(pl, np.float64)
         self.B = int(batch)
-        self.keep = (W, b)  # the tensors must outlive the pointers
+        self.VW: np.ndarray | None = None
+        self.VB: np.ndarray | None = None
+        if vW is not None and vb is not None:
+            for v in vW:
+                if v is not None and not v.is_contiguous():
+                    raise ValueError("the native step loop needs contiguous momentum buffers")
+            self.VW = np.array([0 if v is None else v.data_ptr() for v in vW], np.uintp)
+            self.VB = np.array([0 if v is None else v.data_ptr() for v in vb], np.uintp)
+        self.keep = (W, b, vW, vb)  # the tensors must outlive the pointers
 
 
 def run_member(
@@ -249,18 +275,18 @@ def run_member(
     args: MemberArgs,
     x: torch.Tensor,
     y: torch.Tensor,
-    c: np.ndarray,
-    cb: np.ndarray,
+    coef: np.ndarray,
     loss: np.ndarray,
 ) -> None:
     """``n`` steps of one member on its chunk ``x`` ``(n, B, d)``, ``y`` ``(n, B, K)``
     (contiguous, the weights' dtype; int64 labels ``(n, B)`` for cross-entropy); ``c``,
-    ``cb`` ``(n, nl)`` in the weights' dtype; ``loss`` ``(n,)`` float64 takes each
+    ``coef`` ``(n, nl, NCOEF)`` the steps' coefficients (:data:`COEFS`) in the weights'
+    dtype; ``loss`` ``(n,)`` float64 takes each
     step's loss sum (``EnsembleTrainer._loss_scale`` makes it the batch mean)."""
     f64 = x.dtype == torch.float64
     fn = lib.mf_sgd_f64 if f64 else lib.mf_sgd_f32
     n = int(x.shape[0])
-    if not (x.is_contiguous() and y.is_contiguous() and c.flags.c_contiguous and cb.flags.c_contiguous):
+    if not (x.is_contiguous() and y.is_contiguous() and coef.flags.c_contiguous):
         raise ValueError("the native step loop needs contiguous chunks")
     rc = fn(
         args.nl,
@@ -279,8 +305,9 @@ def run_member(
         n,
         x.data_ptr(),
         y.data_ptr(),
-        c.ctypes.data,
-        cb.ctypes.data,
+        coef.ctypes.data,
+        None if args.VW is None else args.VW.ctypes.data,
+        None if args.VB is None else args.VB.ctypes.data,
         loss.ctypes.data,
     )
     if rc != 0:
