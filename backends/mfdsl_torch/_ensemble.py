@@ -405,14 +405,19 @@ _Block = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
 class _Coef:
     """A per-step coefficient of a chunk: a Python float when every member has the same
     value at every step, else a device tensor ``(n, Ea, 1, 1)`` indexed by step.  Both
-    give the same products (a product is correctly rounded either way)."""
+    give the same products (a product is correctly rounded either way).  They are made
+    on the first :meth:`at`: the native step loop reads only ``values``."""
 
-    __slots__ = ("floats", "tensor", "values")
+    __slots__ = ("device", "dtype", "floats", "tensor", "values")
 
     def __init__(self, values: np.ndarray, device: torch.device, dtype: torch.dtype) -> None:
         self.values = values  # (n, Ea) float64
+        self.device, self.dtype = device, dtype
         self.tensor: Tensor | None = None
         self.floats: list[float] | list[Tensor] | None = None
+
+    def _convert(self) -> None:
+        values, device, dtype = self.values, self.device, self.dtype
         if values.shape[1] == 1 or bool(np.all(values == values[:, :1])):
             if dtype == torch.float64 or device.type != "cpu":
                 self.floats = values[:, 0].tolist()
@@ -424,6 +429,8 @@ class _Coef:
             self.tensor = torch.as_tensor(np.array(values[:, :, None, None])).to(device=device, dtype=dtype)
 
     def at(self, k: int) -> float | Tensor:
+        if self.floats is None and self.tensor is None:
+            self._convert()
         if self.floats is not None:
             return self.floats[k]
         assert self.tensor is not None
