@@ -4,10 +4,10 @@ One network at a time; an explicit mean-field forward pass (no ``nn.Linear``) wi
 autograd; ``torch.optim.SGD`` with one parameter group per layer for the per-layer
 learning rates; the test loss (and accuracy) computed at each record step under
 ``torch.no_grad``.  It does the training ``mfdsl`` does for the same plan: the same
-initial weights (``np.random.default_rng([seed, 1])``, layer by layer), the same data
-stream (``mfdsl._data``: minibatch ``s`` is ``train_chunk(s, 1, batch)``), the same
-per-layer multipliers, so its records agree with ``mfdsl``'s up to floating-point
-reassociation.  It covers what the benchmark needs: SGD without momentum or weight
+initial weights (``RunPlan.initial_weights``, from the streams of ``mfdsl._streams``),
+the same data stream (``mfdsl._data``: minibatch ``s`` is ``train_chunk(s, 1, batch)``),
+the same per-layer multipliers, so its records agree with ``mfdsl``'s up to
+floating-point reassociation.  It covers what the benchmark needs: SGD without momentum or weight
 decay, no biases, the ``mse`` loss, ReLU, an identity output map.
 
 Usage as a script (one plan, for a quick look)::
@@ -37,12 +37,8 @@ def train_baseline(plan: RunPlan, dtype: torch.dtype = torch.float64) -> dict[st
     data = make_dataset(plan.data, plan.seed)
 
     # The initial weights, exactly as mfdsl draws them.
-    rng = np.random.default_rng([plan.seed, 1])
-    weights = []
-    for layer in plan.layers:
-        assert not layer.bias and not layer.frozen
-        w = layer.init.sample(rng, (layer.fan_in, layer.fan_out))
-        weights.append(torch.tensor(w, dtype=dtype, requires_grad=True))
+    assert not any(layer.bias or layer.frozen for layer in plan.layers)
+    weights = [torch.tensor(w, dtype=dtype, requires_grad=True) for w in plan.initial_weights()]
     mults = [layer.forward_mult for layer in plan.layers]
 
     def forward(x: torch.Tensor) -> torch.Tensor:

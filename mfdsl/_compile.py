@@ -20,6 +20,11 @@ mup         1, 1             spec's law / √fan_in,    n, 1, 1/n
 ``mup`` the spec's distributions are the laws of the fan-in-normalised weights, so one
 ``init`` block serves all four scalings.  A bias starts at 0 and takes the learning-rate
 multiplier of the width it lives on (mean_field, mup) or 1.
+
+Langevin noise acts on the parameters indexed by neurons only: every weight and the
+hidden layers' biases.  The output bias ``b_{L+1}`` is one coordinate shared by all
+neurons at every width; noise on it would never average out, so it gets none, under
+every scaling (``bias_noise_mult = 0``; weight decay still acts on it).
 """
 
 from __future__ import annotations
@@ -158,6 +163,8 @@ def layer_plans(spec: ir.Spec, width: int) -> tuple[LayerPlan, ...]:
                 # mean-field decay and noise act on each weight at rate lr (see LayerPlan)
                 decay_mult=1.0 if scaling == "mean_field" else None,
                 bias_decay_mult=1.0 if scaling == "mean_field" else None,
+                # the output bias is shared by all neurons: no Langevin noise (see LayerPlan)
+                bias_noise_mult=0.0 if is_last else None,
                 frozen=layer in frozen,
             )
         )
@@ -197,6 +204,7 @@ def limit_layer_plans(spec: ir.Spec) -> tuple[LayerPlan, ...]:
                 bias_lr_mult=1.0,
                 decay_mult=1.0,
                 bias_decay_mult=1.0,
+                bias_noise_mult=0.0 if layer == depth + 1 else None,
                 frozen=layer in frozen,
             )
         )

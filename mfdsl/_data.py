@@ -1,20 +1,15 @@
 """Seeded data sources: the examples every run of a spec trains and tests on.
 
-Randomness layout (numpy ``default_rng``, PCG64, float64).  Every generator is seeded
-with a three-word key ``[seed, stream, index]`` — always three words, because numpy's
-``SeedSequence`` gives ``[a, b]`` and ``[a, b, 0]`` the same state:
+Every random draw comes from a stream of :mod:`mfdsl._streams` (numpy, PCG64, float64;
+the keys and their numbers are in that module's table, the one place they are
+written): ``TRAIN`` and ``TEST`` (generated examples, one key per block), ``EPOCH``
+(one key per epoch), ``TEACHER``, and for image data ``TRAIN_SUBSET`` and
+``TEST_SUBSET``.  The model's streams (initial weights, …) are numbered apart from
+these, so no draw of the network ever repeats a draw of the data.
 
-=========  ===========  =========================================================
-stream     index        draws
-=========  ===========  =========================================================
-1 train    block ``i``  training examples ``1024·i … 1024·i + 1023``
-2 test     block ``i``  test examples ``1024·i … 1024·i + 1023``
-3 epoch    epoch ``e``  ``permutation(n_train)``: the order of epoch ``e``
-4 teacher  0            the teacher network's weights
-=========  ===========  =========================================================
-
-Each stream is an endless sequence of examples cut into blocks of :data:`BLOCK`
-examples; example ``k`` depends only on ``(seed, stream, k)``.  Inside a block the
+The ``TRAIN`` and ``TEST`` streams are endless sequences of examples cut into blocks of
+:data:`BLOCK` examples (block ``i`` is the stream's index ``i``); example ``k`` depends
+only on ``(seed, stream, k)``.  Inside a block the
 draws are, in order: ``isotropic_gaussian`` — labels ``integers(0, 2, n)`` mapped to ±1,
 then ``standard_normal((n, dim))`` scaled per example by ``1 + y·delta``; ``teacher`` —
 ``standard_normal((n, dim))`` inputs, then ``standard_normal(n)`` label noise (drawn even
@@ -46,11 +41,11 @@ current directory):
   labels, one output).  More classes make a multiclass task: int64 labels 0 … K−1 and
   ``outputs = K``.
 * **Subsets.**  Of the ``P`` training examples of those classes (file order), the
-  training set is ``pool[perm[:train]]`` with ``perm = default_rng([seed, 1,
-  0]).permutation(P)``; the test set likewise from ``[seed, 2, 0]`` over the test
+  training set is ``pool[perm[:train]]`` with ``perm`` the ``permutation(P)`` of the
+  stream ``TRAIN_SUBSET``; the test set likewise from ``TEST_SUBSET`` over the test
   examples; ``all`` takes the whole permutation.  A smaller set is therefore a prefix
   of a larger one for the same seed, and every seed sees its own subsample.  The
-  epoch walk over the training set is the one above (stream 3).
+  epoch walk over the training set is the one above (stream ``EPOCH``).
 * **Pixels.**  Flattened (MNIST row-major 28 × 28 = 784; CIFAR-10 in its file order,
   the 1024 red, 1024 green, then 1024 blue values: 3072), divided by 255, then
   standardised *globally*: ``x ← (x − μ) / σ`` with the scalar mean and standard
@@ -72,21 +67,18 @@ from typing import Any, Literal
 
 import numpy as np
 
+from . import _streams
 from ._activations import piecewise_linear
+from ._streams import Stream
 
 #: examples per generator block (part of the data's definition: changing it changes data)
 BLOCK = 1024
 
-STREAM_TRAIN = 1
-STREAM_TEST = 2
-STREAM_EPOCH = 3
-STREAM_TEACHER = 4
-
 IMAGE_KINDS = ("mnist", "fashion_mnist", "cifar10")
 
-# Three words of 32 bits each keep the key layout unambiguous (a larger seed would
-# spill into a second word and could collide with another key).
-_MAX_SEED = 2**32
+# A key is three words of 32 bits (mfdsl._streams): a larger seed would spill into a
+# second word and could collide with another key.
+_MAX_SEED = _streams.WORD
 
 # Enough to keep the block (or epoch) a step-by-step caller sits on, plus its neighbour.
 _CACHE_SIZE = 2
@@ -154,7 +146,7 @@ class Dataset:
         self.task: Task = task
         self.outputs = outputs
         self.n_train = n_train
-        self._blocks: OrderedDict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._blocks: OrderedDict[tuple[Stream, int], tuple[np.ndarray, np.ndarray]] = OrderedDict()
         self._perms: OrderedDict[int, np.ndarray] = OrderedDict()
         self.train_x: np.ndarray | None = None
         self.train_y: np.ndarray | None = None
@@ -163,9 +155,9 @@ class Dataset:
             if n_train != self.train_x.shape[0] or n_test != self.test_x.shape[0]:
                 raise DataError("the fixed arrays do not have n_train and n_test examples")
             return
-        self.test_x, self.test_y = self._examples(STREAM_TEST, 0, n_test)
+        self.test_x, self.test_y = self._examples(Stream.TEST, 0, n_test)
         if n_train is not None:
-            self.train_x, self.train_y = self._examples(STREAM_TRAIN, 0, n_train)
+            self.train_x, self.train_y = self._examples(Stream.TRAIN, 0, n_train)
         # Blocks drawn for the fixed sets are not revisited; keep the cache for steps.
         self._blocks.clear()
 
@@ -184,7 +176,7 @@ class Dataset:
             raise DataError(f"train_chunk needs start >= 0, n >= 0, batch >= 1 (got {start}, {n}, {batch})")
         first, count = start * batch, n * batch
         if self.train_x is None or self.train_y is None:
-            x, y = self._examples(STREAM_TRAIN, first, count)
+            x, y = self._examples(Stream.TRAIN, first, count)
         else:
             idx = self._walk(first, count)
             x, y = self.train_x[idx], self.train_y[idx]
@@ -225,12 +217,12 @@ class Dataset:
         perm = self._perms.get(epoch)
         if perm is None:
             assert self.n_train is not None
-            rng = np.random.default_rng([self.seed, STREAM_EPOCH, epoch])
+            rng = _streams.rng(self.seed, Stream.EPOCH, epoch)
             perm = rng.permutation(self.n_train)
             _remember(self._perms, epoch, perm)
         return perm
 
-    def _examples(self, stream: int, first: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+    def _examples(self, stream: Stream, first: int, count: int) -> tuple[np.ndarray, np.ndarray]:
         """Examples ``first … first + count - 1`` of a stream."""
         x = np.empty((count, self.dim), dtype=np.float64)
         y = np.empty(count, dtype=np.float64)
@@ -244,12 +236,12 @@ class Dataset:
             pos += take
         return x, y
 
-    def _block(self, stream: int, block: int) -> tuple[np.ndarray, np.ndarray]:
+    def _block(self, stream: Stream, block: int) -> tuple[np.ndarray, np.ndarray]:
         key = (stream, block)
         cached = self._blocks.get(key)
         if cached is None:
             assert self._draw is not None, "a dataset read from files has no streams to draw"
-            cached = self._draw(np.random.default_rng([self.seed, stream, block]), BLOCK)
+            cached = self._draw(_streams.rng(self.seed, stream, block), BLOCK)
             _remember(self._blocks, key, cached)
         return cached
 
@@ -329,10 +321,10 @@ def _teacher(data: Any, seed: int) -> Dataset:
 def teacher_network(spec: Any, dim: int, seed: int) -> Callable[[np.ndarray], np.ndarray]:
     """The noiseless teacher ``f: (n, dim) -> (n,)`` of a ``teacher`` data block.
 
-    A mean-field mlp drawn from stream ``[seed, 4, 0]`` in this order: ``W_1`` of shape
-    ``(dim, width)`` with N(0, 1/dim) entries, ``b_1`` (if ``bias``), then for each further
-    hidden layer ``W_ℓ`` ``(width, width)`` and ``b_ℓ``, then the output weights
-    ``(width,)`` and output bias; all N(0, 1) except ``W_1``.  Layers after the first
+    A mean-field mlp drawn from the stream ``TEACHER`` (:mod:`mfdsl._streams`) in this
+    order: ``W_1`` of shape ``(dim, width)`` with N(0, 1/dim) entries, ``b_1`` (if
+    ``bias``), then for each further hidden layer ``W_ℓ`` ``(width, width)`` and ``b_ℓ``,
+    then the output weights ``(width,)`` and output bias; all N(0, 1) except ``W_1``.  Layers after the first
     average over the previous layer's neurons (divide by ``width``).
     """
     hidden, width, bias = spec.hidden, spec.width, bool(spec.bias)
@@ -341,7 +333,7 @@ def teacher_network(spec: Any, dim: int, seed: int) -> Callable[[np.ndarray], np
     act = _ACTIVATIONS.get(spec.activation)
     if act is None:
         raise DataError(f"unknown teacher activation {spec.activation!r} (one of {', '.join(_ACTIVATIONS)})")
-    rng = np.random.default_rng([seed, STREAM_TEACHER, 0])
+    rng = _streams.rng(seed, Stream.TEACHER)
     weights: list[tuple[np.ndarray, np.ndarray]] = []
     for layer in range(hidden + 1):
         fan_in = dim if layer == 0 else width
@@ -425,17 +417,17 @@ def _images(data: Any, seed: int) -> Dataset:
     binary = len(classes) == 2
 
     def subset(
-        x: np.ndarray, y: np.ndarray, pool: np.ndarray, n: int, stream: int
+        x: np.ndarray, y: np.ndarray, pool: np.ndarray, n: int, stream: Stream
     ) -> tuple[np.ndarray, np.ndarray]:
-        chosen = pool[np.random.default_rng([seed, stream, 0]).permutation(pool.size)[:n]]
+        chosen = pool[_streams.rng(seed, stream).permutation(pool.size)[:n]]
         # Standardise in pixel units, (p − 255μ) / (255σ), straight from uint8.
         xs = (x[chosen].astype(np.float64) - 255.0 * mean) / (255.0 * std)
         index = relabel[y[chosen]]
         ys = np.where(index == 0, -1.0, 1.0) if binary else index
         return xs, ys
 
-    train_x, train_y = subset(images.train_x, images.train_y, pools[0], n_train, STREAM_TRAIN)
-    test_x, test_y = subset(images.test_x, images.test_y, pools[1], n_test, STREAM_TEST)
+    train_x, train_y = subset(images.train_x, images.train_y, pools[0], n_train, Stream.TRAIN_SUBSET)
+    test_x, test_y = subset(images.test_x, images.test_y, pools[1], n_test, Stream.TEST_SUBSET)
     return Dataset(
         fixed=(train_x, train_y, test_x, test_y),
         seed=seed,

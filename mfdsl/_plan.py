@@ -8,11 +8,13 @@ to worker processes and imports neither torch nor jax.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
+
+from . import _streams
 
 # probe inputs of output/neuron_spread when the spec names none
 DEFAULT_PROBES = 16
@@ -65,6 +67,12 @@ class LayerPlan:
     ``lr * schedule * decay_mult`` (``None``: the learning-rate multiplier).  Under
     mean-field scaling this is 1, not ``lr_mult``: ``lr_mult`` only undoes the 1/n factors
     of the gradient, and the limit's drift -λθ and noise β⁻¹Δρ do not depend on the width.
+
+    ``bias_noise_mult`` overrides the bias's noise rate (``None``: its decay rate).  The
+    compiler sets it to 0 for the output bias: that bias is one coordinate shared by all
+    neurons at every width, so noise on it never averages out and would leave the
+    mean-field limit a random path (``docs/mean-field.md``, "Shared parameters").  The
+    backends read the rates from :attr:`noise_rate` and :attr:`bias_noise_rate`.
     """
 
     index: int
@@ -77,7 +85,21 @@ class LayerPlan:
     bias_lr_mult: float = 1.0
     decay_mult: float | None = None
     bias_decay_mult: float | None = None
+    bias_noise_mult: float | None = None
     frozen: bool = False
+
+    @property
+    def noise_rate(self) -> float:
+        """The weights' Langevin noise rate ``r``: per step and entry, noise of variance
+        ``2 · lr · schedule · r · temperature``."""
+        return self.lr_mult if self.decay_mult is None else self.decay_mult
+
+    @property
+    def bias_noise_rate(self) -> float:
+        """The bias's Langevin noise rate (0 for a parameter shared by all neurons)."""
+        if self.bias_noise_mult is not None:
+            return self.bias_noise_mult
+        return self.bias_lr_mult if self.bias_decay_mult is None else self.bias_decay_mult
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -85,8 +107,8 @@ class OptimizerPlan:
     """``sgd`` (heavy-ball momentum, L2 weight decay) or ``langevin``.
 
     ``langevin`` adds, per step and per entry, Gaussian noise of variance
-    ``2 * lr * schedule * decay_mult * temperature`` (the layer's per-entry rate, see
-    :class:`LayerPlan`) to an SGD step with weight decay.
+    ``2 * lr * schedule * rate * temperature`` (the parameter's noise rate, see
+    :class:`LayerPlan`; 0 for the shared output bias) to an SGD step with weight decay.
     """
 
     kind: Literal["sgd", "langevin"]
@@ -189,6 +211,32 @@ class RunPlan:
     def time(self, step: np.ndarray | int) -> np.ndarray:
         """Mean-field time ``t = lr * step``."""
         return self.optimizer.lr * np.asarray(step, dtype=np.float64)
+
+    def initial_weights(self) -> list[np.ndarray]:
+        """The finite network's initial weights, float64, one ``(fan_in, fan_out)`` array
+        per weight layer (:func:`initial_weights` with the layers' laws and shapes)."""
+        return initial_weights(
+            self.seed,
+            [layer.init for layer in self.layers],
+            [(layer.fan_in, layer.fan_out) for layer in self.layers],
+        )
+
+
+def initial_weights(
+    seed: int, laws: Sequence[DistPlan], shapes: Sequence[tuple[int, int]]
+) -> list[np.ndarray]:
+    """Initial weights, float64: weight layer ℓ (1 … L+1) is ``laws[ℓ-1].sample(g,
+    shapes[ℓ-1])`` with ``g`` the generator of stream ``INIT``, index ℓ
+    (:mod:`mfdsl._streams`).  Each layer has its own stream, so a layer's draws depend
+    on its own law and shape only: a width-``N`` network and a particle system with
+    ``N`` particles share every layer whose shape they share, whatever the others.
+    Every backend initialises through this function."""
+    if len(laws) != len(shapes):
+        raise ValueError(f"{len(laws)} laws for {len(shapes)} layers")
+    return [
+        np.asarray(law.sample(_streams.rng(seed, _streams.Stream.INIT, ell), tuple(shape)), np.float64)
+        for ell, (law, shape) in enumerate(zip(laws, shapes, strict=True), start=1)
+    ]
 
 
 def check_compatible(loss: str, task: str, outputs: int) -> None:

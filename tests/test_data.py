@@ -11,7 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mfdsl import _streams
 from mfdsl._data import BLOCK, DataError, Dataset, make_dataset, teacher_network
+from mfdsl._streams import Stream
 
 
 # Stand-ins for the IR's data nodes: make_dataset reads them by attribute only.
@@ -210,7 +212,7 @@ def test_teacher_noise_level() -> None:
 def test_teacher_is_a_mean_field_mlp() -> None:
     dim, width, seed = 3, 5, 11
     f = teacher_network(TeacherNet(hidden=1, width=width, activation="identity"), dim, seed)
-    rng = np.random.default_rng([seed, 4, 0])
+    rng = _streams.rng(seed, Stream.TEACHER)
     w1 = rng.standard_normal((dim, width)) / math.sqrt(dim)
     w2 = rng.standard_normal(width) / width
     x = np.random.default_rng(0).standard_normal((8, dim))

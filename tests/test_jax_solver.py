@@ -77,16 +77,27 @@ def test_p5_unreduced_solver_is_a_width_n_network_by_gradient_flow(case: str) ->
     assert got.attrs["limit_reductions"].startswith("none")
 
 
-def test_same_seed_gives_torch_initial_weights_with_reductions_off_only() -> None:
+def test_same_seed_gives_torch_initial_weights_where_law_and_shape_agree() -> None:
+    """Each weight layer is drawn from its own stream (``INIT``, index ℓ): without
+    reductions the particle system is torch's width-N network; with them, every layer
+    whose effective law and shape are torch's is still drawn as torch draws it."""
     finite, limit = plans(spec_text(hidden=3, every=1, steps=1, observables="particles(sample = 16)"))
     data = dataset(finite)
     first = train(finite, data).records["particles"][0]
     unreduced = solve(limit, data, particles=16, reduce="none").records["particles"][0]
     np.testing.assert_array_equal(unreduced[:, [0, 1, 3]], first[:, [0, 1, 3]])
     np.testing.assert_allclose(unreduced[:, 2], first[:, 2], rtol=1e-15)
-    # with reductions the first layer is still torch's (drawn first from the same stream)
+    # with reductions (widths 4, 16, 1, 16, 1) layer 1 is still torch's
     reduced = solve(limit, data, particles=16).records["particles"][0]
     np.testing.assert_allclose(reduced[:, :3], first[:, :3], rtol=1e-15)
+    # ... and so is the last layer W_4 (16 × 1, normal(0, 1)), seen from layer 3
+    finite, limit = plans(
+        spec_text(hidden=3, every=1, steps=1, observables="particles(layer = 3, sample = 16)")
+    )
+    first = train(finite, data).records["particles"][0]
+    reduced = solve(limit, data, particles=16).records["particles"][0]
+    np.testing.assert_array_equal(reduced[:, 3], first[:, 3])
+    assert not np.allclose(reduced[:, 0], first[:, 0])  # W_3: R1's mean and i.i.d. sample
 
 
 # --------------------------------------------------------------------------- reductions
@@ -154,8 +165,9 @@ def test_r1_r2_reduced_solver_agrees_with_unreduced_particles(tau: float, reduce
     """The reduced solver (N = 4096, per c_1 w_1, u; scalar a_3; per c_3 a_3, w_4) and
     plain particles (N = 256, 256² pairwise weights, with the i.i.d. init of std τ in
     layers 2 and 3) agree within their Monte Carlo error, estimated from 6 seeds each —
-    for two values of τ (P2: the losses do not depend on τ₂, τ₃; the relative weight
-    change does, through ‖w(0)‖² = μ² + τ², and the reduced solver accounts for it)."""
+    for two values of τ (P2: the losses do not depend on τ₂, τ₃; under weight decay the
+    weight change does, since the i.i.d. part decays with the weights, adding τ² (s − 1)²
+    to the mean square change, and the reduced solver accounts for it)."""
     _, limit = plans(spec_text(init=_init(tau), **R_SPEC))
     data = reduced_runs["data"]
     full = _runs(limit, data, 256, "none")
@@ -185,7 +197,7 @@ def test_p2_reduced_limit_does_not_depend_on_tau(reduced_runs: dict) -> None:
         base = reduced_runs["runs"]
         for name in ("train_loss", "test_loss", "neuron_spread"):
             np.testing.assert_array_equal(got.records[name], base[name][0], err_msg=name)
-        # the dropped i.i.d. part still counts in the weight function's norm
+        # the dropped i.i.d. part still decays, and counts in the weight change
         assert not np.array_equal(got.records["weight_change"][:, 1], base["weight_change"][0, :, 1])
 
 

@@ -16,10 +16,12 @@ and it follows the mean-field (functional) gradient flow of the data-averaged lo
 every ``n_ℓ = N`` and sampled initial weights this *is* a width-N network trained by
 gradient flow on ``E_Z``, which converges to the limit at rate ``N^{-1/2}``.
 
-**Initial weights.**  Drawn in float64 with ``np.random.default_rng([plan.seed, 1])``,
-layer by layer (1 … L+1), each as ``law.sample(rng, (n_{ℓ-1}, n_ℓ))`` with ``law`` the
-layer's *effective* law (below); a constant law draws nothing.  With ``reduce = none``
-this is exactly the torch backend's initial network of width N, for the same seed.
+**Initial weights.**  Drawn in float64 by ``mfdsl._plan.initial_weights``, as the
+torch backend draws them: layer ℓ (1 … L+1) from its own stream (``INIT``, index ℓ, in
+``mfdsl._streams``, the one table of streams) as ``law.sample(rng, (n_{ℓ-1}, n_ℓ))``
+with ``law`` the layer's *effective* law (below).  With ``reduce = none`` this is
+exactly the torch backend's initial network of width N, for the same seed; with
+reductions, every layer whose law and shape are torch's still is.
 
 **Reductions** (``reduce = auto``; reported in the result's ``attrs``):
 
@@ -50,10 +52,14 @@ supported only for ``euler`` with ``dt = lr``, where it is the discrete recursio
 = N``; ``data_samples`` unused), and over ``data_samples`` fresh examples per Euler step
 for online data: step ``i`` takes ``dataset.train_chunk(i, 1, data_samples)``.
 
-**Noise** (``langevin``): after each step every trainable entry gets
-``√(2 h ξ T) · N(0, 1)`` (McKean–Vlasov), from ``jax.random`` keyed by
-``SeedSequence([plan.seed, 3])`` and the step index; decay acts at rate ``λ`` per entry
-— torch's mean-field ``decay_mult = 1``.
+**Noise** (``langevin``): after each step every trainable entry of a parameter indexed
+by particles gets ``√(2 h ξ T r) · N(0, 1)`` (McKean–Vlasov), with ``r`` the plan's
+noise rate (``LayerPlan.noise_rate``, ``bias_noise_rate``: 1 for the weights and the
+hidden biases of a mean-field plan), from ``jax.random`` keyed by the stream ``NOISE``
+and the step index.  The output bias, one coordinate shared by all particles, has rate
+0 and moves by its drift alone: noise on it would not average out, and the limit
+would be a random path (``docs/mean-field.md``, "Shared parameters").  Decay acts at
+rate ``λ`` per entry — torch's mean-field ``decay_mult = 1``.
 
 **Scalings.**  A limit plan (``compile_point`` at ``width = inf``) carries the laws of
 the mean-field weight functions; ``mup`` (two layers only) arrives already converted.
@@ -69,21 +75,24 @@ as the torch engine records them, in the limit:
 * ``neuron_spread`` — the std across the particles of ``H_ℓ`` on the probes, averaged
   over them.  A collapsed layer's is exactly 0, by construction: its neurons are
   identical in the limit (``attrs["limit_collapsed_layers"]`` names them).
-* ``weight_change`` — ``‖w_ℓ(t) − w_ℓ(0)‖ / ‖w_ℓ(0)‖`` in ``L2(ρ)`` (mean square over
-  the particles, summed over ``d`` / ``K``); equal to torch's Frobenius ratio for a
-  sampled layer.  For an R1 layer the weight function is ``μ_ℓ + change + s(t) ε`` with
-  ``ε`` the dropped i.i.d. part (std τ_ℓ) and ``s(t)`` its decay factor under weight
-  decay (tracked exactly): ``‖w(0)‖² = μ² + τ²`` and the i.i.d. part adds
-  ``τ² (s − 1)²`` to the squared change.  Where ``w_ℓ(0) = 0`` the absolute ``L2(ρ)``
-  norm of the change (torch: the Frobenius norm, which grows with the width).
+* ``weight_change`` — the root-mean-square change per entry of the weight function,
+  ``sqrt(E (w_ℓ(t) − w_ℓ(0))²)`` with the expectation over the particles (pairs of
+  particles for 2 ≤ ℓ ≤ L) and over the ``d`` inputs / ``K`` outputs: torch's
+  ``sqrt(mean_{i,j} (W_ℓ[i,j](t) − W_ℓ[i,j](0))²)``, equal to it for a sampled layer
+  (``reduce = none``).  A collapsed layer's weight array holds one value for all the
+  particles on its collapsed side, so the mean over the array's entries is the mean
+  over particle pairs.  For an R1 layer the weight function is ``μ_ℓ + change + s(t) ε``
+  with ``ε`` the dropped i.i.d. part (std τ_ℓ, independent of the change, which it does
+  not enter) and ``s(t)`` its decay factor under weight decay (tracked exactly): it
+  adds ``τ² (s − 1)²`` to the mean square change.
 * ``particles(layer = ℓ, sample = S)`` — S particles of layer ℓ chosen with
-  ``default_rng([seed, 2]).choice(n_ℓ, …)`` as torch (all S rows are the one particle
+  ``choice(n_ℓ, …)`` from the stream ``PARTICLES``, as torch (all S rows are the one particle
   of a collapsed layer); components ``w_in_1, w_in_2`` (the weights from the first two
   particles of layer ℓ-1, or inputs 0, 1), ``w_in_norm`` (layer 1: ``‖w_1‖₂``; ℓ ≥ 2:
   the ``L2(ρ)`` norm over c_{ℓ-1}, torch's ℓ2 norm / √n), ``w_out`` (to the first particle
   of layer ℓ+1 / output 0).  Entries of an R1 layer include a sample of the dropped
-  i.i.d. part, ``s(t) τ ε`` with ``ε`` from ``default_rng([seed, 5])``, so they are a
-  sample of the limit's weight function.
+  i.i.d. part, ``s(t) τ ε`` with ``ε`` from the stream ``IID``, so they are a sample of
+  the limit's weight function.
 
 Divergence: the first non-finite ``E_Z`` loss, at time ``t``, stops the run: records
 after it stay NaN and ``status = "diverged"``.
@@ -102,15 +111,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from mfdsl import _streams
 from mfdsl._activations import PL_S1, PL_SLOPE, PL_T1, PL_T2
-from mfdsl._plan import DistPlan, RunPlan, check_compatible
+from mfdsl._plan import DistPlan, RunPlan, check_compatible, initial_weights
+from mfdsl._streams import Stream
 
 __all__ = ["Result", "System", "build_system", "solve"]
-
-INIT_STREAM = 1
-PARTICLE_STREAM = 2
-NOISE_STREAM = 3
-IID_STREAM = 5
 
 # Online data: at most this many input entries per chunk of steps sent to the device.
 _CHUNK_ELEMENTS = 1 << 22
@@ -324,6 +330,8 @@ class _Cfg:
     weight_decay: float
     temperature: float
     dtype: str
+    #: the Langevin noise rate of each parameter, in ``names()``' order (0: no noise)
+    noise_rates: tuple[float, ...]
 
     @property
     def depth(self) -> int:
@@ -350,6 +358,10 @@ class _Cfg:
 
     def is_trainable(self, name: str) -> bool:
         return self.trainable[int(name[1:]) - 1]
+
+    def noise_rate(self, name: str) -> float:
+        """The Langevin noise rate of a parameter (per entry, variance ``2 h ξ T r``)."""
+        return self.noise_rates[self.names().index(name)]
 
 
 def _forward(cfg: _Cfg, params: dict[str, jax.Array], x: jax.Array) -> list[jax.Array]:
@@ -441,8 +453,11 @@ def _functions(cfg: _Cfg) -> _Functions:
             scale = jnp.sqrt(2.0 * h * xi0 * temp)
             step_key = jax.random.fold_in(key, inp["i"])
             for j, n in enumerate(train_names):
+                rate = cfg.noise_rate(n)
+                if rate == 0.0:  # a shared parameter (the output bias): no noise
+                    continue
                 noise = jax.random.normal(jax.random.fold_in(step_key, j), params[n].shape, params[n].dtype)
-                params[n] = params[n] + scale * noise
+                params[n] = params[n] + (scale if rate == 1.0 else scale * math.sqrt(rate)) * noise
         return (params, mom, s, s_mom), loss
 
     @jax.jit
@@ -489,9 +504,6 @@ def _observer(cfg: _Cfg, ocfg: _ObsCfg) -> Callable[..., Any]:
     psi = _output_map(cfg.output)
     widths = cfg.widths
     L = cfg.depth
-
-    def norm_count(ell: int) -> float:
-        return float(cfg.hidden(ell - 1) * cfg.hidden(ell))
 
     @jax.jit
     def observe(
@@ -541,12 +553,10 @@ def _observer(cfg: _Cfg, ocfg: _ObsCfg) -> Callable[..., Any]:
             changes = []
             for ell in ocfg.change_layers:
                 w, w_0 = params[f"W{ell}"], w0[f"W{ell}"]
-                count = norm_count(ell)
-                tau2 = iid[ell - 1] ** 2
-                diff2 = jnp.sum(jnp.square(w - w_0)) / count + tau2 * (s[ell - 1] - 1.0) ** 2
-                base2 = jnp.sum(jnp.square(w_0)) / count + tau2
-                safe = jnp.where(base2 > 0, base2, 1.0)
-                changes.append(jnp.where(base2 > 0, jnp.sqrt(diff2 / safe), jnp.sqrt(diff2)))
+                # the mean over the array's entries is the L2 mean over the particles
+                # (pairs), a collapsed side being one value for all of its particles
+                mean2 = jnp.mean(jnp.square(w - w_0)) + iid[ell - 1] ** 2 * (s[ell - 1] - 1.0) ** 2
+                changes.append(jnp.sqrt(mean2))
             out["weight_change"] = jnp.stack(changes)
         if "particles" in names:
             ell = ocfg.particle_layer
@@ -695,9 +705,12 @@ def _solve(
     if data_samples < 1:
         raise ValueError("data_samples must be ≥ 1")
     L = plan.depth
+    bias = bool(plan.layers[0].bias)
+    if any(layer.bias != bias for layer in plan.layers):
+        raise ValueError("biases are all or none")
     cfg = _Cfg(
         widths=system.widths,
-        bias=bool(plan.layers[0].bias),
+        bias=bias,
         trainable=tuple(not layer.frozen for layer in plan.layers),
         activation=plan.activation,
         output=plan.output,
@@ -709,27 +722,26 @@ def _solve(
         weight_decay=float(opt.weight_decay),
         temperature=temperature,
         dtype=dtype,
+        noise_rates=tuple(
+            rate
+            for layer in plan.layers
+            for rate in ((layer.noise_rate, layer.bias_noise_rate) if bias else (layer.noise_rate,))
+        ),
     )
-    if any(layer.bias != cfg.bias for layer in plan.layers):
-        raise ValueError("biases are all or none")
     fns = _functions(cfg)
 
     # initial particles
-    rng = np.random.default_rng([plan.seed, INIT_STREAM])
+    layer_shapes = [(system.widths[ell - 1], system.widths[ell]) for ell in range(1, L + 2)]
     params: dict[str, jax.Array] = {}
-    for ell in range(1, L + 2):
-        shape = (system.widths[ell - 1], system.widths[ell])
-        w = np.asarray(system.laws[ell - 1].sample(rng, shape), np.float64)
+    for ell, w in enumerate(initial_weights(plan.seed, system.laws, layer_shapes), start=1):
         params[f"W{ell}"] = jnp.asarray(w.astype(np_dtype))
         if cfg.bias:
-            params[f"b{ell}"] = jnp.zeros(shape[1], np_dtype)
+            params[f"b{ell}"] = jnp.zeros(system.widths[ell], np_dtype)
     train_names = [n for n in cfg.names() if cfg.is_trainable(n)]
     mom = {n: jnp.zeros_like(params[n]) for n in train_names} if momentum else {}
     s = jnp.ones(L + 1, np_dtype)
     state: Any = (params, mom, s, jnp.zeros(L + 1, np_dtype))
-    key = jax.random.key(
-        int(np.random.SeedSequence([plan.seed, NOISE_STREAM]).generate_state(1, np.uint32)[0])
-    )
+    key = jax.random.key(_streams.jax_seed(plan.seed, Stream.NOISE))
     iid = jnp.asarray(np.asarray(system.iid_std, np.float64).astype(np_dtype))
 
     # data
@@ -925,10 +937,10 @@ def _make_observer(
         if width == 1:
             idx[:] = 0  # a collapsed layer: every sampled neuron is its one particle
         else:
-            rng = np.random.default_rng([plan.seed, PARTICLE_STREAM])
+            rng = _streams.rng(plan.seed, Stream.PARTICLES)
             take = np.sort(rng.choice(width, size=min(size, width), replace=False))
             idx[: take.size] = take
-        eps = np.random.default_rng([plan.seed, IID_STREAM]).standard_normal((size, 3))
+        eps = _streams.rng(plan.seed, Stream.IID).standard_normal((size, 3))
         shapes["particles"] = (size, 4)
     for name in seen:
         if name not in shapes:
