@@ -11,8 +11,13 @@ metadata once they all have.
 Faults: a worker that dies mid-task is Dask's to handle — the scheduler runs the task
 again elsewhere (up to ``distributed.scheduler.allowed-failures`` times, 3 by default),
 and a task that raises is retried ``RETRIES`` times more.  Rewriting a cell is
-harmless: a run writes its whole cell, data first and status last.  A unit lost for
-good is recorded as failed, so ``--resume`` runs it again.
+harmless: a run writes its whole cell, data first and status last.  A unit that failed
+for good (it raised every time, or it killed worker after worker) is recorded as
+failed, so ``--resume`` runs it again.  A unit the cluster lost track of — the
+scheduler died, the connection to it broke — has no known outcome: a worker that
+survived may still write it.  Its runs are reported as the store has them, and those
+still pending stay pending (``lost`` in the log, exit 1): the log, the exit code and
+the store agree, and ``--resume`` finishes them.
 
 GPUs: when a run trains on cuda the task asks for one ``GPU`` resource, so a worker
 started with ``--resources GPU=1`` takes one such task at a time.
@@ -21,6 +26,7 @@ started with ``--resources GPU=1`` takes one such task at a time.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -60,6 +66,25 @@ def needs_gpu(options: dict[str, Any]) -> bool:
 
 
 @contextmanager
+def _quiet_dask() -> Iterator[None]:
+    """Dask's own log lines off while the sweep runs: a scheduler that goes away makes
+    its client log tracebacks as it tries to reconnect, and mfdsl says what happened
+    (runs lost, pending, the command that resumes them) itself."""
+    names = [
+        n for n in list(logging.root.manager.loggerDict) if n == "distributed" or n.startswith("distributed.")
+    ]
+    loggers = [logging.getLogger(n) for n in dict.fromkeys(["distributed", *names])]
+    before = [(logger, logger.level) for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        for logger, level in before:
+            logger.setLevel(level)
+
+
+@contextmanager
 def connect(scheduler: str, workers: int | None, gpu: bool) -> Iterator[Any]:
     """A ``distributed.Client``: of a ``LocalCluster`` of ``workers`` processes (one
     thread each) when ``scheduler`` is ``local``, else of the scheduler at that address."""
@@ -85,12 +110,15 @@ def connect(scheduler: str, workers: int | None, gpu: bool) -> Iterator[Any]:
             except (OSError, TimeoutError, ValueError) as error:
                 raise ClusterError(f"cannot reach the Dask scheduler at {scheduler}: {error}") from None
         try:
-            yield client
+            with _quiet_dask():
+                yield client
         finally:
-            client.close()
+            with _quiet_dask(), contextlib.suppress(Exception):
+                client.close()
     finally:
         if cluster is not None:
-            cluster.close()
+            with _quiet_dask(), contextlib.suppress(Exception):
+                cluster.close()
 
 
 def _check_workers(client: Any, scheduler: str, gpu: bool, warn: Callable[[str], None]) -> None:
@@ -113,13 +141,16 @@ def execute_on_cluster(
     scheduler: str,
     workers: int | None,
     gpu: bool,
+    failed: Callable[[Sequence[Any], str], list[Outcome]],
     lost: Callable[[Sequence[Any], str], list[Outcome]],
     console: Any,
     warn: Callable[[str], None],
 ) -> tuple[list[Outcome], bool]:
     """Run ``fn(unit, *args)`` for every unit (a sequence of runs, each with a ``key``)
-    as a task of the cluster; ``lost(unit, message)`` records a unit the cluster could
-    not finish.  Returns every run's outcome and whether Ctrl-C stopped the sweep."""
+    as a task of the cluster; ``failed(unit, message)`` records a unit that failed for
+    good (its task raised, or killed its workers), ``lost(unit, message)`` reports one
+    the cluster lost track of (no outcome known).  Returns every run's outcome and
+    whether Ctrl-C stopped the sweep."""
     from distributed import as_completed
     from rich.progress import Progress
 
@@ -155,25 +186,51 @@ def execute_on_cluster(
         total = sum(len(u) for u in units)
         with Progress(*sweep_columns(), console=console, transient=False) as progress:
             overall = progress.add_task("sweep", total=total, info="")
+            seen: set[str] = set()
             try:
                 for future in as_completed(futures):
                     unit = by_key[future.key]
-                    if future.status == "finished":
-                        finished = future.result()
-                    else:
-                        try:
-                            error = future.exception()
-                        except (Exception, asyncio.CancelledError) as cancelled:  # noqa: BLE001 - cancelled
-                            error = cancelled
-                        finished = lost(unit, f"lost on the cluster: {type(error).__name__}: {error}")
-                    future.release()
+                    seen.add(future.key)
+                    finished = _outcome(future, unit, failed, lost)
+                    with contextlib.suppress(Exception):
+                        future.release()
                     outcomes.extend(finished)
                     progress.advance(overall, len(finished))
                     progress.update(overall, info=_counts(outcomes))
             except KeyboardInterrupt:
                 interrupted = True
-                client.cancel(futures)
+                with contextlib.suppress(Exception):
+                    client.cancel(futures)
+            except Exception as error:  # noqa: BLE001 - the connection to the scheduler broke
+                reason = f"the connection to the scheduler broke ({type(error).__name__}: {error})"
+                for future in futures:
+                    if future.key not in seen:
+                        outcomes.extend(lost(by_key[future.key], f"lost on the cluster: {reason}"))
     return outcomes, interrupted
+
+
+def _outcome(
+    future: Any,
+    unit: Sequence[Any],
+    failed: Callable[[Sequence[Any], str], list[Outcome]],
+    lost: Callable[[Sequence[Any], str], list[Outcome]],
+) -> list[Outcome]:
+    """A completed future's runs: their outcomes, failed for good, or lost."""
+    if future.status == "finished":
+        try:
+            return list(future.result())
+        except Exception as error:  # noqa: BLE001 - its result could not be fetched
+            return lost(
+                unit, f"lost on the cluster: its result cannot be fetched ({type(error).__name__}: {error})"
+            )
+    raised: BaseException | None
+    try:
+        raised = future.exception()
+    except (Exception, asyncio.CancelledError):  # noqa: BLE001 - cancelled, or the scheduler is gone
+        raised = None
+    if future.status == "error" and raised is not None:
+        return failed(unit, f"failed on the cluster: {type(raised).__name__}: {raised}")
+    return lost(unit, f"lost on the cluster (its task is {future.status}: the scheduler went away?)")
 
 
 def _counts(outcomes: Sequence[Outcome]) -> str:

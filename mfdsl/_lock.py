@@ -5,7 +5,12 @@ The lock holds its owner's pid, host, start time and command line (JSON).  A sec
 owner is gone — same host, and no process with that pid (or a different process that
 reused the pid) — is stale: a driver killed with SIGKILL or by a crash leaves one, and
 the next run takes it over with a warning.  A lock from another host cannot be checked
-from here, so it is always obeyed; the message says how to remove it by hand.
+from here, so it is always obeyed; the message says how to remove it by hand.  A lock
+of this host whose pid is no process id at all (negative, zero, too large: a damaged or
+forged file) is stale too.
+
+The lock is keyed on the store's resolved path (symbolic links followed, ``..`` and
+``./`` gone): two names of one folder — a link to it, a relative path — take one lock.
 """
 
 from __future__ import annotations
@@ -16,7 +21,8 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,11 +33,23 @@ class StoreLocked(Exception):
     """The store is being written by another ``mfdsl run`` (or its lock is unreadable)."""
 
 
+#: the largest pid any system hands out (Linux's pid_max is at most 2**22)
+_MAX_PID = 2**31 - 1
+
+
 def lock_path(store: str) -> str:
-    return f"{store.rstrip('/')}.lock"
+    """``<store>.lock``, beside the store's resolved path (a URL as it is)."""
+    if loc.is_url(store):
+        return f"{store.rstrip('/')}.lock"
+    return f"{os.path.realpath(store.rstrip(os.sep) or os.sep)}.lock"
 
 
-@dataclass(frozen=True)
+def valid_pid(pid: Any) -> bool:
+    """Whether ``pid`` can be a process id: an int in 1 … 2**31 - 1 (not a bool)."""
+    return isinstance(pid, int) and not isinstance(pid, bool) and 0 < pid <= _MAX_PID
+
+
+@dataclass
 class StoreLock:
     path: str
     owner: dict[str, Any]
@@ -41,6 +59,33 @@ class StoreLock:
         with contextlib.suppress(OSError, ValueError):
             if read_owner(self.path) == self.owner:
                 loc.remove(self.path)
+
+    def fence(self) -> dict[str, str]:
+        """A token a worker elsewhere (a Dask cluster's) checks before it writes a cell
+        (:func:`fence_holds`): it holds while this lock does and :meth:`revoke` has not
+        been called, so a worker that outlives the sweep that started it — its
+        scheduler gone — cannot write behind the back of the driver's log."""
+        return {"lock": self.path, "token": str(self.owner.get("token", ""))}
+
+    def revoke(self) -> None:
+        """Give the lock a new token: every fence handed out before stops holding."""
+        owner = {**self.owner, "token": uuid.uuid4().hex}
+        with contextlib.suppress(OSError, ValueError):
+            if read_owner(self.path) == self.owner:
+                loc.write_text(self.path, json.dumps(owner, indent=1) + "\n")
+                self.owner = owner
+
+
+def fence_holds(fence: Mapping[str, Any] | None) -> bool:
+    """Whether a worker may write the cells of the sweep that gave it ``fence``
+    (:meth:`StoreLock.fence`): ``None`` always may (the local pool, whose workers die
+    with their driver)."""
+    if fence is None:
+        return True
+    try:
+        return bool(read_owner(str(fence["lock"])).get("token") == fence["token"] and fence["token"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def _start_time(pid: int) -> str | None:
@@ -72,13 +117,20 @@ def me() -> dict[str, Any]:
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "pid_start": _start_time(pid),
         "command": " ".join(sys.argv),
+        "token": uuid.uuid4().hex,
     }
 
 
 def read_owner(path: str) -> dict[str, Any]:
     """The lock's owner; ``ValueError`` if the file is not a lock this code wrote."""
     owner = json.loads(loc.read_text(path))
-    if not isinstance(owner, dict) or not isinstance(owner.get("pid"), int) or "host" not in owner:
+    pid = owner.get("pid") if isinstance(owner, dict) else None
+    if (
+        not isinstance(owner, dict)
+        or not isinstance(pid, int)
+        or isinstance(pid, bool)
+        or "host" not in owner
+    ):
         raise ValueError("not an mfdsl lock")
     return owner
 
@@ -87,13 +139,17 @@ def alive(owner: dict[str, Any]) -> bool | None:
     """Whether the owner still runs: ``None`` when it is on another host."""
     if owner.get("host") != socket.gethostname():
         return None
-    pid = int(owner["pid"])
+    pid = owner["pid"]
+    if not valid_pid(pid):
+        return False  # no process has this id: a damaged lock
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         pass  # another user's process: alive
+    except (OverflowError, ValueError):
+        return False
     if _state(pid) == "Z":
         return False  # a zombie: dead, not yet reaped
     started = owner.get("pid_start")
@@ -103,6 +159,13 @@ def alive(owner: dict[str, Any]) -> bool | None:
 
 def describe(owner: dict[str, Any]) -> str:
     return f"pid {owner.get('pid')} on host {owner.get('host')} (since {owner.get('started', '?')})"
+
+
+def _gone(owner: dict[str, Any]) -> str:
+    """Why a stale lock's owner is taken to be gone."""
+    if not valid_pid(owner.get("pid")):
+        return "whose pid is no process id (a damaged lock file)"
+    return "which is no longer running"
 
 
 def acquire(store: str, warn: Callable[[str], None]) -> StoreLock:
@@ -126,7 +189,7 @@ def acquire(store: str, warn: Callable[[str], None]) -> StoreLock:
             ) from None
         state = alive(other)
         if state is False:
-            warn(f"taking over the stale lock of {describe(other)}, which is no longer running")
+            warn(f"taking over the stale lock of {describe(other)}, {_gone(other)}")
             with contextlib.suppress(OSError, ValueError):
                 if read_owner(path) == other:
                     loc.remove(path)

@@ -3,21 +3,32 @@
 The layout is described in ``docs/store.md``.  In short: every recorded observable is a
 float64 variable over ``(width, seed, <other sweep variables>, step, <extra dims>)``,
 chunked 1 along every sweep dimension so each training run owns its chunks; ``status``
-(int8, CF flags) and ``message`` (string) sit over the sweep dimensions alone.
+(int8, CF flags) sits over the sweep dimensions alone, and so does ``message`` (string), a
+non-index coordinate: a label of each run that ``Dataset.where`` leaves alone.
 
 Life cycle: :func:`create_store` writes the skeleton (metadata, coordinates, no data
-chunks, so unwritten cells read as NaN / pending); each run calls :func:`write_run`,
+chunks, so unwritten cells read as NaN / pending) — on a local disk in a folder beside
+the store renamed into place once complete, so no half-made skeleton is ever found at
+the store's path; each run calls :func:`write_run`,
 possibly from many processes at once, writing only its own chunks — data first, status
 last, so a writer that dies leaves its cell pending; :func:`finalize` stamps the end
 time and refreshes the consolidated metadata.
+
+Deleting: mfdsl deletes a store only through :func:`remove_store`, which refuses
+anything that is not an mfdsl store (its root ``zarr.json`` carries
+``mfdsl_store_format``) made of the files zarr and mfdsl write and nothing else: a
+user's folder, a regular file, a link, the current or home folder are never touched.
 """
 
 from __future__ import annotations
 
 import contextlib
 import enum
+import errno
+import json
 import os
 import platform
+import re
 import socket
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -30,6 +41,7 @@ import xarray as xr
 import zarr
 from zarr.errors import ZarrUserWarning
 
+from . import _location as loc
 from ._location import normalize
 
 #: bumped whenever a reader of an older store would misread a newer one
@@ -39,6 +51,8 @@ STEP = "step"
 TIME = "time"
 STATUS = "status"
 MESSAGE = "message"
+#: root attribute: the version of the random-stream layout (``mfdsl._streams``) the runs used
+STREAM_LAYOUT_ATTR = "stream_layout"
 
 # Big enough that a run's chunk costs one file per variable in every realistic spec,
 # small enough that reading one run's particles never pulls in more than this.
@@ -87,10 +101,16 @@ def create_store(
     ``time`` is ``(dims, values)`` with ``dims`` some sweep dimensions (those the learning
     rate varies over, in sweep order) followed by ``"step"``.  ``extra_coords`` gives the
     coordinates of the dimensions variables use after ``step``.  ``attrs`` (JSON-able)
-    go to the root next to the store's own: ``mfdsl_store_format``, ``created``,
-    ``host`` and ``versions`` (a dict; the caller's ``versions`` entries are merged in).
+    go to the root next to the store's own: ``mfdsl_store_format``, ``stream_layout``
+    (:data:`mfdsl._streams.STREAM_LAYOUT`), ``created``, ``host`` and ``versions`` (a
+    dict; the caller's ``versions`` entries are merged in).
 
-    An existing store at ``path`` is an error unless ``overwrite``: it may hold results.
+    An existing store at ``path`` is an error (``FileExistsError``) unless
+    ``overwrite``: it may hold results; and ``overwrite`` replaces only an mfdsl store
+    (:func:`remove_store`; anything else raises :class:`NotRemovable`).
+
+    Every array, coordinates included, is compressed with zstd's content checksum, so
+    a damaged chunk fails to decode rather than read as wrong values.
     """
     path = normalize(path)
     sweep_coords = _sweep_coords(sweep)
@@ -120,6 +140,7 @@ def create_store(
             f"{tuple(sizes[d] for d in time_dims)}"
         )
 
+    sweep_shape = tuple(sizes[d] for d in sweep_dims)
     coords: dict[str, tuple[tuple[str, ...], np.ndarray, dict[str, str]]] = {
         name: ((name,), values, {"long_name": _SWEEP_LONG_NAMES.get(name, name), "units": "1"})
         for name, values in sweep_coords.items()
@@ -128,8 +149,15 @@ def create_store(
     coords[TIME] = (time_dims, time_values, {"long_name": "mean-field time (lr × step)", "units": "1"})
     for name, values in extra.items():
         coords[name] = ((name,), values, {"long_name": name})
+    # A label of each run, not a measurement: as a coordinate, ``ds.where(ds.status == 1)``
+    # masks the numbers and leaves it alone (a string data variable cannot hold the NaN
+    # ``where`` fills in; numpy's StringDType does not promote with float).
+    coords[MESSAGE] = (
+        sweep_dims,
+        np.broadcast_to(np.array("", dtype=object), sweep_shape),
+        {"long_name": "why a run failed or diverged ('' otherwise)"},
+    )
 
-    sweep_shape = tuple(sizes[d] for d in sweep_dims)
     cell = (1,) * len(sweep_dims)
     data_vars: dict[str, tuple[tuple[str, ...], np.ndarray, dict[str, Any]]] = {}
     encoding: dict[str, dict[str, Any]] = {}
@@ -164,26 +192,219 @@ def create_store(
     # Status is a flag, not a measurement: 0 is "pending", never "missing", so the zarr
     # fill value stays out of xarray's mask (zarr v3 stores do not mask by default).
     encoding[STATUS] = {"chunks": cell, "fill_value": np.int8(Status.PENDING), "compressors": _compressors()}
-    data_vars[MESSAGE] = (
-        sweep_dims,
-        np.broadcast_to(np.array("", dtype=object), sweep_shape),
-        {"long_name": "why a run failed or diverged ('' otherwise)"},
-    )
     encoding[MESSAGE] = {"chunks": cell, "fill_value": "", "compressors": _compressors()}
+    for name in coords:
+        if name != MESSAGE:  # coordinates carry the checksum too: a flipped byte is caught
+            encoding[name] = {"compressors": _compressors()}
 
     ds = xr.Dataset(data_vars, coords=coords, attrs=_root_attrs(attrs or {}))
+    if not loc.is_url(path) and os.path.islink(path.rstrip(os.sep)):
+        path = os.path.realpath(path)  # made where the link points, the link kept
+    if loc.exists(path):
+        if not overwrite:
+            raise FileExistsError(errno.EEXIST, "an existing store is not overwritten unless asked", path)
+        remove_store(path)
+    if loc.is_url(path):
+        # an object store has no rename: written in place (a cut-off skeleton is what
+        # ``mfdsl verify`` and ``--resume`` call incomplete)
+        _write_skeleton(ds, path, encoding)
+        return
+    # Written beside the store and renamed into place once complete: a kill midway
+    # leaves no half-made store at ``path``, only a folder :func:`clean_partial` clears.
+    partial = partial_path(path)
+    try:
+        _write_skeleton(ds, partial, encoding)
+        os.rename(partial, path)
+    except BaseException:
+        with contextlib.suppress(OSError, NotRemovable):
+            remove_store(partial, marker=False)
+        raise
+
+
+def _write_skeleton(ds: xr.Dataset, path: str, encoding: dict[str, dict[str, Any]]) -> None:
     with _quiet_consolidation():
         # Consolidating now, not only at the end, is what lets xarray open the store
         # without a warning while runs are still writing; runs never change metadata,
         # so the consolidated copy stays true.
         ds.to_zarr(
             path,
-            mode="w" if overwrite else "w-",
+            mode="w-",
             zarr_format=3,
             consolidated=True,
             encoding=encoding,
             write_empty_chunks=False,
         )
+
+
+#: the suffix of the folder a local skeleton is written in before it is renamed
+_PARTIAL_SUFFIX = ".mfdsl-new-"
+
+
+def partial_path(path: str) -> str:
+    """Where :func:`create_store` writes a local skeleton before renaming it to ``path``."""
+    return f"{path.rstrip(os.sep)}{_PARTIAL_SUFFIX}{os.getpid()}"
+
+
+def clean_partial(path: str) -> list[str]:
+    """Remove the skeletons of ``path`` left half-made by a ``create_store`` that was
+    killed (``<path>.mfdsl-new-<pid>`` of a process that is gone, holding zarr's files
+    alone); returns what was removed.  Call it while holding the store's lock."""
+    if loc.is_url(path):
+        return []
+    folder, name = os.path.split(os.path.realpath(path.rstrip(os.sep)))
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    removed = []
+    for entry in names:
+        if not entry.startswith(name + _PARTIAL_SUFFIX):
+            continue
+        pid = entry[len(name + _PARTIAL_SUFFIX) :]
+        if not pid.isdigit() or _process_exists(int(pid)):
+            continue
+        with contextlib.suppress(OSError, NotRemovable):
+            remove_store(os.path.join(folder, entry), marker=False)
+            removed.append(os.path.join(folder, entry))
+    return removed
+
+
+def _process_exists(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OverflowError, ValueError):
+        return False  # no process has such an id
+    except OSError:
+        return True  # another user's
+    return True
+
+
+# ---- what mfdsl may delete -------------------------------------------------------------
+
+
+class NotRemovable(Exception):
+    """A path mfdsl refuses to delete: it is not (only) an mfdsl store.  The message says
+    why, for the user."""
+
+
+#: a file zarr's local store writes atomically: a temporary ``NAME.<hex>.partial``
+_ZARR_TEMP = re.compile(r"^(zarr|\d+)\.[0-9a-f]{32}\.partial$")
+_CHUNK_NAME = re.compile(r"^\d+$")
+#: what ``mfdsl run`` writes to test that a store can be written (and removes again)
+_WRITE_PROBE = re.compile(r"^\.mfdsl-write-test-\d+$")
+
+
+def store_file(parts: Sequence[str]) -> bool:
+    """Whether a file at ``parts`` (its path inside a store) is one zarr or mfdsl writes
+    in an mfdsl store: the root's ``zarr.json``, an array's ``zarr.json``, a chunk
+    (``NAME/c/i/j/…``, numbers), zarr's temporary files of those, ``mfdsl run``'s
+    write probe."""
+    if len(parts) == 1:
+        return parts[0] == "zarr.json" or bool(_ZARR_TEMP.match(parts[0]) or _WRITE_PROBE.match(parts[0]))
+    if len(parts) == 2:
+        return parts[1] == "zarr.json" or bool(_ZARR_TEMP.match(parts[1]))
+    if parts[1] != "c":
+        return False
+    *folders, last = parts[2:]
+    return all(_CHUNK_NAME.match(p) for p in folders) and bool(
+        _CHUNK_NAME.match(last) or _ZARR_TEMP.match(last)
+    )
+
+
+def removal_problem(path: str, *, marker: bool = True) -> str | None:
+    """Why mfdsl will not delete ``path``, or ``None`` when it may: ``path`` is an mfdsl
+    store (with ``marker``: its root ``zarr.json`` has ``mfdsl_store_format``; without,
+    a skeleton mfdsl is making) holding only the files zarr and mfdsl write in one.
+    Never a link, a regular file, the current folder, the home folder, or a folder
+    holding either."""
+    path = normalize(path)
+    if not loc.is_url(path):
+        local = path.rstrip(os.sep) or os.sep
+        if os.path.islink(local):
+            return "it is a symbolic link (mfdsl deletes a store itself, never what a link points to)"
+        if not os.path.isdir(local):
+            return "it is a file, not a store folder" if os.path.lexists(local) else None
+        real = os.path.realpath(local)
+        for place, what in (
+            (os.getcwd(), "the current folder"),
+            (os.path.expanduser("~"), "your home folder"),
+        ):
+            other = os.path.realpath(place)
+            if real == other:
+                return f"it is {what}"
+            if other.startswith(real.rstrip(os.sep) + os.sep):
+                return f"it holds {what}"
+    elif not loc.exists(path):
+        return None
+    try:
+        root = json.loads(loc.read_text(loc.join(path, "zarr.json")))
+    except FileNotFoundError:
+        root = None
+        if marker:
+            return "it has no zarr.json: it is not a zarr store"
+    except (OSError, ValueError, UnicodeDecodeError) as error:
+        return f"its zarr.json cannot be read ({type(error).__name__}), so it cannot be told to be an mfdsl store"
+    if marker:
+        attrs = root.get("attributes") if isinstance(root, dict) else None
+        version = attrs.get("mfdsl_store_format") if isinstance(attrs, dict) else None
+        if not isinstance(version, int) or isinstance(version, bool):
+            return "its zarr.json has no 'mfdsl_store_format' attribute: it was not written by mfdsl"
+    foreign = _foreign_files(path)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        what = "a file" if len(foreign) == 1 else f"{len(foreign)} files"
+        return f"it holds {what} mfdsl does not write in a store ({shown})"
+    return None
+
+
+def _foreign_files(path: str) -> list[str]:
+    """The paths inside the store folder ``path`` that are no file of an mfdsl store
+    (links and special files included), relative to it."""
+    foreign: list[str] = []
+    if loc.is_url(path):
+        fs, root = loc._fs(path)
+        root = root.rstrip("/")
+        for name in sorted(fs.find(root, withdirs=False)):
+            rel = str(name)[len(root) :].lstrip("/")
+            if rel and not store_file(rel.split("/")):
+                foreign.append(rel)
+        return foreign
+
+    def unreadable(error: OSError) -> None:
+        foreign.append(f"{os.path.relpath(error.filename or path, path)} (unreadable)")
+
+    for folder, dirs, files in os.walk(path, onerror=unreadable):
+        rel = os.path.relpath(folder, path)
+        parts = () if rel == "." else tuple(rel.split(os.sep))
+        for name in sorted(dirs):
+            if os.path.islink(os.path.join(folder, name)):
+                foreign.append(os.path.join(*parts, name) + " (a link)")
+        for name in sorted(files):
+            full = os.path.join(folder, name)
+            kind = (
+                ""
+                if os.path.isfile(full) and not os.path.islink(full)
+                else " (a link)"
+                if os.path.islink(full)
+                else " (no regular file)"
+            )
+            if kind or not store_file((*parts, name)):
+                foreign.append(os.path.join(*parts, name) + kind)
+    return foreign
+
+
+def remove_store(path: str | os.PathLike[str], *, marker: bool = True) -> None:
+    """Delete the mfdsl store at ``path`` (nothing if there is none); anything else
+    raises :class:`NotRemovable`, with nothing deleted (:func:`removal_problem`)."""
+    path = normalize(path)
+    problem = removal_problem(path, marker=marker)
+    if problem is not None:
+        raise NotRemovable(f"{path}: {problem}")
+    loc.remove(path)
 
 
 def write_run(
@@ -266,9 +487,18 @@ def finalize(path: str | os.PathLike[str]) -> None:
     Call it once no writer is left; a store is readable before, ``finalized`` only tells
     readers that no run is still writing.
     """
+    update_attrs(path, {"finalized": _now()})
+
+
+def update_attrs(path: str | os.PathLike[str], values: Mapping[str, Any]) -> None:
+    """Set root attributes and rewrite the consolidated metadata to match.
+
+    The root attributes are one file every writer shares: call it only while no run
+    writes (before a sweep starts, or once it has ended).
+    """
     path = normalize(path)
     group = zarr.open_group(path, mode="r+", zarr_format=3, use_consolidated=False)
-    group.attrs["finalized"] = _now()
+    group.attrs.update(dict(values))
     with _quiet_consolidation():
         zarr.consolidate_metadata(path, zarr_format=3)
 
@@ -318,7 +548,14 @@ def _root_attrs(attrs: Mapping[str, Any]) -> dict[str, Any]:
         "zarr": zarr.__version__,
     }
     versions.update(attrs.get("versions", {}))
-    own = {"mfdsl_store_format": STORE_FORMAT, "created": _now(), "host": socket.gethostname()}
+    from ._streams import STREAM_LAYOUT
+
+    own = {
+        "mfdsl_store_format": STORE_FORMAT,
+        STREAM_LAYOUT_ATTR: STREAM_LAYOUT,
+        "created": _now(),
+        "host": socket.gethostname(),
+    }
     clash = sorted((set(own) | {"finalized"}) & set(attrs))
     if clash:
         raise ValueError(f"attrs may not set the store's own keys: {clash}")

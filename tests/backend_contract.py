@@ -210,7 +210,8 @@ class BackendContract:
             "weight_change": ("layer",),
             "particles": ("particle", "component"),
         }
-        assert sorted(ds.data_vars) == sorted([*own, "status", "message"])
+        assert sorted(ds.data_vars) == sorted([*own, "status"])
+        assert "message" in ds.coords  # a label per run, like time (docs/store.md)
         for name, dims in own.items():
             assert ds[name].dims == (*sweep, "step", *dims), name
             assert ds[name].dtype == np.float64, name

@@ -1,13 +1,17 @@
 """``mfdsl run --scheduler``: the sweep as tasks of a Dask cluster, equal to the local
-run bit for bit; the cluster's refusals (no Dask, no scheduler, no GPU worker)."""
+run bit for bit; the cluster's refusals (no Dask, no scheduler, no GPU worker); a
+scheduler that dies mid-sweep (the log, the exit code and the store agree)."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import SweepStore, assert_same_data, open_store, run_cli
@@ -71,7 +75,15 @@ def test_existing_scheduler_by_address(tiny: SweepStore, tmp_path: Path, threads
 
 
 @needs_dask
-def test_cuda_tasks_need_a_gpu_worker(tiny: SweepStore, tmp_path: Path, threads_cluster: str) -> None:
+def test_cuda_tasks_need_a_gpu_worker(
+    tiny: SweepStore, tmp_path: Path, threads_cluster: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cluster without a worker that has a GPU resource refuses cuda tasks.  The torch
+    backend's preflight, which asks the driver's torch for a GPU, is told there is one:
+    the point is the cluster's answer, whatever this machine has."""
+    import mfdsl_torch
+
+    monkeypatch.setattr(mfdsl_torch, "_cuda_problem", lambda device: None)
     store = tmp_path / "gpu.zarr"
     result = run_cli(
         "run", tiny.spec, "-o", store, "--scheduler", threads_cluster, "--set", "torch.device=cuda"
@@ -138,3 +150,108 @@ def test_a_dask_worker_killed_mid_task_is_replaced_and_its_task_run_again(
     assert proc.returncode == 0, out + err
     assert "8/8" in out
     assert_whole(store, tiny.store)
+
+
+class _Held:
+    """A backend whose runs wait for :data:`HELD` ``.release`` (after saying they started)."""
+
+    def __init__(self, backend: object) -> None:
+        self._backend = backend
+
+    def __getattr__(self, name: str) -> object:
+        attr = getattr(self._backend, name)
+        if name != "run_group":
+            return attr
+
+        def call(*args: object, **kwargs: object) -> object:
+            HELD.started.set()
+            HELD.release.wait(60)
+            return attr(*args, **kwargs)
+
+        return call
+
+
+def _held_execute(*args: object, **kwargs: object) -> object:
+    """``execute_group`` (a task of the cluster), its outcomes kept in :data:`HELD`."""
+    outcomes = HELD.execute(*args, **kwargs)
+    HELD.finished.extend(outcomes)
+    return outcomes
+
+
+class _HeldState:
+    def __init__(self) -> None:
+        import threading
+
+        self.started, self.release = threading.Event(), threading.Event()
+        self.finished: list[tuple[str, str, str]] = []
+        self.execute: Any = None
+
+
+HELD = _HeldState()
+
+
+@needs_dask
+def test_a_scheduler_that_dies_mid_sweep_leaves_log_exit_code_and_store_in_agreement(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The scheduler goes away while every task runs (in-process workers, held back
+    until the driver has given up): the driver reports each run as the store has it
+    — all pending, so ``lost``, never failed — exits 1 with the command that resumes
+    the sweep, and the workers, which survive their scheduler and finish their runs
+    afterwards, write nothing: the fence they were given no longer holds."""
+    import asyncio
+    import threading
+
+    from distributed import LocalCluster
+
+    import mfdsl._runner as runner
+    from mfdsl._store import read_status
+
+    spec = tmp_path / "pairs.mf"
+    spec.write_text(
+        "experiment pairs\n"
+        "data isotropic_gaussian { dim = 4, delta = 0.5, train = online, test = 16 }\n"
+        "network mlp { hidden = 1, activation = relu, bias = true }\n"
+        "train { optimizer = sgd(lr = 0.1), loss = mse, batch = 4, steps = 20 }\n"
+        "record every 10 { train_loss }\n"
+        "sweep { width = [8, 16], seed = [0] }\n"
+        "backends torch\n",
+        encoding="utf-8",
+    )
+    store = tmp_path / "pairs.zarr"
+    HELD.__init__()  # type: ignore[misc]
+    HELD.execute = runner.execute_group
+    get_backend = runner.get_backend
+    monkeypatch.setattr(runner, "get_backend", lambda name: _Held(get_backend(name)))
+    monkeypatch.setattr(runner, "execute_group", _held_execute)
+    cluster = LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None)
+    try:
+
+        def kill_scheduler() -> None:
+            HELD.started.wait(60)
+            future = asyncio.run_coroutine_threadsafe(cluster.scheduler.close(), cluster.loop.asyncio_loop)
+            future.result(30)
+
+        killer = threading.Thread(target=kill_scheduler, daemon=True)
+        killer.start()
+        result = run_cli("run", spec, "-o", store, "--scheduler", cluster.scheduler_address)
+        killer.join(30)
+        assert result.code == 1, result.out + result.err
+        err = " ".join(result.err.split())
+        assert "2 runs lost by the cluster and still pending in the store" in err
+        assert "--resume" in err and "Traceback" not in err and "NoneType" not in err
+        log = Path(f"{store}.log").read_text(encoding="utf-8")
+        assert log.count(": lost: ") == 2 and ": failed: " not in log
+        assert (read_status(store) == 0).all()
+        HELD.release.set()  # the tasks that started finish their runs now, after the driver gave up
+        deadline = time.monotonic() + 60
+        while not HELD.finished and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)
+        assert HELD.finished and all(state == "lost" for _, state, _ in HELD.finished), HELD.finished
+        assert (read_status(store) == 0).all()  # nothing written behind the log's back
+        assert run_cli("verify", store).code == 0
+    finally:
+        HELD.release.set()
+        with contextlib.suppress(Exception):
+            cluster.close(timeout=5)

@@ -391,3 +391,71 @@ def test_pasted_errors_are_current(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         assert _check_error(argv) == expected, (
             f"the output of '{command[2:]}' in docs/language.md is out of date"
         )
+
+
+# ---- docs/store.md: each guarantee is tested -------------------------------------------------
+
+STORE_DOC = (ROOT / "docs" / "store.md").read_text(encoding="utf-8")
+
+#: each guarantee docs/store.md states (its bold lead), and the tests that keep it true
+STORE_GUARANTEES = {
+    "What `--overwrite` may delete": [
+        "test_hostile_store.py::test_overwrite_refuses_whatever_is_not_an_mfdsl_store",
+        "test_hostile_store.py::test_what_mfdsl_may_delete",
+        "test_hostile_store.py::test_what_mfdsl_may_delete_at_a_url",
+        "test_hostile_store.py::test_overwrite_keeps_what_mfdsl_did_not_write_beside_the_store",
+        "test_hostile_store.py::test_clean_partial_leaves_a_live_writer_and_foreign_files_alone",
+        "test_run.py::test_overwrite_replaces_the_store",
+    ],
+    "What is checksummed": [
+        "test_hostile_store.py::test_a_flipped_byte_in_a_coordinate_is_caught_and_repaired",
+        "test_hostile_store.py::test_old_stores_without_coordinate_checksums",
+        "test_faults.py::test_a_chunk_cut_off_mid_write_is_run_again",
+    ],
+    "What `verify` promises": [
+        "test_hostile_store.py::test_a_damaged_layout_is_named_by_verify_and_refused_by_resume",
+        "test_hostile_store.py::test_damaged_root_metadata",
+        "test_verify.py::test_every_kind_of_disagreement_is_listed",
+    ],
+    "What `--resume` promises": [
+        "test_hostile_store.py::test_a_kill_while_the_skeleton_is_written_leaves_no_half_store",
+        "test_hostile_store.py::test_missing_consolidated_metadata_and_unreadable_run_attributes",
+        "test_run.py::test_resume_of_a_finished_store_runs_nothing",
+        "test_run.py::test_resume_with_a_different_spec_is_refused",
+    ],
+    "Workers leave with their driver": [
+        "test_faults.py::test_workers_die_with_a_driver_killed_while_its_pool_starts",
+        "test_faults.py::test_resume_after_the_driver_was_killed",
+    ],
+    "Failures are counted per run": [
+        "test_faults.py::test_a_run_that_kills_its_worker_fails_alone",
+        "test_faults.py::test_which_units_a_broken_pool_is_charged_to",
+    ],
+    "A blown-up run is diverged, not done": [
+        "test_hostile_store.py::test_a_blown_up_run_is_diverged_not_done",
+        "test_hostile_store.py::test_judge_finds_the_first_blown_up_record",
+        "test_hostile_store.py::test_verify_holds_a_done_run_to_the_threshold",
+    ],
+    "SIGTERM is Ctrl-C": ["test_faults.py::test_sigterm_keeps_finished_runs_for_resume"],
+    "On a Dask cluster": [
+        "test_hostile_store.py::test_the_cluster_tells_a_failed_unit_from_a_lost_one",
+        "test_hostile_store.py::test_a_lost_run_is_what_the_store_says_and_a_revoked_fence_writes_nothing",
+        "test_cluster.py::test_a_scheduler_that_dies_mid_sweep_leaves_log_exit_code_and_store_in_agreement",
+    ],
+}
+
+
+def test_every_store_guarantee_is_stated_and_tested() -> None:
+    """docs/store.md's *Guarantees* leads each guarantee with a bold phrase; each has
+    tests here, and every test named exists."""
+    text = STORE_DOC[STORE_DOC.index("## Guarantees") :]
+    text = text[: text.index("\n## ", 1)]
+    leads = [lead.rstrip(".,:") for lead in re.findall(r"^\*\*(.+?)\*\*", text, flags=re.M)]
+    stated = {key for key in STORE_GUARANTEES if any(lead.startswith(key) for lead in leads)}
+    assert stated == set(STORE_GUARANTEES), f"not stated in docs/store.md: {set(STORE_GUARANTEES) - stated}"
+    untested = [lead for lead in leads if not any(lead.startswith(key) for key in STORE_GUARANTEES)]
+    assert not untested, f"guarantees without tests: {untested}"
+    for tests in STORE_GUARANTEES.values():
+        for test in tests:
+            module, name = test.split("::")
+            assert f"def {name}(" in (ROOT / "tests" / module).read_text(encoding="utf-8"), test

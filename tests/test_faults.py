@@ -1,10 +1,13 @@
 """Faults injected into ``mfdsl run``, each ending in the store an uninterrupted run
 writes (bit for bit on CPU) or in a clear message before anything is trained: a worker
 process killed mid-run, the driver killed, Ctrl-C, a chunk cut off mid-write, a
-read-only or full target, two runs on one store."""
+read-only or full target, two runs on one store; the driver killed while its pool starts
+(no worker may outlive it), one run that kills its worker every time (it fails alone),
+SIGTERM (handled as Ctrl-C)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -204,19 +207,31 @@ if __name__ == "__main__":
 
 
 def test_ctrl_c_keeps_finished_runs_for_resume(tiny: SweepStore, tmp_path: Path) -> None:
+    """After Ctrl-C, the hint repeats every option the run was given (a --set whose value
+    needs quoting included): pasted, it resumes the same store to the whole sweep."""
+    import shlex
+
     store = tmp_path / "tiny.zarr"
     runner = script(tmp_path, "interrupted.py", INTERRUPTED)
-    args = [sys.executable, str(runner), "run", str(tiny.spec), "-o", str(store), "--workers", "1"]
+    options = ["-o", str(store), "--set", "sweep.act=[tanh, relu]", "--backend", "torch", "--workers", "1"]
+    args = [sys.executable, str(runner), "run", str(tiny.spec), *options]
     with process_group(args, tmp_path) as proc:
         out, err = proc.communicate(timeout=300)
     assert proc.returncode == 130, out + err
-    assert "interrupted" in err and "--resume" in err
     assert "Traceback" not in err
     assert not Path(f"{store}.lock").exists()  # released on the way out
     status = read_status(store)
     assert np.all((status == 0) | (status == 1)) and (status == 0).any()
-    result = run_sweep(tiny.spec, store, "--resume")
+    (hint,) = [line for line in err.splitlines() if line.startswith("interrupted: ")]
+    prefix = "interrupted: finished runs are kept; finish with "
+    assert hint.startswith(prefix), hint
+    command = hint[len(prefix) :]
+    assert command == shlex.join(["mfdsl", "run", str(tiny.spec), *options, "--resume"])
+    words = shlex.split(command)
+    assert words[:2] == ["mfdsl", "run"]
+    result = run_cli(*words[1:])  # what the shell would run
     assert result.code == 0, result.out + result.err
+    assert "resuming:" in result.out
     assert_whole(store, tiny.store)
 
 
@@ -461,3 +476,229 @@ def test_lock_file_rules(tmp_path: Path) -> None:
     path.write_text(json.dumps({"pid": os.getpid(), "host": "other", "started": "now"}))
     mine.release()
     assert path.exists()
+
+
+# ---- the driver killed while its pool starts ------------------------------------------------------
+
+# ``mfdsl run`` that SIGKILLs its driver (alone) ``MFDSL_TEST_KILL_AFTER`` seconds after
+# its pool spawned a worker: the worker may still be importing, before its initializer
+# has run — the window in which a worker that read its parent's pid itself would find
+# init, watch it forever and outlive the driver.
+KILLED_AT_START = """\
+import concurrent.futures.process as process
+import os
+import signal
+import sys
+import threading
+
+DELAY = float(os.environ["MFDSL_TEST_KILL_AFTER"])
+_spawn = process.ProcessPoolExecutor._spawn_process
+
+
+def spawn(self):
+    _spawn(self)
+    threading.Timer(DELAY, os.kill, (os.getpid(), signal.SIGKILL)).start()
+
+
+if __name__ == "__main__":
+    process.ProcessPoolExecutor._spawn_process = spawn
+    from mfdsl._cli import main
+
+    sys.exit(main(sys.argv[1:]))
+"""
+
+LONG = """\
+experiment long
+data isotropic_gaussian { dim = 4, delta = 0.5, train = online, test = 16 }
+network mlp { hidden = 1, activation = relu, bias = true }
+train { optimizer = sgd(lr = 0.1), loss = mse, batch = 4, steps = 1000000 }
+record every 500000 { train_loss }
+sweep { width = [8, 16], seed = [0] }
+backends torch
+"""
+
+
+def test_workers_die_with_a_driver_killed_while_its_pool_starts(tmp_path: Path) -> None:
+    """Five drivers (at once, to keep the test short), each SIGKILLed at another small
+    delay after its pool spawned its workers: within seconds no process of theirs is
+    left (each runs in a session of its own: its process group holds its workers)."""
+    spec = script(tmp_path, "long.mf", LONG)
+    runner = script(tmp_path, "killed_at_start.py", KILLED_AT_START)
+    procs = []
+    for i, delay in enumerate([0.0, 0.05, 0.2, 0.5, 1.0]):
+        args = [
+            sys.executable,
+            str(runner),
+            "run",
+            str(spec),
+            "-o",
+            str(tmp_path / f"{i}.zarr"),
+            "--workers",
+            "2",
+        ]
+        env = {**os.environ, "MFDSL_TEST_KILL_AFTER": str(delay)}
+        procs.append(
+            subprocess.Popen(
+                args,
+                cwd=tmp_path,
+                start_new_session=True,
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
+    try:
+        for proc in procs:
+            assert proc.wait(timeout=120) == -signal.SIGKILL
+        deadline = time.monotonic() + 45  # a worker still importing leaves once it is done
+        while any(_group_members(p.pid) for p in procs) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        left = [members for members in (_group_members(p.pid) for p in procs) if members]
+        assert not left, f"workers outlived their driver: {left}"
+    finally:
+        for proc in procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _group_members(pgid: int) -> list[str]:
+    """The command lines of the live processes of a process group (/proc scan; a
+    zombie, dead but not yet reaped, is not live)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                out.append((entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+        except (OSError, IndexError, ValueError):
+            continue
+    return out
+
+
+# ---- one bad run does not fail the sweep -----------------------------------------------------------
+
+# ``mfdsl run`` whose worker SIGKILLs itself at step 20 of one run (width 16, seed 0),
+# every time that run trains: it is run again until its third death, then failed.
+KILLED_BY_ONE_RUN = """\
+import os
+import signal
+import sys
+
+import mfdsl._runner as runner
+
+_get_backend = runner.get_backend
+
+
+class Killing:
+    def __init__(self, backend):
+        self._backend = backend
+
+    def __getattr__(self, name):
+        attr = getattr(self._backend, name)
+        if name != "run_group":
+            return attr
+
+        def call(plans, progress=None, **kwargs):
+            bad = [i for i, p in enumerate(plans) if p.coords["width"] == 16 and p.coords["seed"] == 0]
+
+            def report(i, step, loss):
+                if i in bad and step >= 20:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                if progress is not None:
+                    progress(i, step, loss)
+
+            return attr(plans, progress=report, **kwargs)
+
+        return call
+
+
+runner.get_backend = lambda name: Killing(_get_backend(name))
+
+if __name__ == "__main__":
+    from mfdsl._cli import main
+
+    sys.exit(main(sys.argv[1:]))
+"""
+
+PAIRS = """\
+experiment pairs
+data isotropic_gaussian { dim = 4, delta = 0.5, train = online, test = 16 }
+network mlp { hidden = 1, activation = relu, bias = true }
+train { optimizer = sgd(lr = 0.1), loss = mse, batch = 4, steps = 40 }
+record every 20 { train_loss }
+sweep { width = [8, 16], seed = 0..1 }
+backends torch
+"""
+
+
+def test_a_run_that_kills_its_worker_fails_alone(tmp_path: Path) -> None:
+    """The widest unit (width 16, seeds 0 and 1 as one ensemble) goes first; its worker
+    dies three times over seed 0.  The first death is charged to both runs of the unit
+    (both were running), which then run one by one: seed 1 finishes, seed 0 is failed
+    after its third.  The width-8 unit, queued behind it each time, is never charged:
+    it finishes.  (Charging every unit a broken pool lost failed all four.)"""
+    spec = script(tmp_path, "pairs.mf", PAIRS)
+    store = tmp_path / "pairs.zarr"
+    runner = script(tmp_path, "killed_by_one_run.py", KILLED_BY_ONE_RUN)
+    args = [sys.executable, str(runner), "run", str(spec), "-o", str(store), "--workers", "1"]
+    with process_group(args, tmp_path) as proc:
+        out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1, out + err
+    assert one_line(out).count("a worker process died (killed by SIGKILL, out of memory?)") == 3
+    assert "1 run failed" in one_line(err) and "Traceback" not in err
+    with open_store(store) as ds:
+        assert ds["status"].sel(width=16).values.tolist() == [2, 1]
+        assert (ds["status"].sel(width=8) == 1).all()
+        message = str(ds["message"].sel(width=16, seed=0).values)
+        assert (
+            message
+            == "its worker process died while running it, 3 times (the last killed by SIGKILL, out of memory?)"
+        )
+    log = Path(f"{store}.log").read_text(encoding="utf-8")
+    assert "torch:width=16,seed=0: failed: its worker process died while running it, 3 times" in log
+    assert run_cli("verify", store).code == 0
+
+
+def test_which_units_a_broken_pool_is_charged_to() -> None:
+    """Slots of the units a broken pool lost -> the pid running each (0: not started)."""
+    from types import SimpleNamespace
+
+    from mfdsl._runner import _charged, _death
+
+    dead = {101: SimpleNamespace(exitcode=-9), 102: SimpleNamespace(exitcode=-15)}
+    started = [101, 102, 0]
+    broken = [(0, 7), (1, 8), (2, 9)]  # (slot, unit)
+    assert _charged(broken, started, dead) == {7: -9}  # not the worker the pool stopped, nor the queued
+    stopped = {101: SimpleNamespace(exitcode=-15), 102: SimpleNamespace(exitcode=-15)}
+    assert _charged(broken, started, stopped) == {7: -15, 8: -15}  # can't tell: those running
+    assert _charged(broken, [0, 0, 0], dead) == {7: None, 8: None, 9: None}  # none started: all
+    assert _death(-9) == "killed by SIGKILL, out of memory?"
+    assert _death(3) == "exit code 3"
+
+
+# ---- SIGTERM -------------------------------------------------------------------------------------
+
+# ``mfdsl run`` whose process group gets SIGTERM (as a batch system ends a job) once the
+# first unit of work has finished.
+TERMINATED = INTERRUPTED.replace("signal.SIGINT", "signal.SIGTERM")
+
+
+def test_sigterm_keeps_finished_runs_for_resume(tiny: SweepStore, tmp_path: Path) -> None:
+    store = tmp_path / "tiny.zarr"
+    runner = script(tmp_path, "terminated.py", TERMINATED)
+    args = [sys.executable, str(runner), "run", str(tiny.spec), "-o", str(store), "--workers", "1"]
+    with process_group(args, tmp_path) as proc:
+        out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143, out + err
+    assert "Traceback" not in err
+    assert not Path(f"{store}.lock").exists()  # released on the way out
+    status = read_status(store)
+    assert np.all((status == 0) | (status == 1)) and (status == 1).any() and (status == 0).any()
+    prefix = "terminated (SIGTERM): finished runs are kept; finish with "
+    (hint,) = [line for line in err.splitlines() if line.startswith(prefix)]
+    assert hint[len(prefix) :] == f"mfdsl run {tiny.spec} -o {store} --workers 1 --resume"
+    result = run_sweep(tiny.spec, store, "--resume")
+    assert result.code == 0, result.out + result.err
+    assert_whole(store, tiny.store)

@@ -8,7 +8,6 @@ import importlib.util
 import re
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 from collections.abc import Callable
@@ -64,14 +63,19 @@ def second_run(
     sweep_store: Callable[[str], SweepStore], tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[SweepStore, Path]:
     """The tiny spec run a second time, with --overwrite onto a copy of the first store
-    that carries a stray file and a stale log."""
+    that carries what a killed writer leaves in a store (a temporary chunk file of
+    zarr's, mfdsl's write probe) and a stale log.  (A file mfdsl does not write makes
+    --overwrite refuse: tests/test_hostile_store.py.)"""
     pytest.importorskip("torch")
     first = sweep_store("torch")
     folder = tmp_path_factory.mktemp("second")
     store = folder / "tiny.zarr"
     shutil.copytree(first.store, store)
-    (store / "stray-file").write_text("from the store being replaced", encoding="utf-8")
-    Path(f"{store}.log").write_text("torch:width=8: failed: an old failure\n", encoding="utf-8")
+    (store / "test_loss" / "c" / "0" / "0" / "0" / f"0.{'ab' * 16}.partial").write_bytes(b"cut off")
+    (store / ".mfdsl-write-test-12345").write_text("", encoding="utf-8")
+    Path(f"{store}.log").write_text(
+        "# mfdsl run, 2024-01-01 00:00:00\ntorch:width=8: failed: an old failure\n", encoding="utf-8"
+    )
     result = run_sweep(first.spec, store, "--overwrite")
     assert result.code == 0, result.out + result.err
     return first, store
@@ -86,7 +90,8 @@ def test_same_spec_twice_gives_bitwise_identical_data(second_run: tuple[SweepSto
 
 def test_overwrite_replaces_the_store(second_run: tuple[SweepStore, Path]) -> None:
     _, store = second_run
-    assert not (store / "stray-file").exists()
+    assert not (store / ".mfdsl-write-test-12345").exists()
+    assert not list(store.rglob("*.partial"))
     assert not Path(f"{store}.log").exists()  # the replaced store's log went with it
     with open_store(store) as ds:
         assert "finalized" in ds.attrs
@@ -121,6 +126,127 @@ def test_resume_of_a_finished_store_runs_nothing(tiny: SweepStore, tmp_path: Pat
     assert result.code == 0, result.err
     assert re.search(r"\b8 runs already finished, 0 to go", one_line(result.out)), result.out
     assert {k: v for k, v in snapshot(store).items() if "/c/" in k} == chunks
+
+
+def restamp(store: Path, name: str, value: object) -> None:
+    """Set (``None``: delete) a root attribute of ``store``, metadata consolidated again."""
+    import zarr
+
+    from mfdsl._store import _quiet_consolidation
+
+    group = zarr.open_group(store, mode="r+")
+    if value is None:
+        del group.attrs[name]
+    else:
+        group.attrs[name] = value
+    with _quiet_consolidation():
+        zarr.consolidate_metadata(str(store))
+
+
+@pytest.mark.parametrize(
+    ("layout", "words"),
+    [
+        (
+            None,
+            "it was written by an older mfdsl, whose random streams differ (it records no 'stream_layout';",
+        ),
+        ("older", "it was written by an older mfdsl, whose random streams differ (random-stream layout"),
+        ("newer", "it was written by a newer mfdsl, whose random streams differ (random-stream layout"),
+    ],
+)
+def test_resume_refuses_a_store_of_other_random_streams(
+    tiny: SweepStore, tmp_path: Path, layout: str | None, words: str
+) -> None:
+    """Runs added to a store whose finished runs drew other random streams would not be
+    the runs of its spec: ``--resume`` refuses before touching it, and says what to do."""
+    from mfdsl._streams import STREAM_LAYOUT
+
+    store = tmp_path / "tiny.zarr"
+    shutil.copytree(tiny.store, store)
+    number = {None: None, "older": STREAM_LAYOUT - 1, "newer": STREAM_LAYOUT + 1}[layout]
+    restamp(store, "stream_layout", number)
+    (store / "status" / "c" / "0" / "0" / "0").unlink()  # a pending run it would otherwise run
+    before = snapshot(store)
+    result = run_sweep(tiny.spec, store, "--resume")
+    assert result.code == 2, result.out + result.err
+    text = one_line(result.err)
+    assert f"error: cannot resume {store}: {words}" in text
+    assert "so runs added now would not draw the random numbers its finished runs drew" in text
+    assert "a new store (-o NEW.zarr), or replace this one (--overwrite)" in text
+    assert ("Upgrade mfdsl to resume it" in text) == (layout == "newer")
+    assert "Traceback" not in result.err and result.out == ""
+    assert snapshot(store) == before
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_new_stores_record_the_stream_layout(tiny: SweepStore, tmp_path: Path, overwrite: bool) -> None:
+    from mfdsl._streams import STREAM_LAYOUT
+
+    store = tmp_path / "tiny.zarr"
+    if overwrite:  # --overwrite replaces a store of other streams with one of this mfdsl's
+        shutil.copytree(tiny.store, store)
+        restamp(store, "stream_layout", None)
+        assert run_sweep(tiny.spec, store, "--overwrite").code == 0
+    with open_store(store if overwrite else tiny.store) as ds:
+        assert ds.attrs["stream_layout"] == STREAM_LAYOUT
+
+
+def test_a_limit_backend_cannot_join_a_store_without_limit_cells(tiny: SweepStore, tmp_path: Path) -> None:
+    """The tiny store was made for torch alone (its spec names no other backend): it has
+    no width = inf cells for the jax backend's runs."""
+    pytest.importorskip("jax")
+    store = tmp_path / "tiny.zarr"
+    shutil.copytree(tiny.store, store)
+    before = snapshot(store)
+    result = run_sweep(tiny.spec, store, "--backend", "jax", "--resume")
+    assert result.code == 2, result.out + result.err
+    text = one_line(result.err)
+    assert (
+        f"error: cannot resume {store}: it has no width = inf cells for the limit runs of 'jax' "
+        "(it was made without a limit backend)" in text
+    )
+    assert "new store (-o NEW.zarr), or replace this one (--overwrite)" in text
+    assert "Traceback" not in result.err
+    assert snapshot(store) == before
+
+
+def test_the_resume_command_repeats_every_option(tmp_path: Path) -> None:
+    """What the hints after Ctrl-C and storage errors print: pasted into a shell, it is the
+    same ``mfdsl run`` with ``--resume``, whatever its words hold."""
+    import shlex
+
+    from mfdsl._cli import build_parser
+    from mfdsl._runner import resume_command
+
+    argv = [
+        "run",
+        "my specs/it's.mf",
+        "-o",
+        "/data/runs $HOME/x.zarr",
+        "--set",
+        "sweep.width=[50, 100]",
+        "--set",
+        'data.root="/a b"',
+        "--backend",
+        "torch",
+        "--backend",
+        "jax",
+        "--workers",
+        "3",
+        "--scheduler",
+        "tcp://host:8786",
+        "--diverge-above",
+        "1234567.5",  # repeated exactly: --resume refuses another threshold
+    ]
+    args = build_parser().parse_args(argv)
+    spec = mfdsl.parse(TINY_SPEC.format(backend="torch"))
+    command = resume_command(args, spec)
+    words = shlex.split(command)
+    assert words == ["mfdsl", *argv, "--resume"]
+    assert build_parser().parse_args(words[1:]).resume
+    # no options: the spec and the store, nothing else
+    plain = build_parser().parse_args(["run", "spec.mf", "-o", "runs/x.zarr"])
+    assert resume_command(plain, spec) == "mfdsl run spec.mf -o runs/x.zarr --resume"
 
 
 # ---- resume after a kill ---------------------------------------------------------------
@@ -229,31 +355,59 @@ def test_diverged_runs_are_results(tmp_path: Path) -> None:
 
 FAILING = """\
 experiment failing
-data mnist { root = "ROOT", classes = [0, 1], train = 100, test = 64 }
+data isotropic_gaussian { dim = 4, delta = 0.5, train = online, test = 64 }
 network mlp { hidden = 1, activation = tanh }
-train { optimizer = sgd(lr = 0.1), loss = logistic, batch = 4, steps = 10 }
+train { optimizer = sgd(lr = 0.1), loss = mse, batch = 4, steps = 10 }
 record every 5 { train_loss, test_accuracy }
 sweep { width = [8, 16], seed = [0, 1] }
 """
 
+# ``mfdsl run`` whose backend raises in every run (``mfdsl run`` checks the spec and its
+# data before the sweep, so a spec alone cannot make runs fail once they have started).
+# Spawned workers run this file's top level too, so the patch reaches them.
+FAILING_BACKEND = """\
+import sys
 
-def labels_only(folder: Path) -> Path:
-    """An MNIST folder with the label files and no images: the labels size the sweep
-    before it starts (``mfdsl run`` checks them once), then every run fails to read
-    the images."""
-    folder.mkdir()
-    for name, n in (("train-labels-idx1-ubyte", 200), ("t10k-labels-idx1-ubyte", 100)):
-        (folder / name).write_bytes(struct.pack(">II", 0x801, n) + bytes(i % 2 for i in range(n)))
-    return folder
+import mfdsl._runner as runner
+
+_get_backend = runner.get_backend
+
+
+class Failing:
+    def __init__(self, backend):
+        self._backend = backend
+
+    def __getattr__(self, name):
+        attr = getattr(self._backend, name)
+        if name not in ("run", "run_group"):
+            return attr
+
+        def call(*args, **kwargs):
+            raise OSError("the data server went away")
+
+        return call
+
+
+runner.get_backend = lambda name: Failing(_get_backend(name))
+
+if __name__ == "__main__":
+    from mfdsl._cli import main
+
+    sys.exit(main(sys.argv[1:]))
+"""
 
 
 @needs_torch
 def test_failed_runs_are_recorded_and_the_sweep_goes_on(tmp_path: Path) -> None:
     store = tmp_path / "failing.zarr"
-    text = FAILING.replace("ROOT", str(labels_only(tmp_path / "mnist")))
-    result = run_sweep(spec_file(tmp_path, text), store)
-    assert result.code == 1, result.out + result.err
-    assert "4 runs failed" in one_line(result.err)
+    runner = spec_file(tmp_path, FAILING_BACKEND, "failing_backend.py")
+    spec = spec_file(tmp_path, FAILING)
+    args = [sys.executable, str(runner), "run", str(spec), "-o", str(store), "--workers", "1"]
+    with process_group(args, tmp_path) as proc:
+        out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1, out + err
+    assert "4 runs failed" in one_line(err)
+    assert "Traceback" not in err  # the tracebacks are in the store, not on the terminal
     log = Path(f"{store}.log").read_text(encoding="utf-8")
     assert log.count(": failed: ") == 4  # every run was tried: one failure did not stop the sweep
     with open_store(store) as ds:
@@ -267,8 +421,9 @@ def test_failed_runs_are_recorded_and_the_sweep_goes_on(tmp_path: Path) -> None:
                 assert log.count(entry) == 1
                 error = log[log.index(entry) + len(entry) :].splitlines()[0]  # "ErrorType: what went wrong"
                 kind, _, text = error.partition(": ")
-                assert kind and text, error
+                assert (kind, text) == ("OSError", "the data server went away"), error
                 assert kind in message and text in message
+    assert run_cli("verify", store).code == 0  # failed runs with their messages are no problem
 
 
 @needs_torch

@@ -253,12 +253,68 @@ def test_finalize_consolidates(store: Path) -> None:
     finalize(store)
     ds = xr.open_zarr(store, consolidated=True)
     assert ds.attrs["finalized"] >= ds.attrs["created"]
-    assert set(ds.data_vars) == {*EXTRA_SHAPES, "status", "message"}
+    assert set(ds.data_vars) == {*EXTRA_SHAPES, "status"}
+    assert "message" in ds.coords and ds["message"].dims == ds["status"].dims
     assert ds["status"].values[cell] == Status.DONE
     np.testing.assert_array_equal(ds["output"].values[cell], records_for(cell)["output"])
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert xr.open_zarr(store).attrs["mfdsl_store_format"] == 1
+
+
+def test_where_status_on_the_whole_dataset(store: Path) -> None:
+    """``ds.where(ds.status == 1)`` masks every number of the runs not done and keeps
+    the messages, which say why (a string variable would refuse the NaN fill)."""
+    done, diverged, failed = (0, 1, 0, 1), (1, 0, 1, 0), (2, 1, 1, 1)
+    write_run(store, index=index_of(done), records=records_for(done), steps=STEPS, status=Status.DONE)
+    write_run(
+        store,
+        index=index_of(diverged),
+        records=records_for(diverged),
+        steps=STEPS,
+        status=Status.DIVERGED,
+        message="loss became inf at step 30",
+    )
+    write_run(store, index=index_of(failed), records={}, steps=STEPS, status=Status.FAILED, message="boom ü")
+    ds = xr.open_zarr(store)
+    kept = ds.where(ds.status == 1)  # lazily, as users write it
+    loaded = kept.load()
+    for name, extra in EXTRA_SHAPES.items():
+        values = loaded[name].values
+        np.testing.assert_array_equal(values[done], records_for(done)[name])
+        others = np.ones(SWEEP_SHAPE, dtype=bool)
+        others[done] = False
+        assert np.isnan(values[others]).all(), name
+        assert values.shape == (*SWEEP_SHAPE, len(STEPS), *extra)
+    assert loaded["message"].values[diverged] == "loss became inf at step 30"
+    assert loaded["message"].values[failed] == "boom ü"
+    assert loaded["message"].values[done] == ""
+    # and on data loaded first, and with drop=True
+    assert ds.load().where(ds.status == 1)["train_loss"].notnull().sum() == len(STEPS)
+    dropped = ds.where(ds.status == 1, drop=True)
+    assert dict(dropped.sizes)["width"] == 1 and dropped["width"].values.tolist() == [WIDTHS[0]]
+
+
+def test_the_store_records_its_stream_layout(store: Path) -> None:
+    from mfdsl._streams import STREAM_LAYOUT
+
+    assert xr.open_zarr(store).attrs["stream_layout"] == STREAM_LAYOUT
+    with pytest.raises(ValueError, match="stream_layout"):
+        create_store(
+            store.parent / "other.zarr",
+            sweep={"width": [8.0], "seed": [0]},
+            steps=[0],
+            time=(("step",), np.zeros(1)),
+            variables=[],
+            attrs={"stream_layout": 1},
+        )
+
+
+def test_update_attrs_keeps_the_consolidated_metadata_true(store: Path) -> None:
+    _store.update_attrs(store, {"backends": ["jax", "torch"]})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert xr.open_zarr(store, consolidated=True).attrs["backends"] == ["jax", "torch"]
 
 
 def test_limit_only_sweep_and_scalar_time(tmp_path: Path) -> None:
