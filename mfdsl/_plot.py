@@ -8,8 +8,10 @@ Three kinds:
   on viridis by log-width, the limit (``width = inf``) in black; the band around it is
   ±1 standard deviation over seeds.  Log-spaced records get a symlog time axis.
 * ``convergence`` — per variable and slice, ``sup_t |seed mean − limit|`` (or − the
-  widest run, without a limit) against width on log–log axes, with the least-squares
-  line and its slope (95 % interval) in the legend, and an ``n^{-1/2}`` guide.
+  widest run, without a limit) against width on log–log axes, with an ``n^{-1/2}``
+  guide and, against the limit, the least-squares line and its slope (95 % interval)
+  in the legend: the rate ``mfdsl report`` gives (:meth:`~mfdsl._report.Series.rate`),
+  and, where it gives none, its reason.
 * ``particles`` — the ``particles`` sample as scatter plots, incoming weight
   ``w_in_1`` against outgoing ``w_out``, coloured by ``‖w_in‖``, at the first, middle
   and last recorded time: a row per width, for the first done seed of the first slice.
@@ -22,13 +24,14 @@ from __future__ import annotations
 
 import math
 import os
+import textwrap
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from ._errors import count
-from ._report import STATUS, STEP, TIME, Series, Slice, StoreError, fit_rate, open_results, slices
+from ._report import STATUS, STEP, TIME, Series, Slice, StoreError, open_results, slices
 from ._store import Status
 
 KINDS = ("curves", "convergence", "particles")
@@ -145,7 +148,7 @@ def _curves(figure_cls: Any, parts: list[Slice]) -> Any:
     fig, axes = _grid(figure_cls, len(parts), cols)
     widths = [c.width for c in parts[0].series[0].curves]
     colours = _colours(widths)
-    seeds = max((c.total for p in parts for s in p.series for c in s.curves), default=1)
+    seeds = max((c.done for p in parts for s in p.series for c in s.curves), default=1)
     all_times = np.concatenate([c.time for p in parts for s in p.series for c in s.curves])
     symlog = _log_spaced(all_times)
     for r, part in enumerate(parts):
@@ -179,7 +182,7 @@ def _curves(figure_cls: Any, parts: list[Slice]) -> Any:
         Patch(
             color="grey",
             alpha=0.3,
-            label=f"mean over seeds ± 1 sample std (up to {seeds} seed{'s' * (seeds > 1)})",
+            label=f"mean over the done seeds ± 1 sample std (up to {seeds} seed{'s' * (seeds > 1)})",
         )
     )
     # At most two legend entries per column of panels: a narrow figure's legend would
@@ -221,7 +224,7 @@ def _convergence_panel(ax: Any, series: Series, part: Slice) -> None:
         )
         return
     ax.loglog(widths[positive], values[positive], "o", color="C0", label="seed mean")
-    rate = fit_rate(widths, values)
+    rate, note = series.rate()
     grid = np.geomspace(widths[positive].min(), widths[positive].max(), 50)
     if rate is not None:
         if rate.ci95 is not None:
@@ -229,6 +232,9 @@ def _convergence_panel(ax: Any, series: Series, part: Slice) -> None:
         else:
             label = f"slope {rate.slope:.2f} (two widths, no CI)"
         ax.loglog(grid, np.exp(rate.intercept) * grid**rate.slope, "-", color="C3", label=label)
+    elif note is not None:
+        # An empty entry carries the reason (wrapped: a panel is narrow).
+        ax.plot([], [], " ", label=textwrap.fill(f"no rate: {note}", 44))
     first = np.flatnonzero(positive)[0]
     ax.loglog(grid, values[first] * (grid / widths[first]) ** -0.5, ":", color="grey", label="n^-1/2 (guide)")
     ax.legend(fontsize=7, frameon=False)

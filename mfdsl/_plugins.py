@@ -41,6 +41,11 @@ class Backend(abc.ABC):
     its options block (``torch { device = cuda }``), which the core validates; ``limit``
     says whether it computes the infinite-width limit (its results are stored at
     ``width = inf``) rather than finite networks.
+
+    Three checks, from the spec alone to this machine: :meth:`check` (what the backend
+    cannot compute, wherever it runs), :meth:`preflight` (what this machine lacks for
+    the spec: a dependency, a device; ``mfdsl check`` and ``mfdsl run`` call it before
+    anything is created) and :meth:`require` (imports the dependencies, before runs).
     """
 
     name: ClassVar[str]
@@ -78,6 +83,24 @@ class Backend(abc.ABC):
 
     def check(self, spec: Spec) -> None:  # noqa: B027 - optional hook
         """Reject constructs this backend cannot compute, raising ``SpecError``."""
+
+    def preflight(self, spec: Spec) -> None:
+        """Whether this machine can run ``spec`` (one sweep point, as :meth:`check`
+        gets it) on this backend: called by ``mfdsl check`` and by ``mfdsl run`` for
+        every point, before the store is created.
+
+        Raise :class:`BackendUnavailable` when a dependency is missing here (``mfdsl
+        run`` then skips the backend, or stops if it was asked for with ``--backend``;
+        ``mfdsl check`` warns), and ``SpecError``, located at the option, when the spec
+        asks this machine for something it lacks (the torch backend: ``device = cuda``
+        where torch sees no GPU) — ``mfdsl check`` and ``mfdsl run`` stop on it, exit 2.
+
+        It must be cheap: ``mfdsl check`` runs it for every point.  The default calls
+        :meth:`require`; a backend whose dependencies are slow to import overrides it to
+        find them without importing them (``importlib.util.find_spec``), and imports
+        only what a point's options need checking.
+        """
+        self.require()
 
     # ---- optional: several sweep points as one unit of work --------------------------
 

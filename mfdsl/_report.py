@@ -5,7 +5,8 @@ and every scalar observable (``train_loss``, ``test_loss``, ``test_accuracy``, a
 layer of ``weight_change`` / ``neuron_spread``, labelled ``weight_change[layer=1]``):
 
 * **final values** per width: each done run's last finite record, mean ± sample std
-  (``ddof = 1``; none with one run) over seeds, and how many runs are done;
+  (``ddof = 1``; none with one run) over seeds, and how many runs are done, failed,
+  diverged and pending (a diverged or failed run is counted, never averaged);
 * **distance to the limit** per width: ``sup_t |m_n(t) − m_∞(t)|`` with ``m_n`` the seed
   mean of the done runs at width ``n`` and ``m_∞`` that of the limit (``width = inf``);
   without a limit, the widest width that has results stands in for it (and is left out
@@ -14,7 +15,14 @@ layer of ``weight_change`` / ``neuron_spread``, labelled ``weight_change[layer=1
 * **rate**: the least-squares slope ``b`` of ``log distance = a + b log width`` over the
   finite widths, with a 95 % confidence interval ``b ± t_{0.975, n−2} · se(b)``,
   ``se(b)² = RSS / ((n − 2) Σ (log n_i − mean)²)``.  Two widths give a slope without an
-  interval; fewer give none.
+  interval; fewer give none.  Only distances to the limit are fitted: against the
+  widest run, the distance shrinks to 0 at that width whatever the true rate, so its
+  slope is not a rate to the limit — the report then gives no rate and says why (as
+  it does when the distance is 0 everywhere, or too few widths have one).
+
+:func:`summarize_dataset` is the one place these numbers are computed: ``mfdsl
+report``, its ``--json``, ``mfdsl plot`` and the table ``mfdsl run`` prints when the
+sweep ends (:func:`final_table`) all read them from it.
 
 Only runs with status *done* count: a diverged run's records stop where it diverged, a
 failed or pending run has none.  Everything here is numpy; the t quantile comes from
@@ -102,6 +110,34 @@ def open_results(path: str | os.PathLike[str]) -> Any:
 
 
 @dataclass(frozen=True)
+class Counts:
+    """How the runs of one width in one slice (its seeds) ended."""
+
+    done: int = 0
+    failed: int = 0
+    diverged: int = 0
+    pending: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.done + self.failed + self.diverged + self.pending
+
+    @classmethod
+    def of(cls, status: np.ndarray) -> Counts:
+        """The counts of an array of ``status`` values."""
+        values = np.asarray(status)
+        return cls(
+            done=int(np.count_nonzero(values == Status.DONE)),
+            failed=int(np.count_nonzero(values == Status.FAILED)),
+            diverged=int(np.count_nonzero(values == Status.DIVERGED)),
+            pending=int(np.count_nonzero(values == Status.PENDING)),
+        )
+
+    def as_dict(self) -> dict[str, int]:
+        return {"done": self.done, "failed": self.failed, "diverged": self.diverged, "pending": self.pending}
+
+
+@dataclass(frozen=True)
 class Curve:
     """One width of one variable in one slice: the seed statistics of the done runs
     over the store's steps (NaN where no done run recorded)."""
@@ -109,8 +145,15 @@ class Curve:
     width: float
     time: np.ndarray
     runs: np.ndarray  # (done runs, steps)
-    done: int
-    total: int
+    counts: Counts
+
+    @property
+    def done(self) -> int:
+        return self.counts.done
+
+    @property
+    def total(self) -> int:
+        return self.counts.total
 
     @property
     def mean(self) -> np.ndarray:
@@ -169,6 +212,24 @@ class Series:
             if d is not None:
                 out[curve.width] = d
         return kind, reference.width, out
+
+    def rate(self) -> tuple[Rate | None, str | None]:
+        """The fitted rate of the distance to the limit, or ``None`` and why there is
+        none.  Distances to the widest run are never fitted: they vanish at that width
+        whatever the true rate, so their slope would read as a rate it is not."""
+        kind, _, dist = self.distances()
+        if kind != "limit":
+            if any(math.isinf(c.width) for c in self.curves):
+                return None, "the limit (width ∞) has no finished run of this variable"
+            return None, "no limit (width ∞) in the store, so no rate to it"
+        positive = [w for w, d in dist.items() if d > 0]
+        if dist and not positive:
+            return None, "the distance to the limit is 0 at every width"
+        if len(positive) < 2:
+            have = "no width has" if not positive else "only 1 width has"
+            return None, f"{have} a distance to the limit; a rate needs two"
+        rate = fit_rate(list(dist), list(dist.values()))
+        return rate, None if rate is not None else "the distances to the limit admit no fit"
 
 
 @dataclass(frozen=True)
@@ -238,10 +299,10 @@ def slices(ds: Any, variables: Sequence[str] | None = None) -> list[Slice]:
     chosen = select_variables(ds, variables)
     sweep = [str(d) for d in ds[STATUS].dims]
     others = [d for d in sweep if d not in SWEEP_FIXED]
-    status = np.asarray(ds[STATUS].values)
+    status = np.asarray(_load(ds, STATUS).values)
     widths = [float(w) for w in ds["width"].values]
-    time = ds[TIME].load()
-    data = {name: ds[name].load() for name in {c[0] for c in chosen}}
+    time = _load(ds, TIME)
+    data = {name: _load(ds, name) for name in {c[0] for c in chosen}}
     out = []
     for combo in _product([list(ds[d].values) for d in others]):
         coords = {d: _plain(v) for d, v in zip(others, combo, strict=True)}
@@ -257,12 +318,21 @@ def slices(ds: Any, variables: Sequence[str] | None = None) -> list[Slice]:
                 if layer is not None:
                     var = var.sel(layer=layer)
                 runs = np.asarray(var.transpose("seed", STEP).values)[done]
-                curves.append(
-                    Curve(width=width, time=_time(time, sel), runs=runs, done=done.size, total=cell.size)
-                )
+                curves.append(Curve(width=width, time=_time(time, sel), runs=runs, counts=Counts.of(cell)))
             series.append(Series(label=label, variable=name, layer=layer, curves=tuple(curves)))
         out.append(Slice(coords=coords, series=tuple(series)))
     return out
+
+
+def _load(ds: Any, name: str) -> Any:
+    """``ds[name]`` read into memory; a chunk that does not decode is a :class:`StoreError`."""
+    try:
+        return ds[name].load()
+    except Exception as error:  # noqa: BLE001 - a damaged chunk: say so, no traceback
+        raise StoreError(
+            f"'{name}' cannot be read ({type(error).__name__}: {error}); "
+            "'mfdsl verify STORE' names the damaged chunks"
+        ) from None
 
 
 def select_variables(ds: Any, wanted: Sequence[str] | None = None) -> list[tuple[str, int | None, str]]:
@@ -371,56 +441,75 @@ def fit_rate(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray) -
 
 # ---- the report --------------------------------------------------------------------------
 
+#: the variables of the table ``mfdsl run`` prints when a sweep ends (those the store has)
+FINAL_TABLE = ("train_loss", "test_loss", "test_accuracy")
+
 
 def summarize(path: str | os.PathLike[str], variables: Sequence[str] | None = None) -> dict[str, Any]:
-    """The report as plain data (what ``mfdsl report --json`` prints).
-
-    Keys: ``store``, ``experiment``, ``store_format``, ``finalized`` (bool),
-    ``variables`` (labels), ``sweep`` (values per dimension), and ``slices``: one per
-    combination of the other sweep variables, each with ``coords``, ``reference``
-    (``{"kind": "limit" | "widest" | null, "width": …}`` per variable), ``widths`` (one
-    row per width: ``width``, ``runs_done``, ``runs``, ``final`` {label: {``mean``,
-    ``std``, ``n``}}, ``distance`` {label: number or null}) and ``rates`` {label: fit or
-    null}.  The limit's width is the string ``"inf"``; a missing number is ``null``.
-    """
+    """The report of the store at ``path`` as plain data (what ``mfdsl report --json``
+    prints): ``store`` (its absolute path), then what :func:`summarize_dataset` gives."""
     ds = open_results(path)
     try:
-        parts = slices(ds, variables)
-        labels = [s.label for s in parts[0].series] if parts else []
-        out: dict[str, Any] = {
-            "store": os.path.abspath(os.fspath(path)),
-            "experiment": str(ds.attrs.get("experiment", "")),
-            "store_format": int(ds.attrs["mfdsl_store_format"]),
-            "finalized": "finalized" in ds.attrs,
-            "variables": labels,
-            "sweep": {
-                str(d): [_json_width(v) if d == "width" else _plain(v) for v in ds[d].values]
-                for d in ds[STATUS].dims
-            },
-            "slices": [_slice_summary(part) for part in parts],
-        }
+        return {"store": os.path.abspath(os.fspath(path)), **summarize_dataset(ds, variables)}
     finally:
         ds.close()
-    return out
+
+
+def summarize_dataset(ds: Any, variables: Sequence[str] | None = None) -> dict[str, Any]:
+    """The numbers of a store opened with :func:`open_results`, as plain data.
+
+    Keys: ``experiment``, ``store_format``, ``finalized`` (bool), ``variables`` (labels),
+    ``sweep`` (values per dimension), and ``slices``: one per combination of the other
+    sweep variables, each with
+
+    * ``coords``: the slice's values of the other sweep variables;
+    * ``widths``: a row per width: ``width``; ``status``, how its runs (the seeds)
+      ended, ``{"done", "failed", "diverged", "pending"}`` counts; ``runs_done`` and
+      ``runs`` (done and all); ``final`` {label: {``mean``, ``std``, ``n``}}: the mean and
+      sample standard deviation (``ddof = 1``, ``null`` below two runs) of the ``n`` done
+      runs' last finite records — diverged and failed runs never enter it; ``distance``
+      {label: ``sup_t |seed mean − reference|`` or ``null``};
+    * ``reference`` {label: ``{"kind": "limit" | "widest" | null, "width": …}``};
+    * ``rates`` {label: the fit (:meth:`Rate.as_dict`) of the distance to the limit, or
+      ``null``} and ``rate_notes`` {label: why there is no rate, or ``null``}.
+
+    The limit's width is the string ``"inf"``; a missing number is ``null``.
+    """
+    parts = slices(ds, variables)
+    labels = [s.label for s in parts[0].series] if parts else []
+    return {
+        "experiment": str(ds.attrs.get("experiment", "")),
+        "store_format": int(ds.attrs["mfdsl_store_format"]),
+        "finalized": "finalized" in ds.attrs,
+        "variables": labels,
+        "sweep": {
+            str(d): [_json_width(v) if d == "width" else _plain(v) for v in ds[d].values]
+            for d in ds[STATUS].dims
+        },
+        "slices": [_slice_summary(part) for part in parts],
+    }
 
 
 def _slice_summary(part: Slice) -> dict[str, Any]:
     rows: dict[float, dict[str, Any]] = {}
     references: dict[str, Any] = {}
     rates: dict[str, Any] = {}
+    notes: dict[str, str | None] = {}
     for series in part.series:
         kind, ref_width, dist = series.distances()
         references[series.label] = {
             "kind": kind,
             "width": _json_width(ref_width) if ref_width is not None else None,
         }
-        rate = fit_rate(list(dist), list(dist.values()))
+        rate, note = series.rate()
         rates[series.label] = rate.as_dict() if rate is not None else None
+        notes[series.label] = note
         for curve in series.curves:
             row = rows.setdefault(
                 curve.width,
                 {
                     "width": _json_width(curve.width),
+                    "status": curve.counts.as_dict(),
                     "runs_done": curve.done,
                     "runs": curve.total,
                     "final": {},
@@ -434,7 +523,13 @@ def _slice_summary(part: Slice) -> dict[str, Any]:
                 "n": int(finals.size),
             }
             row["distance"][series.label] = _num(dist[curve.width]) if curve.width in dist else None
-    return {"coords": part.coords, "reference": references, "widths": list(rows.values()), "rates": rates}
+    return {
+        "coords": part.coords,
+        "reference": references,
+        "widths": list(rows.values()),
+        "rates": rates,
+        "rate_notes": notes,
+    }
 
 
 def _json_width(width: Any) -> float | int | str:
@@ -449,9 +544,85 @@ def _num(value: Any) -> float | None:
     return v if math.isfinite(v) else None
 
 
+# ---- tables ------------------------------------------------------------------------------
+
+
+def final_text(final: dict[str, Any]) -> str:
+    """A ``final`` entry of :func:`summarize_dataset` as the tables show it:
+    ``mean ± std``, the mean alone from one run, ``—`` from none."""
+    if final["mean"] is None:
+        return "—"
+    return f"{final['mean']:.4g}" + (f" ± {final['std']:.2g}" if final["std"] is not None else "")
+
+
+def runs_text(status: dict[str, int]) -> str:
+    """A row's ``status`` counts as the tables show them: ``done/all``, then the runs
+    that did not finish, by how they ended (``2/3 (1 diverged)``)."""
+    total = sum(status.values())
+    rest = [f"{status[k]} {k}" for k in ("diverged", "failed", "pending") if status.get(k)]
+    return f"{status['done']}/{total}" + (f" ({', '.join(rest)})" if rest else "")
+
+
+_FINAL_NOTE = (
+    "final: each done run's last record, mean ± sample std over seeds (ddof 1); "
+    "runs: done/all, diverged, failed and pending runs counted apart, never averaged"
+)
+
+
+def final_table(path: str | os.PathLike[str], console: Any, variables: Sequence[str] = FINAL_TABLE) -> None:
+    """The table ``mfdsl run`` prints when a sweep ends: per slice of the other sweep
+    variables and width, the final values of ``variables`` (those the store has) and
+    how the runs ended — the numbers of ``mfdsl report``, from :func:`summarize_dataset`.
+    Raises :class:`StoreError` if the store cannot be read (the sweep that wrote it
+    must not end on a traceback)."""
+    ds = open_results(path)
+    try:
+        present = [v for v in variables if v in scalar_variables(ds)]
+        if not present:
+            return
+        summary = summarize_dataset(ds, present)
+    except StoreError:
+        raise
+    except Exception as error:  # noqa: BLE001 - the sweep that wrote it must not end on a traceback
+        where = os.fspath(path)
+        raise StoreError(
+            f"{where} cannot be summarized ({type(error).__name__}: {error}); 'mfdsl verify {where}' says more"
+        ) from None
+    finally:
+        ds.close()
+    render_final(summary, console)
+
+
+def render_final(summary: dict[str, Any], console: Any) -> None:
+    """The final values of a :func:`summarize_dataset` summary as one table: a row per
+    slice and width, a column per variable, and the runs' outcomes."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    labels = summary["variables"]
+    if not labels or not summary["slices"]:
+        return
+    others = list(summary["slices"][0]["coords"])
+    table = Table(title="final values (mean ± std over the done seeds)", title_justify="left")
+    for name in [*others, "width"]:
+        table.add_column(escape(name), justify="right", no_wrap=True)
+    for label in labels:
+        table.add_column(escape(label), justify="right", no_wrap=True)
+    table.add_column("runs", justify="right")  # wraps before a number is cut short
+    for i, part in enumerate(summary["slices"]):
+        if i:
+            table.add_section()
+        for j, row in enumerate(part["widths"]):
+            coords = [escape(_fmt_value(part["coords"][d])) if j == 0 else "" for d in others]
+            finals = [final_text(row["final"][label]) for label in labels]
+            table.add_row(*coords, _fmt_width(row["width"]), *finals, runs_text(row["status"]))
+    console.print(table)
+    console.print(f"{_FINAL_NOTE}; distances to the limit and rates: mfdsl report")
+
+
 def render(summary: dict[str, Any], console: Any) -> None:
     """The report as rich tables, one per slice: for each variable a row per width
-    (runs done, final mean ± std, distance to the reference) and a row with the rate."""
+    (runs, final mean ± std, distance to the reference) and a row with the rate."""
     from rich.markup import escape
     from rich.table import Table
 
@@ -469,7 +640,9 @@ def render(summary: dict[str, Any], console: Any) -> None:
         # Labels and numbers never wrap: a narrow terminal squeezes the final column.
         table.add_column("variable", no_wrap=True)
         table.add_column("width", justify="right", no_wrap=True)
-        table.add_column("runs", justify="right", no_wrap=True)
+        # The runs' outcomes wrap ("2/3 (1 diverged," over "1 failed)") before any number
+        # is cut short.
+        table.add_column("runs", justify="right")
         table.add_column("final", justify="right", no_wrap=True)
         table.add_column("dist. to ref", justify="right", no_wrap=True)
         for i, label in enumerate(labels):
@@ -477,13 +650,7 @@ def render(summary: dict[str, Any], console: Any) -> None:
                 table.add_section()
             ref = part["reference"][label]
             for j, row in enumerate(part["widths"]):
-                final, dist = row["final"][label], row["distance"][label]
-                if final["mean"] is None:
-                    text = "—"
-                else:
-                    text = f"{final['mean']:.4g}" + (
-                        f" ± {final['std']:.2g}" if final["std"] is not None else ""
-                    )
+                dist = row["distance"][label]
                 if dist is not None:
                     shown = f"{dist:.3g}"
                 elif ref["kind"] is not None and row["width"] == ref["width"]:
@@ -493,30 +660,38 @@ def render(summary: dict[str, Any], console: Any) -> None:
                 table.add_row(
                     escape(label) if j == 0 else "",
                     _fmt_width(row["width"]),
-                    f"{row['runs_done']}/{row['runs']}",
-                    text,
+                    runs_text(row["status"]),
+                    final_text(row["final"][label]),
                     shown,
                 )
             rate = part["rates"][label]
-            if rate is not None:
-                if rate["ci95"] is None:
-                    cell = f"{rate['slope']:.3f} (no CI)"
-                else:
-                    cell = f"{rate['slope']:.3f} ± {(rate['ci95'][1] - rate['ci95'][0]) / 2:.3f}"
-                table.add_row("", "rate", "", "", cell, style="bold")
+            if rate is None:
+                cell = "—"
+            elif rate["ci95"] is None:
+                cell = f"{rate['slope']:.3f} (no CI)"
+            else:
+                cell = f"{rate['slope']:.3f} ± {(rate['ci95'][1] - rate['ci95'][0]) / 2:.3f}"
+            table.add_row("", "rate", "", "", cell, style="bold")
         console.print(table)
         kinds = sorted({(r["kind"], str(r["width"])) for r in part["reference"].values() if r["kind"]})
         refs = ", ".join(
-            "the limit (width ∞)" if k == "limit" else f"the widest run (width {w}; no limit in the store)"
+            "the limit (width ∞)" if k == "limit" else f"the widest run with results (width {w})"
             for k, w in kinds
         )
         console.print(
-            "final: each done run's last record, mean ± std over seeds (ddof 1); "
+            f"{_FINAL_NOTE}; "
             "dist. to ref: sup over time of |seed mean − ref|, "
-            f"ref = {refs or 'none (no limit, and fewer than two widths with results)'}; "
-            "rate: least-squares slope of log dist. against log width ± its 95% CI (t distribution; "
-            "none from two widths)"
+            f"ref = {refs or 'none (no limit with results, and fewer than two widths with results)'}; "
+            "rate: least-squares slope of log dist. to the limit against log width ± its 95% CI "
+            "(t distribution; none from two widths)"
         )
+        missing: dict[str, list[str]] = {}
+        for label in labels:
+            note = part["rate_notes"][label]
+            if note is not None:
+                missing.setdefault(note, []).append(label)
+        for note, which in missing.items():
+            console.print(f"[yellow]no rate[/yellow] for {escape(', '.join(which))}: {escape(note)}")
 
 
 def _fmt_width(width: Any) -> str:

@@ -61,6 +61,17 @@ def test_without_a_limit(store_without_limit: Path, tmp_path: Path, kind: str) -
     assert _is_png(Path(out))
 
 
+def test_convergence_without_a_limit_fits_no_slope(store_without_limit: Path) -> None:
+    """The distances to the widest run are drawn, but not fitted (as in mfdsl report)."""
+    fig = make_figure(store_without_limit, kind="convergence", variables=["train_loss"])
+    (ax,) = fig.get_axes()
+    assert ax.get_title() == "train_loss: sup_t |mean − width 1024|"
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert not any(text.startswith("slope") for text in legend)
+    assert " ".join(legend[1].split()) == "no rate: no limit (width ∞) in the store, so no rate to it"
+    assert len(ax.get_lines()[0].get_xdata()) == 3  # widths 16, 64, 256 against 1024
+
+
 def test_default_output_is_the_store_name_here(
     small: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -86,7 +97,7 @@ def test_curves_layout(store: Path) -> None:
     assert titles[0] == "train_loss\nlr = 0.1" and titles[3] == "weight_change[layer=2]\nlr = 0.2"
     legend = [t.get_text() for t in fig.legends[0].get_texts()]
     assert legend[:5] == ["width 16", "width 64", "width 256", "width 1024", "limit (width ∞)"]
-    assert "mean over seeds ± 1 sample std" in legend[-1]
+    assert "mean over the done seeds ± 1 sample std (up to 3 seeds)" in legend[-1]
     # the limit is drawn in black, last
     lines = axes[0].get_lines()
     assert len(lines) == 5 and lines[-1].get_color() == "black"

@@ -9,6 +9,7 @@ computation (``limit_reductions``, ``limit_collapsed_layers``, ``limit_particles
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, final
 
@@ -16,6 +17,8 @@ from mfdsl import Backend, BackendUnavailable, Option, SpecError
 from mfdsl._ir import Langevin, Spec
 from mfdsl._options import Choice, Float, Int
 from mfdsl._plan import RunPlan
+
+_NEEDS_JAX = "the jax backend needs JAX: pip install 'mfdsl[jax]' (or pip install jax)"
 
 
 @final
@@ -54,13 +57,23 @@ class JaxBackend(Backend):
         ),
     )
 
+    def __init__(self) -> None:
+        self._installed: bool | None = None  # what preflight found
+
     def require(self) -> None:
         try:
             import jax  # noqa: F401
         except ImportError:
-            raise BackendUnavailable(
-                "the jax backend needs JAX: pip install 'mfdsl[jax]' (or pip install jax)"
-            ) from None
+            raise BackendUnavailable(_NEEDS_JAX) from None
+
+    def preflight(self, spec: Spec) -> None:
+        """JAX is installed (found, not imported: ``mfdsl check`` stays fast; once per
+        instance, not per point).  The backend has no device option: JAX picks its
+        default device itself."""
+        if self._installed is None:
+            self._installed = importlib.util.find_spec("jax") is not None
+        if not self._installed:
+            raise BackendUnavailable(_NEEDS_JAX)
 
     def check(self, spec: Spec) -> None:
         """Reject what has no mean-field limit, at ``mfdsl check`` time.
