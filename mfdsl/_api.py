@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -16,7 +17,18 @@ from ._build import build
 from ._errors import Span, SpecError, did_you_mean
 from ._options import Option, Str
 from ._plugins import available_backends
-from ._syntax import KEYWORDS, Entry, Module, Rule, Statement, parse_text, parse_value, read_source
+from ._syntax import (
+    KEYWORDS,
+    MAX_DIGITS,
+    MAX_SOURCE,
+    Entry,
+    Module,
+    Rule,
+    Statement,
+    parse_text,
+    parse_value,
+    read_source,
+)
 
 YAML_SUFFIXES = (".yaml", ".yml")
 
@@ -251,8 +263,13 @@ def _map_spans(expr: ex.Expr, shift: Callable[[Span], Span]) -> Any:
 
 def to_yaml(spec: ir.Spec) -> str:
     """The checked IR as YAML; :func:`load` reads it back to an equal spec."""
-    return yaml.safe_dump(
-        to_dict(spec), sort_keys=False, allow_unicode=True, width=100, default_flow_style=None
+    return yaml.dump(
+        to_dict(spec),
+        Dumper=_Dumper,
+        sort_keys=False,
+        allow_unicode=True,
+        width=100,
+        default_flow_style=None,
     )
 
 
@@ -340,12 +357,7 @@ def yaml_to_module(source: str, path: str | None = None) -> Module:
     the value where it is written on one line.
     """
     try:
-        try:
-            root = yaml.compose(source, Loader=yaml.SafeLoader)
-        except yaml.YAMLError as error:
-            raise _yaml_syntax_error(error) from None
-        except RecursionError:
-            raise SpecError("YAML nested too deeply") from None
+        root = _compose(source)
         if not isinstance(root, yaml.MappingNode):
             span = _node_span(root) if root is not None else Span(line=1, column=1, end_line=1, end_column=2)
             raise SpecError("a YAML spec is a mapping of blocks (experiment, data, ...)", span)
@@ -382,6 +394,210 @@ def _node_span(node: yaml.Node) -> Span:
     return _mark_span(node.start_mark, node.end_mark)
 
 
+# ---- bounded YAML ------------------------------------------------------------------------
+#
+# A YAML spec is read by a loader of its own, so that no small file can take the
+# machine: aliases are refused (a "billion laughs" of nested aliases expands a 1 kB
+# file to gigabytes, and a self-referencing one to a cycle), and so is a document of
+# more than MAX_YAML_NODES values or nested deeper than MAX_YAML_DEPTH; integers are
+# bounded by the digit limit of .mf specs.  Plain scalars are resolved by YAML 1.2's
+# core schema, not PyYAML's YAML 1.1: ``59:59`` (base 60), ``0777`` (octal),
+# ``1_000``, ``yes``/``no`` and dates stay strings (read as spec syntax, where they are
+# errors with a place), not silently other values.
+
+#: the most values (scalars, lists, mappings) a YAML spec may hold.  A spec has a few
+#: hundred, but :func:`to_yaml` writes ranges out, and a store keeps that YAML: room for a
+#: sweep variable of ``mfdsl._expand.MAX_POINTS`` values (composing costs ~40 µs a value)
+MAX_YAML_NODES = 120_000
+#: the deepest a YAML spec may nest lists and mappings; a spec needs 3
+MAX_YAML_DEPTH = 64
+
+_TAG = "tag:yaml.org,2002:"
+_CORE_INT = re.compile(r"[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+")
+_CORE_FLOAT = re.compile(
+    r"[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN)"
+)
+_CORE_BOOL = re.compile(r"true|True|TRUE|false|False|FALSE")
+_CORE_NULL = re.compile(r"~|null|Null|NULL|")
+# what YAML 1.1 (PyYAML's default) would have read as a number: base 60, underscores
+_YAML11_NUMBER = re.compile(r"[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+(?:\.[0-9_]*)?|[-+]?[0-9][0-9_]*_[0-9_]*")
+
+
+class _CoreResolver(yaml.resolver.BaseResolver):
+    """YAML 1.2's core schema for plain scalars (BaseResolver starts with none)."""
+
+
+for _tag, _pattern, _first in (
+    ("bool", _CORE_BOOL, "tTfF"),
+    ("int", _CORE_INT, "-+0123456789"),
+    ("float", _CORE_FLOAT, "-+0123456789."),
+    ("null", _CORE_NULL, ["~", "n", "N", ""]),
+):
+    _CoreResolver.add_implicit_resolver(_TAG + _tag, re.compile(rf"^(?:{_pattern.pattern})$"), list(_first))
+
+
+class _BoundedLoader(
+    yaml.reader.Reader, yaml.scanner.Scanner, yaml.parser.Parser, yaml.composer.Composer, _CoreResolver
+):
+    """PyYAML's reader, scanner, parser and composer (no constructor: the nodes are
+    read by :class:`_YamlReader`), refusing aliases and bounding the node count and
+    depth as it composes, so the limits hold before anything large is built."""
+
+    def __init__(self, stream: str) -> None:
+        yaml.reader.Reader.__init__(self, stream)
+        yaml.scanner.Scanner.__init__(self)
+        yaml.parser.Parser.__init__(self)
+        yaml.composer.Composer.__init__(self)
+        _CoreResolver.__init__(self)
+        self.nodes = 0
+        self.depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        event = self.peek_event()
+        span = _mark_span(event.start_mark, event.end_mark)
+        if isinstance(event, yaml.AliasEvent):
+            raise SpecError(
+                f"YAML aliases (*name) are not supported in specs: *{event.anchor}",
+                span,
+                hint="write the value out in full where it is used",
+            )
+        self.nodes += 1
+        if self.nodes > MAX_YAML_NODES:
+            raise SpecError(
+                f"the YAML spec holds more than {MAX_YAML_NODES} values",
+                span,
+                hint="a spec has a few hundred; write long sweeps as ranges, e.g. seed: 0..99",
+            )
+        if self.depth >= MAX_YAML_DEPTH:
+            raise SpecError(f"YAML nested more than {MAX_YAML_DEPTH} levels deep", span)
+        self.depth += 1
+        try:
+            node = super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+        expected = "map" if isinstance(node, yaml.MappingNode) else "seq"
+        if isinstance(node, yaml.CollectionNode) and node.tag != _TAG + expected:
+            raise SpecError(f"YAML tag {_shown_tag(node.tag)} is not supported in specs", span)
+        return node
+
+
+class _Dumper(yaml.SafeDumper):
+    """PyYAML's safe dumper, quoting every string that YAML 1.1 *or* the core schema
+    would read as something else (``0o17``, ``1e3``), so that what :func:`to_yaml`
+    writes reads back the same under either."""
+
+
+for _tag, _pattern, _first in (
+    ("bool", _CORE_BOOL, "tTfF"),
+    ("int", _CORE_INT, "-+0123456789"),
+    ("float", _CORE_FLOAT, "-+0123456789."),
+    ("null", _CORE_NULL, ["~", "n", "N", ""]),
+):
+    _Dumper.add_implicit_resolver(_TAG + _tag, re.compile(rf"^(?:{_pattern.pattern})$"), list(_first))
+
+
+def _yaml11_number(text: str) -> str:
+    """What YAML 1.1 reads ``text`` (a :data:`_YAML11_NUMBER`) as, for a hint."""
+    sign = -1 if text.startswith("-") else 1
+    head, dot, fraction = text.lstrip("+-").replace("_", "").partition(".")
+    value = 0
+    for part in head.split(":"):
+        value = value * 60 + int(part)
+    return ex.format_number(sign * (value + float(f"0.{fraction or 0}"))) if dot else str(sign * value)
+
+
+def _shown_tag(tag: str) -> str:
+    return "!!" + tag[len(_TAG) :] if tag.startswith(_TAG) else tag
+
+
+def _compose(source: str) -> yaml.Node | None:
+    """The YAML text's one document as nodes (``None`` when empty), within the limits
+    of :class:`_BoundedLoader`; a YAML syntax error becomes a located ``SpecError``."""
+    if len(source) > MAX_SOURCE:
+        raise SpecError(f"YAML text too large ({len(source)} characters, at most {MAX_SOURCE})")
+    loader = _BoundedLoader(source)
+    try:
+        node: yaml.Node | None = loader.get_single_node()
+        return node
+    except yaml.YAMLError as error:
+        raise _yaml_syntax_error(error) from None
+    finally:
+        loader.dispose()
+
+
+def _scalar(node: yaml.Node) -> Any:
+    """A scalar node's value by its tag (the core schema's, or one written out as
+    ``!!int`` …), integers bounded as in ``.mf`` specs."""
+    tag, text, span = node.tag, str(node.value), _node_span(node)
+    kind = tag[len(_TAG) :] if tag.startswith(_TAG) else None
+    if kind == "str":
+        return text
+    if kind == "null" and _CORE_NULL.fullmatch(text):
+        return None
+    if kind == "bool" and _CORE_BOOL.fullmatch(text):
+        return text.lower() == "true"
+    if kind == "int" and _CORE_INT.fullmatch(text):
+        digits = len(text.lstrip("+-"))
+        if digits > MAX_DIGITS:
+            raise SpecError(f"number too large ({digits} digits)", span)
+        if text.startswith(("0o", "0x")):
+            return int(text[2:], 8 if text[1] == "o" else 16)
+        if re.fullmatch(r"[-+]?0[0-9]+", text):  # only a plain scalar resolves to int
+            raise SpecError(
+                f"'{text}' is ambiguous: YAML 1.2 reads it as {int(text)}, YAML 1.1 as octal",
+                span,
+                hint=f"write {int(text)} (or 0o{text.lstrip('+-0')} for octal)",
+            )
+        return int(text)
+    if kind == "float" and _CORE_FLOAT.fullmatch(text):
+        number = float("nan") if text.lower().lstrip("+-").startswith((".inf", ".nan")) else float(text)
+        if not math.isfinite(number):
+            raise SpecError(
+                f"number too large: {text}"
+                if text.lstrip("+-")[0] != "."
+                else f"'{text}' is not a finite number",
+                span,
+            )
+        return number
+    if kind in ("null", "bool", "int", "float"):
+        raise SpecError(f"'{text}' is not a YAML {kind} (tag !!{kind})", span)
+    raise SpecError(
+        f"YAML tag {_shown_tag(tag)} is not supported in specs",
+        span,
+        hint="a spec's values are numbers, strings, booleans and lists, in spec syntax",
+    )
+
+
+def load_yaml_bounded(text: str, path: str | None = None) -> Any:
+    """YAML text as plain data (dicts, lists, strings, numbers, booleans, ``None``),
+    read as specs are: aliases refused, at most :data:`MAX_YAML_NODES` values nested at
+    most :data:`MAX_YAML_DEPTH` deep, integers of at most ``MAX_DIGITS`` digits, plain
+    scalars by YAML 1.2's core schema.  Anything else is a ``SpecError`` located in
+    ``text`` (named ``path``).  For YAML that is not a spec (a stored attribute, say);
+    a spec goes through :func:`yaml_to_module`, which applies the same limits."""
+    try:
+        root = _compose(text)
+        return None if root is None else _plain_yaml(root)
+    except SpecError as error:
+        raise error.located(path, text) from None
+
+
+def _plain_yaml(node: yaml.Node) -> Any:
+    if isinstance(node, yaml.SequenceNode):
+        return [_plain_yaml(n) for n in node.value]
+    if isinstance(node, yaml.MappingNode):
+        out: dict[Any, Any] = {}
+        for key_node, value_node in node.value:
+            key = _plain_yaml(key_node)
+            if not isinstance(key, (str, int, float, bool)) and key is not None:
+                raise SpecError("a YAML key must be a scalar", _node_span(key_node))
+            if key in out:
+                raise SpecError(f"duplicate key '{key}'", _node_span(key_node))
+            out[key] = _plain_yaml(value_node)
+        return out
+    return _scalar(node)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Yaml:
     """A YAML value and where it is written: a scalar as its Python value, a sequence
@@ -396,7 +612,6 @@ class _Yaml:
 class _YamlReader:
     def __init__(self, source: str) -> None:
         self.source = source
-        self.constructor = yaml.SafeLoader("")
 
     def read(self, node: yaml.Node) -> _Yaml:
         span = _node_span(node)
@@ -421,10 +636,7 @@ class _YamlReader:
                     raise SpecError(f"duplicate key '{key}' (first at line {first.line})", key_span)
                 out[key] = (key_span, self.read(value_node))
             return _Yaml(out, span)
-        try:
-            value = self.constructor.construct_object(node, deep=True)
-        except yaml.YAMLError as error:
-            raise _yaml_syntax_error(error) from None
+        value = _scalar(node)
         return _Yaml(value, span, self._shift(node, value))
 
     def _shift(self, node: yaml.Node, value: Any) -> Callable[[Span], Span] | None:
@@ -614,6 +826,14 @@ def _yaml_expr(item: _Yaml, *, literal: bool = False) -> ex.Expr:
     if isinstance(value, str):
         if literal:
             return ex.Str(value=value, span=span)
+        if _YAML11_NUMBER.fullmatch(value):
+            raise SpecError(
+                f"'{value}' is not a number here: specs read YAML's core schema (YAML 1.2), which has "
+                "no base-60 numbers (59:59) nor digits grouped with '_'",
+                span,
+                hint=f"write the number itself ({value} is {_yaml11_number(value)} in YAML 1.1), "
+                "or quote the text for a string",
+            )
         return _parse_at(value, item.shift or (lambda _: span))
     if value is None:
         raise SpecError("a value is missing here (YAML reads an empty value as null)", span)

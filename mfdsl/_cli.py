@@ -7,7 +7,6 @@ found problems), 2 a bad spec or bad usage.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -16,7 +15,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from ._errors import SpecError
+from ._errors import SpecError, count
+from ._estimate import CONFIRM_RUNS, MEMORY_ENV
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -58,6 +58,15 @@ def _add_set(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_force(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="go on even when the sweep needs more memory than this machine has (the estimate "
+        f"becomes a warning; {MEMORY_ENV}=16GiB sets the memory assumed instead of the machine's)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for docs and tests)."""
     from . import __version__
@@ -73,10 +82,21 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser(
         "check",
         help="validate a spec and summarise its sweep",
-        description="Validate a spec (.mf or .yaml) and print a table of its sweep.",
+        description="Validate a spec (.mf or .yaml) and print a table of its sweep. Also checks what "
+        "'mfdsl run' would meet on this machine before any run: each backend's requirements (e.g. "
+        "torch.device = cuda needs a GPU torch can see) and the image data files (headers against sizes); "
+        "missing data files or backend libraries are warnings.",
     )
     check.add_argument("spec", help="the spec file")
     _add_set(check)
+    _add_force(check)
+    check.add_argument(
+        "--strict",
+        action="store_true",
+        help="treat every warning as an error (exit 2): the science checks (a limit that cannot "
+        "move, a homogeneous network on norm-separated classes, degenerate middle layers), unused "
+        "sweep variables, missing data files or backends",
+    )
 
     show = sub.add_parser(
         "show",
@@ -131,7 +151,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mode = run.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true", help="finish the runs an existing store has not done")
-    mode.add_argument("--overwrite", action="store_true", help="replace an existing store")
+    mode.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing mfdsl store (anything else at the path is refused, never deleted)",
+    )
+    run.add_argument(
+        "--diverge-above",
+        type=float,
+        metavar="LOSS",
+        help="record a run as diverged once a recorded train or test loss exceeds LOSS "
+        "(default 1e10; a run with a non-finite recorded value is diverged whatever LOSS); "
+        "a store keeps the value it was made with",
+    )
+    run.add_argument(
+        "-y",
+        "--yes",
+        action="store_true",
+        help=f"start a sweep of more than {CONFIRM_RUNS} runs without asking (without a terminal to ask, "
+        "such a sweep needs it)",
+    )
+    _add_force(run)
     _add_set(run)
 
     plot = sub.add_parser(
@@ -162,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser(
         "report",
         help="tabulate final metrics, distance to the limit and fitted rates",
-        description="Print, for each slice of the sweep's other variables: final metrics per width (mean ± std over seeds, runs done), the distance of each width's seed-mean trajectory to the limit (or to the widest run), and the log-log rate with its 95% confidence interval.",
+        description="Print, for each slice of the sweep's other variables: final metrics per width (mean ± sample std over the done seeds; diverged, failed and pending runs counted apart), the distance of each width's seed-mean trajectory to the limit (or to the widest run), and the log-log rate of the distance to the limit with its 95% confidence interval (none against the widest run: the report says why).",
     )
     report.add_argument("store", help="the zarr store written by 'mfdsl run'")
     report.add_argument("--json", action="store_true", help="print the same as JSON on stdout")
@@ -197,6 +237,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         _console(stderr=True).print("[yellow]interrupted[/yellow]")
         return 130
+    except MemoryError:
+        # The estimate refuses what will not fit before anything is allocated; this is
+        # what --force, or an estimate short of the truth, leaves.
+        _console(stderr=True).print(
+            Text("error: ", style="bold red")
+            + Text(
+                "this machine ran out of memory. 'mfdsl check SPEC' estimates what the sweep needs; "
+                "make it smaller, or run it where there is more memory"
+            )
+        )
+        return EXIT_USAGE
 
 
 def _load(args: argparse.Namespace) -> Any:
@@ -206,20 +257,39 @@ def _load(args: argparse.Namespace) -> Any:
 
 
 def _check(args: argparse.Namespace) -> int:
+    from ._estimate import check_disk, check_machine, estimate, summary
     from ._expand import check_all, check_data, spec_warnings
     from ._plugins import available_backends
+    from ._runner import default_store
 
     spec = _load(args)
     points = check_all(spec)
-    for warning in spec_warnings(spec):
-        print_error(warning, level="warning")
+    warned: list[SpecError] = []
+    level = "error" if args.strict else "warning"
+    # before anything else looks at the points' data: a spec too large for this machine
+    # is refused by arithmetic, not found out by allocating it
+    resources = estimate(spec, points, spec.backends)
+    warned += check_machine(resources, spec, force=args.force)
+    disk = check_disk(resources, default_store(spec))
+    if disk is not None:
+        warned.append(disk)
+    warned += spec_warnings(spec, points)
+    warned += preflight(spec, points, spec.backends)
+    present = check_data_files(spec, points)
     try:
         check_data(spec, points)
     except SpecError as error:
+        if present:
+            raise  # the files are here, and do not hold what the spec asks of them
         # Missing data files do not make the spec wrong (it may be checked on one machine
         # and run on another), but 'mfdsl run' stops on them: say so now.
         error.message += " ('mfdsl run' stops on this)"
-        print_error(error, level="warning")
+        warned.append(error)
+    for warning in warned:
+        print_error(warning, level=level)
+    if args.strict and warned:
+        print(f"{args.spec}: {count(len(warned), 'warning')}, an error under --strict", file=sys.stderr)
+        return EXIT_USAGE
     console = _console()
     rows, total = [], 0
     for name in spec.backends:
@@ -253,9 +323,76 @@ def _check(args: argparse.Namespace) -> int:
     activation = across({p.spec.network.activation for p in points})
     table.add_row("network", f"mlp, {layers}, {activation}")
     table.add_row("scaling", across({p.spec.scaling for p in points}))
+    for row in summary(resources):
+        table.add_row(*row)
     console.print(table)
     console.print(f"[green]✓[/green] {args.spec} is valid")
     return EXIT_OK
+
+
+def preflight(spec: Any, points: Sequence[Any], backends: Sequence[str]) -> list[SpecError]:
+    """Each of ``backends`` checks that this machine can run every point
+    (:meth:`mfdsl.Backend.preflight`), before anything is created.
+
+    A point asking for what the machine lacks (``device = cuda`` where torch sees no
+    GPU) raises its ``SpecError``, located at the option.  A backend whose dependencies
+    are missing is returned as a warning (``mfdsl run`` skips it, or stops when it was
+    asked for with ``--backend``, and says so itself); names of no installed backend
+    are left to the runner too.
+    """
+    from ._errors import SpecWarning
+    from ._plugins import BackendUnavailable, available_backends
+
+    installed = available_backends()
+    warnings: list[SpecError] = []
+    for name in dict.fromkeys(backends):
+        if name not in installed:
+            continue
+        backend = installed[name]()
+        try:
+            for point in points:
+                backend.preflight(point.spec)
+        except BackendUnavailable as error:
+            warning = SpecWarning(
+                f"backend '{name}' cannot run on this machine: {error}; 'mfdsl run' skips it"
+            )
+            warnings.append(warning.located(spec.path, spec.source))
+        except SpecError as error:
+            raise error.located(spec.path, spec.source) from None
+    return warnings
+
+
+def check_data_files(spec: Any, points: Sequence[Any]) -> bool:
+    """Check every file of the image datasets the sweep reads, once per dataset
+    (:func:`mfdsl._datasets.load_labels`: headers against sizes, without keeping the
+    images).  Returns whether they are all there; a file that is there but unusable
+    raises a ``SpecError`` at the data block's ``root``, saying what is wrong with which
+    file and how to fix it."""
+    from ._data import DataError
+    from ._datasets import DamagedData, MissingData, load_labels
+    from ._ir import ImageData
+
+    seen: set[tuple[str, str]] = set()
+    present = True
+    for point in points:
+        data = point.spec.data
+        if not isinstance(data, ImageData):
+            return present  # the data's kind cannot change from point to point
+        key = (str(data.kind), str(data.root))
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            load_labels(*key)
+        except MissingData:
+            present = False  # check_data says which files, and where to get them
+        except DamagedData as error:
+            raise SpecError(error.problem, data.where("root"), hint=error.fix).located(
+                spec.path, spec.source
+            ) from None
+        except DataError as error:
+            raise SpecError(str(error), data.where("kind")).located(spec.path, spec.source) from None
+    return present
 
 
 def _steps(spec: Any) -> int | None:
@@ -278,7 +415,7 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _fmt(args: argparse.Namespace) -> int:
-    from ._fmt import format_source
+    from ._fmt import format_source, write_formatted
     from ._syntax import read_source
 
     status = EXIT_OK
@@ -291,30 +428,77 @@ def _fmt(args: argparse.Namespace) -> int:
                 status = EXIT_FAILED
         elif args.write:
             if formatted != source:
-                tmp = f"{path}.mfdsl-tmp"
-                with open(tmp, "w", encoding="utf-8") as handle:
-                    handle.write(formatted)
-                os.replace(tmp, path)
+                write_formatted(path, formatted)  # through a symbolic link to its target
         else:
             sys.stdout.write(formatted)
     return status
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ._expand import check_data, spec_warnings
+    from ._estimate import check_machine, confirm_runs, estimate
+    from ._expand import check_data, expand, spec_warnings
     from ._runner import run_command
 
     spec = _load(args)
-    for warning in spec_warnings(spec):
+    if args.output and not _reachable(args.output):
+        return EXIT_USAGE
+    # Once, here, rather than in every worker, and before anything is created: the
+    # sweep's size and memory (refused by arithmetic, before any point's data is looked
+    # at), the data files, and whether this machine can run each backend (a missing one
+    # is the runner's to skip or refuse, so its warning is left to it).
+    points = list(expand(spec))
+    remote = bool(args.scheduler) and args.scheduler != "local"
+    workers = 0 if remote else (args.workers if args.workers and args.workers > 0 else None)
+    resources = estimate(spec, points, args.backend or spec.backends, workers=workers)
+    for warning in check_machine(resources, spec, force=args.force):
         print_error(warning, level="warning")
-    check_data(spec)  # once, here, rather than in every worker
+    if not confirm_runs(resources.runs, spec, yes=args.yes, ask=_ask if _interactive() else None):
+        _console(stderr=True).print("not started")
+        return EXIT_FAILED
+    for warning in spec_warnings(spec, points):
+        print_error(warning, level="warning")
+    check_data_files(spec, points)
+    check_data(spec, points)
+    preflight(spec, points, args.backend or spec.backends)
     return run_command(args, spec)
+
+
+def _reachable(location: str) -> bool:
+    """Whether this machine can open the store ``location`` (a URL needs fsspec and
+    its protocol's package); if not, says so on stderr."""
+    from ._location import LocationError, check_reachable
+
+    try:
+        check_reachable(location)
+    except (LocationError, ValueError) as error:
+        _store_error(error)
+        return False
+    return True
+
+
+def _interactive() -> bool:
+    """Whether a person can answer a question: stdin and stderr are terminals."""
+    try:
+        return sys.stdin.isatty() and sys.stderr.isatty()
+    except (AttributeError, ValueError):  # closed or replaced streams
+        return False
+
+
+def _ask(question: str) -> bool:
+    console = _console(stderr=True)
+    try:
+        answer = console.input(question)
+    except EOFError:
+        return False
+    return answer.strip().lower() in ("y", "yes")
 
 
 def _plot(args: argparse.Namespace) -> int:
     from ._plot import PlotError, plot_store
     from ._report import StoreError
 
+    if not _reachable(args.store):
+        return EXIT_USAGE
     try:
         path = plot_store(args.store, kind=args.kind, variables=args.var, output=args.output)
     except (StoreError, PlotError) as error:
@@ -334,6 +518,9 @@ def _report(args: argparse.Namespace) -> int:
 
     from ._report import StoreError, render, summarize
 
+    if not _reachable(args.store):
+        return EXIT_USAGE
+
     try:
         summary = summarize(args.store)
     except StoreError as error:
@@ -348,6 +535,8 @@ def _report(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     from ._verify import NotAStore, render, verify
 
+    if not _reachable(args.store):
+        return EXIT_USAGE
     try:
         report = verify(args.store)
     except NotAStore as error:

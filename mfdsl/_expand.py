@@ -32,17 +32,45 @@ class Point:
         return int(self.coords["seed"])
 
 
+#: the most points a sweep may have: expanding costs ~0.1 ms and ~1.5 kB a point, and
+#: every point is a training run and a cell of the store (docs/language.md, "Limits")
+MAX_POINTS = 100_000
+
+
 def size(spec: ir.Spec) -> int:
-    """The number of sweep points."""
+    """The number of sweep points (the product of the variables' lengths: instant,
+    however large)."""
     total = 1
     for var in spec.sweep.variables:
         total *= len(var.values)
     return total
 
 
+def check_size(spec: ir.Spec) -> int:
+    """The number of sweep points, after refusing a sweep of more than
+    :data:`MAX_POINTS` (a ``SpecError`` at the longest variable's values) before
+    anything is expanded."""
+    total = size(spec)
+    if total <= MAX_POINTS:
+        return total
+    longest = max(spec.sweep.variables, key=lambda v: len(v.values))
+    shown = " × ".join(f"{len(v.values)} {v.name}" for v in spec.sweep.variables if len(v.values) > 1)
+    raise SpecError(
+        f"the sweep has {total:,} points ({shown}), more than the {MAX_POINTS:,} a sweep may have",
+        longest.where("values"),
+        hint="sweep fewer values, or split the sweep into several specs (each a store of its own)",
+    ).located(spec.path, spec.source)
+
+
 def expand(spec: ir.Spec) -> Iterator[Point]:
-    """Yield every sweep point in order (``width`` slowest, then ``seed``, then the other
-    variables as written); raise :class:`SpecError` at the first invalid one."""
+    """Every sweep point in order (``width`` slowest, then ``seed``, then the other
+    variables as written); raise :class:`SpecError` at the first invalid one.  A sweep
+    of more than :data:`MAX_POINTS` points is refused at once (:func:`check_size`)."""
+    check_size(spec)
+    return _points(spec)
+
+
+def _points(spec: ir.Spec) -> Iterator[Point]:
     variables = spec.sweep.variables
     names = [v.name for v in variables]
     for combo in itertools.product(*(list(enumerate(v.values)) for v in variables)):
@@ -170,10 +198,14 @@ def check_data(spec: ir.Spec, points: Iterable[Point] | None = None) -> None:
                 ).located(spec.path, spec.source)
 
 
-def spec_warnings(spec: ir.Spec) -> list[SpecWarning]:
+def spec_warnings(spec: ir.Spec, points: Iterable[Point] | None = None) -> list[SpecWarning]:
     """What is allowed but probably a mistake: a sweep variable that nothing uses (its
-    values only repeat the same runs), and ``particles`` sampling more neurons than the
-    widest network has."""
+    values only repeat the same runs), ``particles`` sampling more neurons than the
+    widest network has, and the science checks of :mod:`mfdsl._diagnose` (a limit that
+    cannot move, a homogeneous network on norm-separated classes, degenerate middle
+    layers); ``points`` are the spec's expanded points, when the caller has them."""
+    from ._diagnose import diagnose
+
     out: list[SpecWarning] = []
     used = _used_names(spec)
     for var in spec.sweep.variables:
@@ -200,7 +232,7 @@ def spec_warnings(spec: ir.Spec) -> list[SpecWarning]:
             )
     for warning in out:
         warning.located(spec.path, spec.source)
-    return out
+    return out + diagnose(spec, expand(spec) if points is None else points)
 
 
 def _used_names(spec: ir.Spec) -> set[str]:

@@ -27,10 +27,14 @@ The result is idempotent and parses to an equal syntax tree.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import stat
 from dataclasses import dataclass, field
 from itertools import accumulate
 
 from . import _expr as ex
+from ._errors import SpecError
 from ._syntax import Comment, Entry, Item, Module, Rule, Statement, parse_text
 
 #: a block written on one line stays on one line up to this width
@@ -49,6 +53,34 @@ def format_source(source: str, path: str | None = None) -> str:
     (an empty spec formats to the empty string).
     """
     return format_module(parse_text(source, path))
+
+
+def write_formatted(path: str, text: str) -> None:
+    """Replace the spec file ``path`` by ``text`` atomically (a temporary file beside
+    it, renamed over it), keeping its permissions.  A symbolic link is written
+    through: its target gets the text and the link stays a link.  A file that cannot
+    be written is a :class:`~mfdsl.SpecError` saying why."""
+    target = os.path.realpath(path)
+    tmp = f"{target}.mfdsl-fmt-{os.getpid()}"
+    try:
+        mode = stat.S_IMODE(os.stat(target).st_mode)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                handle.write(text)
+            os.chmod(tmp, mode)
+            os.replace(tmp, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            raise
+    except OSError as error:
+        shown = f" (the target of the link {path})" if target != os.path.abspath(path) else ""
+        raise SpecError(
+            f"cannot write {target}{shown}: {error.strerror or error}",
+            path=path,
+            hint="nothing was changed; check the file's folder is writable",
+        ) from None
 
 
 def format_module(module: Module) -> str:

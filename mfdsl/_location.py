@@ -34,12 +34,63 @@ def is_url(location: str) -> bool:
     return "://" in location
 
 
+class LocationError(OSError):
+    """A store location this machine cannot use at all: a URL whose protocol has no
+    fsspec implementation installed (``s3://`` without ``s3fs``), or none known.  The
+    message says what to install."""
+
+
+# the package that implements each common protocol for fsspec
+_PACKAGES = {
+    "s3": "s3fs",
+    "s3a": "s3fs",
+    "gs": "gcsfs",
+    "gcs": "gcsfs",
+    "abfs": "adlfs",
+    "az": "adlfs",
+    "adl": "adlfs",
+    "http": "aiohttp requests",
+    "https": "aiohttp requests",
+    "ssh": "sshfs",
+    "sftp": "sshfs",
+    "hdfs": "pyarrow",
+    "webdav": "webdav4",
+}
+
+
+def check_reachable(location: str | os.PathLike[str]) -> str:
+    """``location`` normalized (:func:`normalize`), after making sure this machine
+    can open it: a URL needs fsspec and its protocol's package.  Raises
+    :class:`LocationError` saying what to install (or ``ValueError`` for a bad
+    ``file://`` URL).  Connects to nothing."""
+    text = normalize(location)
+    if is_url(text):
+        _fs(text)
+    return text
+
+
 def _fs(location: str) -> tuple[Any, str]:
+    protocol = location.split("://", 1)[0].lower()
     try:
         from fsspec.core import url_to_fs
-    except ImportError:  # pragma: no cover - fsspec comes with most installs
-        raise OSError(f"{location}: a store at a URL needs fsspec: pip install fsspec") from None
-    return url_to_fs(location)
+    except ImportError:
+        raise LocationError(
+            f"{location}: a store at a URL needs fsspec and the package for {protocol}://: "
+            f"pip install fsspec {_PACKAGES.get(protocol, '')}".rstrip()
+        ) from None
+    try:
+        return url_to_fs(location)
+    except ImportError as error:
+        package = _PACKAGES.get(protocol)
+        how = f"pip install {package}" if package else f"install fsspec's implementation of {protocol}://"
+        raise LocationError(
+            f"{location}: this machine cannot open {protocol}:// URLs: {how} (fsspec says: {error})"
+        ) from None
+    except ValueError as error:
+        raise LocationError(
+            f"{location}: {error}; a store is a path, or a URL of a protocol fsspec knows "
+            "(file://, s3://, gs://, …)"
+        ) from None
 
 
 def exists(location: str) -> bool:

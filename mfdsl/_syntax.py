@@ -38,8 +38,15 @@ KEYWORDS = (
     "backends",
 )
 
-MAX_SOURCE = 10_000_000  # characters; a spec is a few hundred
+#: the longest spec text, in characters (a spec is a few hundred; a stored spec likewise)
+MAX_SOURCE = 1_000_000
+#: the most tokens (names, numbers, strings, punctuation) a spec text may hold: parsing
+#: costs about 1 kB and 50 µs per token, so this bounds it to ~200 MB and seconds
+MAX_TOKENS = 200_000
 MAX_DIGITS = 1000  # an integer literal longer than this is refused (Python caps int() at 4300)
+
+# one token of the spec grammar, near enough to count them before parsing
+_TOKEN = re.compile(r'"(?:[^"\\\n]|\\.)*"|#[^\n]*|[A-Za-z0-9_.]+|[^\sA-Za-z0-9_.]')
 
 
 def _span() -> Any:
@@ -305,10 +312,29 @@ def parser(start: str = "start") -> Lark:
     )
 
 
+def check_size(source: str, path: str | None = None) -> None:
+    """Refuse text longer than :data:`MAX_SOURCE` characters or :data:`MAX_TOKENS`
+    tokens before it is parsed (a ``SpecError``, at the first token too many)."""
+    if len(source) > MAX_SOURCE:
+        raise SpecError(
+            f"spec text too large ({len(source)} characters, at most {MAX_SOURCE})", path=path, source=source
+        )
+    for n, match in enumerate(_TOKEN.finditer(source), start=1):
+        if n > MAX_TOKENS:
+            start = match.start()
+            line = source.count("\n", 0, start) + 1
+            column = start - (source.rfind("\n", 0, start) + 1) + 1
+            span = Span(line=line, column=column, end_line=line, end_column=column + 1, start_pos=start)
+            raise SpecError(
+                f"spec text too long: more than {MAX_TOKENS} names, numbers and symbols",
+                span,
+                hint="a spec has a few hundred; write long sweeps as ranges, e.g. seed = 0..99",
+            ).located(path, source)
+
+
 def parse_text(source: str, path: str | None = None) -> Module:
     """Parse spec text into a :class:`Module`; raise :class:`SpecError` if malformed."""
-    if len(source) > MAX_SOURCE:
-        raise SpecError(f"file too large ({len(source)} characters)", path=path)
+    check_size(source, path)
     _comments.clear()
     try:
         statements = _ToSyntax().transform(parser().parse(source, start="start"))
@@ -336,6 +362,7 @@ def parse_text(source: str, path: str | None = None) -> Module:
 
 def parse_value(source: str, path: str | None = None) -> ex.Expr:
     """Parse a single value (``--set`` and YAML use the spec's value grammar)."""
+    check_size(source, path)
     try:
         value: ex.Expr = _ToSyntax().transform(parser().parse(source, start="value"))
     except UnexpectedInput as error:
@@ -369,7 +396,11 @@ def read_source(path: str | os.PathLike[str]) -> str:
     except OSError as error:
         raise SpecError(f"cannot read: {error.strerror}", path=name) from None
     if len(data) > MAX_SOURCE:
-        raise SpecError(f"file too large (more than {MAX_SOURCE} bytes)", path=name)
+        raise SpecError(
+            f"file too large (more than {MAX_SOURCE} bytes)",
+            path=name,
+            hint="a spec is a few hundred bytes of text; is this the right file?",
+        )
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as error:

@@ -307,11 +307,24 @@ def test_damaged_gzip_files(tmp_path: Path) -> None:
     path = tmp_path / "train-labels-idx1-ubyte.gz"
     whole = path.read_bytes()
     path.write_bytes(whole[: len(whole) // 2])
-    with pytest.raises(DataError, match=r"cannot read .*train-labels-idx1-ubyte.gz: .*truncated download"):
+    with pytest.raises(
+        DataError, match=r"train-labels-idx1-ubyte.gz is truncated: its gzip stream ends early"
+    ):
         load_images("mnist", str(tmp_path))
     path.write_bytes(b"not gzip at all")
     with pytest.raises(DataError, match=r"cannot read .*train-labels-idx1-ubyte\.gz"):
         load_images("mnist", str(tmp_path))
+
+
+def test_damaged_files_say_how_to_fix_them(tmp_path: Path) -> None:
+    write_mnist(tmp_path)
+    (tmp_path / "t10k-images-idx3-ubyte.gz").write_bytes(b"not gzip at all")
+    with pytest.raises(_datasets.DamagedData) as info:
+        load_images("mnist", str(tmp_path))
+    error = info.value
+    assert "t10k-images-idx3-ubyte.gz" in error.problem
+    assert error.fix.startswith("Replace the file with a fresh download — MNIST: http://yann.lecun.com")
+    assert str(error) == f"{error.problem}. {error.fix}"
 
 
 def test_inconsistent_idx_files(tmp_path: Path) -> None:
@@ -387,6 +400,112 @@ def test_bad_requests(tmp_path: Path, change: dict[str, Any], match: str) -> Non
 def test_parse_idx_reads_labels() -> None:
     labels = np.array([3, 1, 4, 1, 5], dtype=np.uint8)
     np.testing.assert_array_equal(parse_idx(idx_bytes(labels), 1), labels)
+
+
+# ---- checked before a sweep, without reading the images ------------------------------------
+
+
+def _no_images_parsed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail if an IDX image file is read whole (labels, rank 1, may be)."""
+    read = _datasets.read_idx
+
+    def labels_only(path: str, rank: int) -> np.ndarray:
+        assert rank == 1, f"{path}: images read whole"
+        return read(path, rank)
+
+    monkeypatch.setattr(_datasets, "read_idx", labels_only)
+
+
+@pytest.mark.parametrize("gz", [True, False], ids=["gzipped", "plain"])
+def test_load_labels_checks_the_image_files_without_reading_them(
+    tmp_path: Path, gz: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    written = write_mnist(tmp_path, gz=gz)
+    _no_images_parsed(monkeypatch)
+    train, test = _datasets.load_labels("mnist", str(tmp_path))
+    np.testing.assert_array_equal(train, written["train_y"])
+    np.testing.assert_array_equal(test, written["test_y"])
+    assert _datasets._images_cached.cache_info().currsize == 0
+
+
+def _rewrite(path: Path, raw: bytes) -> None:
+    path.write_bytes(gzip.compress(raw) if path.suffix == ".gz" else raw)
+
+
+@pytest.mark.parametrize("gz", [True, False], ids=["gzipped", "plain"])
+@pytest.mark.parametrize(
+    ("damage", "match"),
+    [
+        (
+            lambda x: idx_bytes(x)[:-100],
+            r"is truncated: its header announces 30×28×28 = 23520 bytes of data, the file has 23420",
+        ),
+        (lambda x: idx_bytes(x[:7]), r"the test files disagree: 7 images but 30 labels"),
+        (lambda x: idx_bytes(np.zeros((30, 32, 32), np.uint8)), r"images of 32×32 pixels, expected 28×28"),
+        (lambda x: idx_bytes(x)[:12], r"only 12 bytes, shorter than its header"),
+        (lambda x: idx_bytes(x.reshape(-1)), r"magic number 0x00000801, expected 0x00000803"),
+    ],
+    ids=["truncated", "count", "size", "header", "magic"],
+)
+def test_damaged_image_files_are_found_before_a_sweep(
+    tmp_path: Path, gz: bool, damage: Any, match: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    written = write_mnist(tmp_path, gz=gz)
+    path = tmp_path / ("t10k-images-idx3-ubyte" + (".gz" if gz else ""))
+    _rewrite(path, damage(written["test_x"]))
+    _no_images_parsed(monkeypatch)
+    with pytest.raises(_datasets.DamagedData, match=match) as info:
+        _datasets.load_labels("mnist", str(tmp_path))
+    assert str(path) in info.value.problem and "fresh download" in info.value.fix
+
+
+def test_an_overlong_gzipped_file_is_read_no_further_than_one_byte_past_its_size(tmp_path: Path) -> None:
+    written = write_mnist(tmp_path)
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    # a megabyte of zeros past the announced 60 images: compressed, a kilobyte
+    path.write_bytes(gzip.compress(idx_bytes(written["train_x"]) + bytes(1 << 20)))
+    with pytest.raises(
+        _datasets.DamagedData,
+        match=r"is corrupt: its header announces 47040 bytes of data, the file has more than 47040",
+    ):
+        _datasets.load_labels("mnist", str(tmp_path))
+
+
+def test_a_cut_gzip_stream_of_images_is_found(tmp_path: Path) -> None:
+    write_mnist(tmp_path)
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    whole = path.read_bytes()
+    path.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(
+        _datasets.DamagedData, match=r"train-images-idx3-ubyte.gz is truncated: its gzip stream ends early"
+    ):
+        _datasets.load_labels("mnist", str(tmp_path))
+
+
+def test_missing_files_are_missing_not_damaged(tmp_path: Path) -> None:
+    with pytest.raises(_datasets.MissingData, match="does not exist"):
+        _datasets.load_labels("mnist", str(tmp_path / "nowhere"))
+    write_mnist(tmp_path)
+    (tmp_path / "t10k-images-idx3-ubyte.gz").unlink()
+    with pytest.raises(_datasets.MissingData, match="no t10k-images-idx3-ubyte"):
+        _datasets.load_labels("mnist", str(tmp_path))
+    write_cifar(tmp_path / "c")
+    (tmp_path / "c" / "cifar-10-batches-py" / "test_batch").unlink()
+    with pytest.raises(_datasets.MissingData, match="no test_batch"):
+        _datasets.load_labels("cifar10", str(tmp_path / "c"))
+
+
+def test_cifar_labels_are_checked_a_batch_at_a_time(tmp_path: Path) -> None:
+    written = write_cifar(tmp_path)
+    train, test = _datasets.load_labels("cifar10", str(tmp_path))
+    np.testing.assert_array_equal(train, written["train_y"])
+    np.testing.assert_array_equal(test, written["test_y"])
+    assert _datasets._images_cached.cache_info().currsize == 0  # no dataset kept
+    path = tmp_path / "cifar-10-batches-py" / "data_batch_4"
+    path.write_bytes(path.read_bytes()[:-200])
+    with pytest.raises(_datasets.DamagedData, match="data_batch_4 is not a CIFAR-10 python batch") as info:
+        _datasets.load_labels("cifar10", str(tmp_path))
+    assert "https://www.cs.toronto.edu/~kriz/cifar.html" in info.value.fix
 
 
 # ---- end to end --------------------------------------------------------------------------
@@ -525,3 +644,46 @@ def test_epochs_over_all_of_a_class_subset_count_its_examples(tmp_path: Path) ->
     point = next(mfdsl.expand(mfdsl.load(spec)))
     assert train_size(point.spec.data) == 18 == image_sizes(point.spec.data)[0]  # 3 classes of 60 / 10 each
     assert total_steps(point.spec) == 9  # ⌈2 epochs · 18 / batch 4⌉, not ⌈2 · 60000 / 4⌉
+
+
+@pytest.mark.parametrize("command", ["check", "run"])
+def test_damaged_files_stop_check_and_run_before_anything_is_made(
+    tmp_path: Path, command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A truncated image file fails ``mfdsl check`` (exit 2, the file, what is wrong,
+    the fix, where the spec names the folder) as it does ``mfdsl run``, which creates
+    nothing."""
+    written = write_mnist(tmp_path / "mnist", gz=False)
+    path = tmp_path / "mnist" / "train-images-idx3-ubyte"
+    path.write_bytes(idx_bytes(written["train_x"])[:-784])  # the last image cut off
+    spec = _tiny_spec(tmp_path, tmp_path / "mnist")
+    store = tmp_path / "out" / "s.zarr"
+    args = [command, str(spec)] + (["-o", str(store), "--workers", "1"] if command == "run" else [])
+    assert _run(args) == 2
+    captured = capsys.readouterr()
+    err = " ".join(captured.err.split())  # rich wraps long lines
+    assert f"{spec}:4:13: error: {path} is truncated" in err
+    assert "the file has 46256" in err and "hint: Replace the file with a fresh download" in err
+    assert "Traceback" not in captured.err and "is valid" not in captured.out
+    assert not (tmp_path / "out").exists()
+
+
+def test_check_stops_on_what_present_files_cannot_give(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Files that are there but hold fewer images than asked for: an error at check
+    time too (only missing files are a warning)."""
+    write_mnist(tmp_path / "mnist")
+    spec = _tiny_spec(tmp_path, tmp_path / "mnist", **{"train   = 16": "train   = 40"})
+    assert _run(["check", str(spec)]) == 2
+    err = capsys.readouterr().err
+    assert "6:13: error: mnist has only 18 train images of classes [2, 0, 1], asked for 40" in err
+    assert "warning" not in err
+
+
+def test_intact_files_check(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write_mnist(tmp_path / "mnist")
+    spec = _tiny_spec(tmp_path, tmp_path / "mnist")
+    assert _run(["check", str(spec)]) == 0
+    captured = capsys.readouterr()
+    assert "is valid" in captured.out and "steps" in captured.out and captured.err == ""

@@ -19,7 +19,7 @@ SPECS = Path(__file__).resolve().parents[1] / "specs"
 BASE = """\
 experiment demo
 data isotropic_gaussian { dim = 20, delta = 0.5, train = online, test = 2000 }
-network mlp { hidden = 1, activation = relu }
+network mlp { hidden = 1, activation = relu }  # mfdsl: allow homogeneous
 scaling mean_field
 init {
   layer 1 ~ normal(0, 1 / sqrt(dim))
@@ -45,6 +45,9 @@ IMAGES = BASE.replace(
     "data isotropic_gaussian { dim = 20, delta = 0.5, train = online, test = 2000 }",
     "data mnist { classes = [0, 1, 2], train = 100, test = 50 }",
 )
+
+# (The base network is bias-free ReLU on norm-separated classes: the comment silences
+# mfdsl check's science warning about it, which tests/test_diagnose.py covers.)
 
 # Lark's names for terminals must never reach a user.
 TERMINALS = re.compile(
