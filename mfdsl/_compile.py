@@ -17,8 +17,11 @@ mup         1, 1             spec's law / √fan_in,    n, 1, 1/n
 
 ``mup`` is μP for SGD (Yang & Hu 2021, Tensor Programs IV/V: input and bias learning rates
 × fan_out, output × 1/fan_in, output init variance 1/fan_in²).  Under ``standard`` and
-``mup`` the spec's distributions are the laws of the fan-in-normalised weights, so one
-``init`` block serves all four scalings.  A bias starts at 0 and takes the learning-rate
+``mup`` the spec's distributions are the laws of the fan-in-normalised weights; under
+``ntk`` the forward multiplier 1/√fan_in applies to the raw law, and under
+``mean_field`` the law is the weights' own.  One ``init`` block therefore means
+different initial scales under different scalings (docs/language.md, "scaling", has the
+per-layer table); a spec comparing scalings takes each one's default.  A bias starts at 0 and takes the learning-rate
 multiplier of the width it lives on (mean_field, mup) or 1.
 
 Langevin noise acts on the parameters indexed by neurons only: every weight and the

@@ -21,6 +21,7 @@ def test_the_library_is_there() -> None:
         "mmn2018_isotropic",
         "pham_nguyen2020_degeneracy",
         "frozen_ends",
+        "frozen_ends_saddle",
         "regimes",
         "width_convergence",
     } <= names
@@ -34,6 +35,43 @@ def test_spec_checks(spec: Path) -> None:
     result = run_cli("check", spec)
     assert result.code == 0, result.out + result.err
     assert "is valid" in result.out
+
+
+SHARED_SPECS = sorted(SHARED.glob("*.mf")) if SHARED.is_dir() else []
+
+
+@pytest.mark.parametrize("spec", SHARED_SPECS, ids=[p.name for p in SHARED_SPECS])
+def test_shared_example_checks(spec: Path) -> None:
+    """The project's shared examples (read-only copies kept elsewhere) stay valid specs."""
+    result = run_cli("check", spec)
+    assert result.code == 0, result.out + result.err
+    assert "is valid" in result.out
+
+
+def _classifying() -> list[Path]:
+    import mfdsl
+
+    return [p for p in SPECS if mfdsl.load(p).data.kind != "teacher"]
+
+
+CLASSIFYING = _classifying()
+
+
+def test_most_specs_classify() -> None:
+    # the parametrised test below covers every spec whose data has classes
+    assert {p.stem for p in CLASSIFYING} >= {"quickstart", "nguyen2019_fig5", "regimes"}
+
+
+@pytest.mark.parametrize("spec", CLASSIFYING, ids=[p.name for p in CLASSIFYING])
+def test_classifying_spec_records_accuracy(spec: Path) -> None:
+    """A spec on classification data records test_accuracy (or omits ``record``, whose
+    default has it): whether a network classifies is the first thing a reader must be
+    able to judge — a bias-free ReLU network on isotropic Gaussians, for one, cannot."""
+    import mfdsl
+
+    record = mfdsl.load(spec).record
+    names = {"test_accuracy"} if record is None else {o.name for o in record.observables}
+    assert "test_accuracy" in names, f"{spec.name} classifies but does not record test_accuracy"
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=[p.name for p in SPECS])
