@@ -1,6 +1,7 @@
 """Finite-width training speed: mfdsl's torch engine against a hand-written loop.
 
-The workload is Nguyen (2019) Fig. 5's (``specs/nguyen2019_fig5.mf``): five layers
+The workload is Nguyen (2019) Fig. 5's (``specs/nguyen2019_fig5.mf``, without the biases
+the spec has had since: ``network.bias = false``): five layers
 (hidden = 4), ReLU, isotropic Gaussians in dim 50, mean-field scaling, SGD at batch 1;
 widths 50 … 800, 5 seeds, ``tau2 = 0.1``; 20 000 steps recorded every 500
 (``train_loss``, ``test_loss``, ``test_accuracy``: what the baseline records), with the
@@ -23,6 +24,7 @@ and in its ATen step loops (what runs where the native one does not apply); and 
 recording costs.
 
     python bench/bench_torch.py --quick          # 2 000 steps (a few minutes)
+    python bench/bench_torch.py --smoke          # tiny sizes, seconds (CI)
     python bench/bench_torch.py                  # the full workload (about 45 min on 2 cores)
     python bench/bench_torch.py --only sweep --tests 1000 --dtypes float32
     python bench/bench_torch.py --only sweep --tests 10000   # the sweep alone, the spec's test set
@@ -62,6 +64,9 @@ def make_plans(
         f"sweep.seed=0..{seeds - 1}",
         "sweep.tau2=[0.1]",
         f"torch.dtype={dtype}",
+        # the workload of the figures below: the spec without biases, as it was then
+        # (the baseline loop has none)
+        "network.bias=false",
     ]
     if test is not None:
         overrides.append(f"data.test={test}")
@@ -319,6 +324,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20000)
     parser.add_argument("--every", type=int, default=500)
     parser.add_argument("--quick", action="store_true", help="--steps 2000")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, every part (a smoke test)")
     parser.add_argument("--widths", default="50,100,200,400,800")
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument(
@@ -337,6 +343,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.steps = 2000
+    if args.smoke:
+        args.steps, args.every, args.widths, args.seeds = 20, 10, "8,16", 2
+        args.tests, args.dtypes, args.workers = "50", "float32", 1
     widths = [int(w) for w in args.widths.split(",")]
     tests = [int(t) for t in args.tests.split(",")]
     sys.path.insert(0, HERE)
@@ -359,11 +368,11 @@ def main() -> None:
 
     w = max(widths)
     if args.only in (None, "bandwidth"):
-        bandwidth_report(w)
+        bandwidth_report(w, big=(16 << 20) if args.smoke else (1 << 30))
     if args.only in (None, "recording"):
         print(f"\nrecording cost (run_group of one plan, 1 thread, {args.steps} steps):")
         for rw in sorted({min(widths), w}):
-            for line in recording_cost(rw, args.steps, args.every, tests):
+            for line in recording_cost(rw, args.steps, args.every, tests, 1.0 if args.smoke else 30.0):
                 print(f"  width {rw}: {line}")
 
 
@@ -396,7 +405,7 @@ def compare_sweeps(plans: list[Any], workers: int, test: int, dtype: str) -> Non
     print(f"  cross-check: max relative test-loss difference baseline vs mfdsl {rel:.1e}")
 
 
-def bandwidth_report(w: int) -> None:
+def bandwidth_report(w: int, big: int = 1 << 30) -> None:
     import torch
 
     print(f"\nbandwidth at width {w}, batch 1, one process (4 passes over the weights per step):")
@@ -404,10 +413,10 @@ def bandwidth_report(w: int) -> None:
     for threads in (1, 2):
         torch.set_num_threads(threads)
         ws = copy_bandwidth(2 * member)
-        big = copy_bandwidth(1 << 30, repeats=4)
+        big_bw = copy_bandwidth(big, repeats=4)
         print(
             f"  {threads} thread(s): copy({2 * member / 2**20:.0f} MiB) {ws / 1e9:.1f} GB/s, "
-            f"copy(1 GiB) {big / 1e9:.1f} GB/s"
+            f"copy({big / 2**30:g} GiB) {big_bw / 1e9:.1f} GB/s"
         )
         for dtype in ("float64", "float32"):
             for path in PATHS:
@@ -415,7 +424,7 @@ def bandwidth_report(w: int) -> None:
                 print(
                     f"    {dtype} {path:15s}: "
                     f"{per * 1e3:.3f} ms/step, {bw / 1e9:.1f} GB/s = {100 * bw / ws:.0f}% of "
-                    f"copy({2 * member / 2**20:.0f} MiB), {100 * bw / big:.0f}% of copy(1 GiB)"
+                    f"copy({2 * member / 2**20:.0f} MiB), {100 * bw / big_bw:.0f}% of copy({big / 2**30:g} GiB)"
                 )
     torch.set_num_threads(1)
     for members in (5,):

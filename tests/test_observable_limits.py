@@ -17,9 +17,8 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("jax")
 
-import xarray as xr  # noqa: E402
-
-from conftest import run_cli  # noqa: E402
+import xarray as xr
+from conftest import run_cli
 
 # Three hidden layers (the jax limit reduces them with R1 + R2, so 16 384 particles are
 # cheap), biases, non-centred middle and read-out weights (the limit moves), full-batch

@@ -225,10 +225,11 @@ def test_modes_follow_member_shapes_and_a_single_batched_member_has_a_dummy() ->
     w = Ensemble(members(wide, 2))
     assert not w.batched and w.Ea == 2 and not w.W[1].is_contiguous()
     assert w.W[1][1].is_contiguous()  # padded: members apart, each contiguous
-    # initial weights: the plans' seeds, layer by layer
-    rng = np.random.default_rng([1, 1])
-    w1 = small.layers[0].init.sample(rng, (4, 8))
-    np.testing.assert_array_equal(three.W[0][1].numpy(), w1)
+    # initial weights: each member's from its own plan's seed (member 1: seed 1)
+    for e, plan in enumerate(members(small)):
+        for w, want in zip(three.W, plan.initial_weights(), strict=True):
+            np.testing.assert_array_equal(w[e].numpy(), want)
+    assert not np.array_equal(three.W[0][0].numpy(), three.W[0][1].numpy())
 
 
 def test_diverging_member_is_dropped_and_the_others_go_on_unchanged() -> None:

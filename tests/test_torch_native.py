@@ -1,8 +1,9 @@
-"""The native step loop (``mfdsl_torch._native``): plain SGD with the mse loss, compiled
-from C on first use.  It agrees with the ATen path up to rounding, ensembles stay
-bit-identical to solo runs (one or several threads, a diverging member included), the
-chunking changes nothing, and without a compiler training falls back to ATen ops with
-one warning."""
+"""The native step loop (``mfdsl_torch._native``): SGD and Langevin steps compiled from C
+on first use, each layer in rows or gemm mode.  Both modes agree with the ATen path up
+to rounding (Langevin too: the same noise, drawn from the same generators), ensembles
+stay bit-identical to solo runs (one or several threads, a diverging member included),
+the chunking changes nothing, ``auto`` picks the modes the cost model documents, and
+without a compiler (or a BLAS) training falls back to ATen ops."""
 
 from __future__ import annotations
 
@@ -47,34 +48,74 @@ def plan_of(**kw: object) -> RunPlan:
     return make_plan(**args)  # type: ignore[arg-type]
 
 
-def trainer_of(plan: RunPlan, **kw: bool) -> EnsembleTrainer:
-    return EnsembleTrainer(Ensemble([plan]), ["binary"], 1, **kw)
+def trainer_of(plan: RunPlan, *, lazy: bool = True, native: bool | str = True) -> EnsembleTrainer:
+    return EnsembleTrainer(Ensemble([plan]), ["binary"], 1, lazy=lazy, native=native)
 
 
-def test_native_takes_sgd_and_not_langevin_noise() -> None:
+def test_native_takes_sgd_and_langevin() -> None:
     assert trainer_of(plan_of()).native
     assert trainer_of(plan_of(bias=True, frozen=(1,), batch=3, activation="gelu")).native
     assert trainer_of(plan_of(loss="logistic", output="tanh")).native
     assert trainer_of(plan_of(optimizer=OptimizerPlan(kind="sgd", lr=0.01, momentum=0.9))).native
     assert trainer_of(plan_of(optimizer=OptimizerPlan(kind="sgd", lr=0.01, weight_decay=1e-3))).native
     assert not trainer_of(plan_of(), native=False).native
-    # the noise comes from torch generators, stream by stream as a solo run draws it
-    assert not trainer_of(plan_of(optimizer=OptimizerPlan(kind="langevin", lr=0.01, temperature=1e-4))).native
+    assert not trainer_of(plan_of(), native="off").native
+    # the noise comes from the members' torch generators, drawn as the ATen path draws it
+    assert trainer_of(plan_of(optimizer=OptimizerPlan(kind="langevin", lr=0.01, temperature=1e-4))).native
     # a native trainer has no lazy layers: it updates every layer at once
     assert not trainer_of(plan_of(widths=(520, 520))).lazy_on
+    with pytest.raises(ValueError, match="native must be one of"):
+        trainer_of(plan_of(), native="fast")
 
 
+def test_auto_picks_the_modes_of_the_cost_model() -> None:
+    # batch 1: gemm for layers with rows of at least 512 bytes and at most 1 MiB in all,
+    # rows for the others
+    shapes = [(50, 100), (50, 128), (400, 400), (600, 600), (1600, 1600), (800, 1)]
+    assert _native.choose_gemm(shapes, 1, False) == [False, True, True, False, False, False]
+    assert _native.choose_gemm(shapes, 1, True) == [True, True, False, False, False, False]
+    assert _native.choose_gemm([(100, 64), (100, 63), (1024, 128), (1025, 128)], 1, True) == [
+        True,
+        False,
+        True,
+        False,
+    ]
+    assert _native.choose_gemm([(1024, 256), (1025, 256)], 1, False) == [True, False]  # 1 MiB
+    # with ReLU, rows at batch 1 (the units that are off are skipped); from batch 2 on,
+    # gemm everywhere
+    assert _native.choose_gemm(shapes, 1, False, "relu") == [False] * len(shapes)
+    assert _native.choose_gemm(shapes, 2, True) == [True] * len(shapes)
+    assert _native.choose_gemm(shapes, 2, True, "relu") == [True] * len(shapes)
+    # the trainer follows it; rows and gemm force one mode
+    # tanh, float64: 12 × 300 (2.4 KiB rows), 300 × 520 (1.2 MiB)
+    plan = plan_of(widths=(12, 300, 520), activation="tanh")
+    assert trainer_of(plan).native_gemm == [False, True, False, False]
+    assert trainer_of(replace(plan, activation="relu")).native_gemm == [False] * 4
+    assert trainer_of(replace(plan, batch=2)).native_gemm == [True] * 4
+    assert trainer_of(plan, native="rows").native_gemm == [False] * 4
+    assert trainer_of(plan, native="gemm").native_gemm == [True] * 4
+
+
+def test_without_a_blas_gemm_layers_go_to_aten(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_native, "blas", lambda f64: None)
+    assert trainer_of(plan_of(widths=(12, 300, 520)), native="rows").native
+    assert not trainer_of(plan_of(batch=4)).native  # ATen's products beat the rows
+    with pytest.raises(ValueError, match="no BLAS gemm"):
+        trainer_of(plan_of(), native="gemm")
+
+
+@pytest.mark.parametrize("mode", ["rows", "gemm"])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("act", ACTIVATIONS)
-def test_native_equals_the_aten_path_up_to_rounding(act: str, batch: int, bias: bool) -> None:
+def test_native_equals_the_aten_path_up_to_rounding(act: str, batch: int, bias: bool, mode: str) -> None:
     # Both paths compute the same sums in different orders: each step's rounding
     # (~1e-16 relative) is carried, mildly amplified, through 60 small-lr steps, so
     # 1e-10 has margin over the ~1e-13 seen while staying far below any real error
     # (a wrong term changes the records at the 1e-3 level).
     plan = plan_of(activation=act, batch=batch, bias=bias, frozen=(2,) if bias else ())
     data = FakeData()
-    native = train(plan, data)
+    native = train(plan, data, native=mode)
     aten = train(plan, data, native=False, lazy=False)
     assert native.status == aten.status == "done"
     for name, arr in aten.records.items():
@@ -96,12 +137,13 @@ def test_native_equals_the_aten_path_up_to_rounding(act: str, batch: int, bias: 
     ],
 )
 @pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("mode", ["rows", "gemm"])
 def test_native_losses_and_output_maps_equal_the_aten_path(
-    loss: str, output: str, task: str, outputs: int, batch: int
+    loss: str, output: str, task: str, outputs: int, batch: int, mode: str
 ) -> None:
     plan = plan_of(loss=loss, output=output, outputs=outputs, batch=batch, bias=True, activation="tanh")
     data = FakeData(outputs=outputs, task=task)
-    native = train_ensemble([plan], [data])[0]
+    native = train_ensemble([plan], [data], native=mode)[0]
     aten = train_ensemble([plan], [data], native=False, lazy=False)[0]
     assert native.status == aten.status == "done"
     for name, arr in aten.records.items():
@@ -120,23 +162,134 @@ def test_native_losses_and_output_maps_equal_the_aten_path(
     ids=["momentum", "decay", "momentum-decay", "langevin-cold"],
 )
 @pytest.mark.parametrize(("batch", "act"), [(1, "relu"), (3, "relu"), (1, "tanh")])
+@pytest.mark.parametrize("mode", ["rows", "gemm"])
 def test_native_momentum_and_weight_decay_equal_the_aten_path(
-    opt: OptimizerPlan, batch: int, act: str
+    opt: OptimizerPlan, batch: int, act: str, mode: str
 ) -> None:
     # every row moves under momentum and decay, ReLU's off units included
     plan = plan_of(optimizer=opt, batch=batch, activation=act, bias=True, frozen=(2,))
     data = FakeData()
-    native = train(plan, data)
+    native = train(plan, data, native=mode)
     aten = train(plan, data, native=False)
     for name, arr in aten.records.items():
         np.testing.assert_allclose(native.records[name], arr, rtol=1e-10, atol=1e-13, err_msg=name)
     plans = [plan, replace(plan, seed=3, optimizer=replace(opt, lr=0.02))]
     datas = [data, FakeData(seed=2)]
-    together = train_ensemble(plans, datas, chunk_steps=7)
+    together = train_ensemble(plans, datas, chunk_steps=7, native=mode)
     for p, d, got in zip(plans, datas, together, strict=True):
-        alone = train(p, d)
+        alone = train(p, d, native=mode)
         for name, arr in alone.records.items():
             assert got.records[name].tobytes() == arr.tobytes(), name
+
+
+LANGEVIN = (
+    OptimizerPlan(kind="langevin", lr=0.01, temperature=1e-3),
+    OptimizerPlan(kind="langevin", lr=0.01, momentum=0.5, weight_decay=1e-2, temperature=1e-3),
+)
+
+
+@pytest.mark.parametrize("opt", LANGEVIN, ids=["plain", "momentum-decay"])
+@pytest.mark.parametrize(
+    ("batch", "act", "dtype"), [(1, "relu", "float64"), (3, "tanh", "float64"), (2, "sigmoid", "float32")]
+)
+@pytest.mark.parametrize("mode", ["rows", "gemm"])
+def test_native_langevin_equals_the_aten_path(
+    opt: OptimizerPlan, batch: int, act: str, dtype: str, mode: str
+) -> None:
+    # the same noise (each member's generator, drawn in the ATen path's order and
+    # shapes), so the two paths differ by rounding only; hidden biases take noise, the
+    # output bias none; a cosine schedule ends at lr 0, where the ATen path draws none
+    plan = plan_of(
+        optimizer=opt,
+        batch=batch,
+        activation=act,
+        bias=True,
+        schedule=SchedulePlan(kind="cosine", final=0.0),
+    )
+    data = FakeData()
+    native = train(plan, data, native=mode, dtype=dtype)
+    aten = train(plan, data, native=False, dtype=dtype)
+    rtol, atol = (1e-10, 1e-13) if dtype == "float64" else (2e-5, 1e-6)
+    for name, arr in aten.records.items():
+        np.testing.assert_allclose(native.records[name], arr, rtol=rtol, atol=atol, err_msg=name)
+    # and the noise is really there: the same run without it differs at the noise's scale
+    cold = train(replace(plan, optimizer=replace(opt, temperature=0.0)), data, native=mode, dtype=dtype)
+    assert np.max(np.abs(cold.records["weight_change"] - native.records["weight_change"])) > 1e-4
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("mode", ["rows", "gemm"])
+def test_native_langevin_ensembles_equal_solo_runs_whatever_the_pieces(
+    threads: int, mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mfdsl_torch import _ensemble
+
+    base = plan_of(
+        optimizer=LANGEVIN[1],
+        batch=2,
+        activation="tanh",
+        bias=True,
+        steps=40,
+        record_steps=np.array([0, 13, 40]),
+    )
+    plans = [replace(base, seed=s) for s in range(3)]
+    plans[2] = replace(plans[2], optimizer=replace(LANGEVIN[1], lr=0.02, temperature=1e-2))
+    datas = [FakeData(seed=s) for s in range(3)]
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        together = train_ensemble(plans, datas, chunk_steps=9, native=mode)
+        # noise drawn in pieces of one step instead of whole chunks: the same numbers
+        monkeypatch.setattr(_ensemble, "_NOISE_ELEMENTS", 1)
+        pieces = train_ensemble(plans, datas, native=mode)
+        alone = [train(p, d, native=mode) for p, d in zip(plans, datas, strict=True)]
+    finally:
+        torch.set_num_threads(old)
+    for a, b, c in zip(together, pieces, alone, strict=True):
+        for name, arr in c.records.items():
+            assert a.records[name].tobytes() == arr.tobytes(), name
+            assert b.records[name].tobytes() == arr.tobytes(), name
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize(
+    ("widths", "batch"),
+    [((12, 300), 5), ((300, 300), 5), ((300, 300), 100)],
+    ids=["batched", "member", "threaded"],
+)
+def test_gemm_mode_ensembles_equal_solo_runs(threads: int, widths: tuple[int, ...], batch: int) -> None:
+    # the BLAS runs each member's products as a solo run's, whatever the member's place
+    # (batched mode: members at any alignment) and torch's threads: one BLAS thread per
+    # member, members side by side, or (batch 100: 18 MFLOP a product) all of torch's
+    # threads per member, members one after another
+    shapes = [(4, 300), (300, 300), (300, 1)]
+    assert (_native.member_blas_threads(shapes, [True] * 3, batch, 2) == 2) == (batch == 100)
+    base = plan_of(
+        widths=widths, batch=batch, activation="sigmoid", bias=True, steps=20, record_steps=np.array([0, 20])
+    )
+    plans = [replace(base, seed=s) for s in range(3)]
+    datas = [FakeData(seed=s) for s in range(3)]
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        together = train_ensemble(plans, datas, native="gemm")
+        alone = [train(p, d, native="gemm") for p, d in zip(plans, datas, strict=True)]
+    finally:
+        torch.set_num_threads(old)
+    for got, want in zip(together, alone, strict=True):
+        for name, arr in want.records.items():
+            assert got.records[name].tobytes() == arr.tobytes(), name
+
+
+def test_large_gemm_layers_go_in_row_blocks_to_the_same_results() -> None:
+    # 600 × 600 float64 (2.7 MiB) goes in row blocks of 512 KiB; the rows of a block are
+    # the rows of the whole, so rows and gemm agree to rounding as for small layers
+    plan = plan_of(widths=(600, 600), batch=2, activation="tanh", steps=12, record_steps=np.array([0, 12]))
+    data = FakeData()
+    gemm = train(plan, data, native="gemm")
+    aten = train(plan, data, native=False, lazy=False)
+    for name, arr in aten.records.items():
+        np.testing.assert_allclose(gemm.records[name], arr, rtol=1e-10, atol=1e-13, err_msg=name)
 
 
 def test_native_float32_equals_the_aten_path_to_single_precision() -> None:
@@ -270,3 +423,77 @@ def test_an_unusable_cache_directory_builds_for_the_process(
     monkeypatch.setenv("MFDSL_CACHE_DIR", str(blocker / "cache"))  # cannot be made
     assert _native.library() is not None
     assert _native.unavailable_reason() is None
+
+
+@pytest.mark.parametrize(
+    ("loss", "output", "task", "outputs", "act"),
+    [
+        ("mse", "identity", "binary", 1, "relu"),
+        ("logistic", "tanh", "binary", 1, "sigmoid"),
+        ("mse", "sigmoid", "regression", 2, "tanh"),
+        ("mse", "identity", "multiclass", 3, "piecewise_linear"),
+        ("cross_entropy", "identity", "multiclass", 3, "gelu"),
+        ("cross_entropy", "sigmoid", "multiclass", 4, "erf"),
+    ],
+)
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_the_native_evaluation_equals_the_observers(
+    loss: str, output: str, task: str, outputs: int, act: str, dtype: str
+) -> None:
+    # the test loss and accuracy of the native forward pass (blocks of 7 rows) against
+    # the observer's ATen ops, on the same weights (biases on)
+    from mfdsl_torch._engine import _make_observer
+
+    plan = plan_of(loss=loss, output=output, outputs=outputs, bias=True, activation=act)
+    data = FakeData(outputs=outputs, task=task, n_test=50)
+    ens = Ensemble([plan], dtype=dtype)
+    for b in ens.b:
+        if b is not None:
+            b.normal_(generator=torch.Generator().manual_seed(1))
+    obs = _make_observer(ens.member(0), plan, data, task, outputs)
+    obs.eval_rows = 7
+    aten = obs._test()
+    obs.native_eval = True
+    native = obs._test()
+    rtol = 1e-12 if dtype == "float64" else 1e-5
+    np.testing.assert_allclose(native[0], aten[0], rtol=rtol)
+    if task == "regression":
+        assert np.isnan(native[1]) and np.isnan(aten[1])
+    else:
+        assert native[1] == aten[1] and 0 < native[1] <= 1
+
+
+def test_langevin_noise_drawn_a_piece_at_once_is_the_noise_drawn_step_by_step(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # every draw a multiple of 16 entries (4 × 16, 16 × 32, 32 × 1 is not: no bias
+    # there; hidden biases 16 and 32): the trainer draws a piece's noise in one call
+    from mfdsl_torch import _ensemble
+
+    plan = plan_of(
+        widths=(16, 32),
+        outputs=1,
+        optimizer=LANGEVIN[0],
+        bias=True,
+        batch=2,
+        steps=30,
+        record_steps=np.array([0, 30]),
+    )
+    plan = replace(plan, layers=(*plan.layers[:-1], replace(plan.layers[-1], frozen=True)))
+    data = FakeData()
+    assert trainer_of(plan)._noise_merge
+    merged = train(plan, data)
+    aten = train(plan, data, native=False)
+    for name, arr in aten.records.items():  # the same noise: the paths differ by rounding only
+        np.testing.assert_allclose(merged.records[name], arr, rtol=1e-10, atol=1e-13, err_msg=name)
+    real = _ensemble.EnsembleTrainer._native_args
+
+    def unmerged(self: EnsembleTrainer) -> object:
+        out = real(self)
+        self._noise_merge = False
+        return out
+
+    monkeypatch.setattr(_ensemble.EnsembleTrainer, "_native_args", unmerged)
+    one_by_one = train(plan, data)
+    for name, arr in one_by_one.records.items():
+        assert merged.records[name].tobytes() == arr.tobytes(), name

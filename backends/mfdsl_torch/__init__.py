@@ -6,17 +6,24 @@ gets alone: :meth:`TorchBackend.group` forms the ensembles, :meth:`TorchBackend.
 trains one.
 
 This module imports no torch: the engine (``_engine``) is imported when a run starts,
-so specs naming this backend check without torch installed.
+so specs naming this backend check without torch installed.  ``mfdsl check`` imports
+torch only for a spec that asks for ``device = cuda``, to ask it for a GPU.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, ClassVar, final
+from typing import TYPE_CHECKING, Any, ClassVar, final
 
-from mfdsl import Backend, BackendUnavailable, Option
+from mfdsl import Backend, BackendUnavailable, Option, SpecError
 from mfdsl._options import Choice
 from mfdsl._plan import RunPlan
+
+if TYPE_CHECKING:
+    from mfdsl._ir import Spec
+
+_NEEDS_TORCH = "the torch backend needs PyTorch: pip install 'mfdsl[torch]' (or pip install torch)"
 
 
 @final
@@ -47,21 +54,51 @@ class TorchBackend(Backend):
         ),
         Option(
             name="native",
-            kind=Choice(("auto", "off")),
+            kind=Choice(("auto", "rows", "gemm", "off")),
             default="auto",
-            help="run SGD steps (momentum and weight decay included; not Langevin noise) on the CPU in a "
-            "compiled loop, built with the system's C compiler on first use (`auto`: where it applies and a "
-            "compiler is at hand; `off`: always ATen ops)",
+            help="run SGD and Langevin steps on the CPU in a compiled loop, built with the system's C compiler "
+            "on first use (`auto`: where a compiler is at hand, each layer by row loops or by BLAS matrix "
+            "products, whichever a cost model says is faster for its shape and the batch; `rows`, `gemm`: every "
+            "layer that way; `off`: always ATen ops)",
         ),
     )
+
+    def __init__(self) -> None:
+        # What preflight found: "torch" whether it is installed, and for each cuda
+        # device asked for, why torch cannot use it (None: it can).
+        self._preflight: dict[str, Any] = {}
 
     def require(self) -> None:
         try:
             import torch  # noqa: F401
         except ImportError:
-            raise BackendUnavailable(
-                "the torch backend needs PyTorch: pip install 'mfdsl[torch]' (or pip install torch)"
-            ) from None
+            raise BackendUnavailable(_NEEDS_TORCH) from None
+
+    def preflight(self, spec: Spec) -> None:
+        """torch is installed (found, not imported: ``mfdsl check`` stays fast), and,
+        where the point asks for ``device = cuda``, torch sees a GPU — a CPU-only build,
+        or a machine without one, would fail every run.  What was found is kept on the
+        instance: a sweep asks once per device, not once per point."""
+        found = self._preflight
+        if "torch" not in found:
+            found["torch"] = importlib.util.find_spec("torch") is not None
+        if not found["torch"]:
+            raise BackendUnavailable(_NEEDS_TORCH)
+        block = spec.options_for(self.name)
+        device = str(block.get("device", "cpu")) if block is not None else "cpu"
+        if block is None or device.partition(":")[0] != "cuda":
+            return
+        if device not in found:
+            self.require()  # torch is there: import it, to ask it for a GPU
+            found[device] = _cuda_problem(device)
+        problem = found[device]
+        if problem is not None:
+            raise SpecError(
+                f"device = {device}, but {problem}: every run would fail",
+                block.where("device"),
+                hint="install a CUDA build of torch (https://pytorch.org/get-started/locally/), "
+                "or set torch.device = cpu (on the command line: --set torch.device=cpu)",
+            )
 
     def run(
         self,
@@ -121,6 +158,26 @@ class TorchBackend(Backend):
             device=str(device),
             dtype=str(dtype),
             lazy=lazy != "off",
-            native=native != "off",
+            native=str(native),
         )
         return [{"records": r.records, "status": r.status, "message": r.message} for r in results]
+
+
+def _cuda_problem(device: str) -> str | None:
+    """Why torch cannot train on ``device`` (``cuda`` or ``cuda:N``) here, or ``None``."""
+    import torch
+
+    version = f"torch {torch.__version__}"
+    if not torch.cuda.is_available():
+        if torch.version.cuda is None and getattr(torch.version, "hip", None) is None:
+            return f"the installed {version} is a CPU-only build (torch.version.cuda is None)"
+        return (
+            f"{version} (CUDA {torch.version.cuda}) sees no GPU: torch.cuda.is_available() is False "
+            "(no GPU on this machine, no driver, or CUDA_VISIBLE_DEVICES hides them)"
+        )
+    index = device.partition(":")[2]
+    if index:
+        count = torch.cuda.device_count()
+        if not index.isdigit() or int(index) >= count:
+            return f"torch sees {count} GPU{'s' * (count != 1)} (cuda:0 … cuda:{count - 1})"
+    return None

@@ -14,8 +14,9 @@ autograd: every activation, output map and loss the plans name is covered), runs
 one pass over each weight matrix beyond the matrix products; large layers taking plain
 SGD steps defer their updates and fold them in every 32 steps (*lazy updates*, see
 :mod:`._ensemble`), which agrees with updating at once up to rounding.  On the CPU,
-SGD without Langevin noise runs in a compiled step loop instead (:mod:`._native`, the ``native`` option), which agrees with the ATen
-ops up to rounding and is several times faster at small batches.
+SGD and Langevin steps run in a compiled step loop instead (:mod:`._native`, the
+``native`` option: row loops or BLAS products per layer, by a cost model), which
+agrees with the ATen ops up to rounding and is several times faster.
 
 The training itself lives in :mod:`._ensemble`: :func:`train` is
 :func:`~._ensemble.train_ensemble` with one member, and an ensemble's members get, bit
@@ -24,13 +25,13 @@ for bit, the results they get alone (see that module for how).  :class:`Network`
 
 Conventions that are this engine's choices (the plan leaves them open):
 
-* **Seeding.**  Weights are drawn in float64 with numpy,
-  ``rng = np.random.default_rng([plan.seed, 1])``, layer by layer (1 … L+1), each as
-  ``LayerPlan.init.sample(rng, (fan_in, fan_out))``, then cast; the same seed therefore
-  gives the same initial network on any device and dtype.  The neurons sampled by the
-  ``particles`` observable come from ``np.random.default_rng([plan.seed, 2])``; the
-  Langevin noise from a ``torch.Generator`` on the run's device seeded with
-  ``np.random.SeedSequence([plan.seed, 3])`` (its stream differs between CPU and CUDA).
+* **Seeding.**  Every draw comes from a stream of ``mfdsl._streams`` (the one table of
+  them).  Weights are drawn in float64 with numpy by ``RunPlan.initial_weights`` (layer
+  ℓ from stream ``INIT``, index ℓ, as ``LayerPlan.init.sample(rng, (fan_in,
+  fan_out))``), then cast; the same seed therefore gives the same initial network on any
+  device and dtype.  The neurons sampled by the ``particles`` observable come from the
+  stream ``PARTICLES``; the Langevin noise from a ``torch.Generator`` on the run's device
+  seeded from the stream ``NOISE`` (its sequence differs between CPU and CUDA).
 * **Activations** φ: ``relu``, ``tanh``, ``sigmoid``, ``gelu`` (exact: h·Φ(h)), ``erf``
   (erf(h), not erf(h/√2)), ``identity`` and ``piecewise_linear`` (Mei–Montanari–Nguyen's
   σ, see ``mfdsl._activations``).  **Output maps** ψ: ``identity``, ``tanh``,
@@ -50,8 +51,10 @@ Conventions that are this engine's choices (the plan leaves them open):
   with ``d`` the layer's ``decay_mult`` (``bias_decay_mult``), ``r`` when unset: decay
   and noise act per entry at the rate lr · ξ · d.
 
-  Weight decay and noise apply to biases too.  Frozen layers (weights and biases)
-  never move and get no noise.
+  Weight decay applies to biases too, and noise to the hidden layers' biases at the
+  rate ``LayerPlan.bias_noise_rate``, which the compiler sets to 0 for the output bias
+  (one coordinate shared by all neurons, whose noise would have no mean-field limit).
+  Frozen layers (weights and biases) never move and get no noise.
 * **Steps.**  Step ``s`` is the state after ``s`` updates; the update from ``s`` to
   ``s+1`` uses minibatch ``s`` of ``dataset.train_chunk``.  Training stops after the last
   record step, since nothing later is observed.
@@ -69,9 +72,12 @@ Observables (``records[name]``, leading axis = ``len(plan.record_steps)``, float
 * ``neuron_spread(layer=…)`` — for each hidden layer ℓ listed (default all 1 … L) the
   population standard deviation across the neurons of H_ℓ, averaged over the probe
   inputs: ``(n, len(layers))``.
-* ``weight_change(layer=…)`` — ``‖W_ℓ(t) − W_ℓ(0)‖_F / ‖W_ℓ(0)‖_F`` for each layer listed
-  (default all 1 … L+1); where ``W_ℓ(0) = 0`` (e.g. a ``constant(0)`` last layer) the
-  absolute change ``‖W_ℓ(t)‖_F`` instead.  Biases are not included.
+* ``weight_change(layer=…)`` — the root-mean-square change per entry,
+  ``sqrt(mean_{i,j} (W_ℓ[i,j](t) − W_ℓ[i,j](0))²) = ‖W_ℓ(t) − W_ℓ(0)‖_F / √(fan_in ·
+  fan_out)``, for each layer listed (default all 1 … L+1).  Under mean-field scaling
+  every entry moves by O(1) in mean-field time, so this is O(1) at every width and
+  converges to the limit's ``L2(ρ)`` change (the jax backend's ``weight_change``), for a
+  zero-initialised layer too.  Biases are not included.
 * ``particles(layer=ℓ, sample=S)`` — S neurons j of hidden layer ℓ (default ℓ = 1),
   fixed for the run; per neuron ``(W_ℓ[0,j], W_ℓ[1,j], ‖W_ℓ[:,j]‖₂, W_{ℓ+1}[j,0])``:
   ``(n, S, 4)``.  ``S = 0`` takes every neuron; rows beyond the layer's width, and the
@@ -97,16 +103,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from mfdsl import _streams
 from mfdsl._activations import PL_S1, PL_SLOPE, PL_T1, PL_T2
 from mfdsl._plan import LayerPlan, ObservablePlan, RunPlan, check_compatible
+from mfdsl._streams import Stream
 
 __all__ = ["Dataset", "MemberNet", "Network", "Result", "Trainer", "train"]
-
-# The numpy/torch streams derived from plan.seed; fixed so tests and other backends
-# can rebuild the exact same initial weights and neuron samples.
-INIT_STREAM = 1
-PARTICLE_STREAM = 2
-NOISE_STREAM = 3
 
 # A data chunk holds at most this many input entries, so a large batch × dim input
 # (MNIST) does not pull hundreds of MB per chunk.
@@ -382,6 +384,8 @@ class _Observer:
     change_layers: tuple[int, ...]
     eval_rows: int = 1
     eval_buffers: list[Tensor] = field(default_factory=list)
+    #: evaluate the test set by the native loop's forward pass (``_native.evaluate``)
+    native_eval: bool = False
 
     def observe(self) -> dict[str, np.ndarray]:
         out: dict[str, np.ndarray] = {}
@@ -420,6 +424,25 @@ class _Observer:
         n = self.test_x.shape[0]
         if n == 0:
             return math.nan, math.nan
+        if self.native_eval:
+            from . import _native
+
+            net = self.net
+            got = _native.evaluate(
+                list(net.W),
+                list(net.b),
+                [layer.forward_mult for layer in net.layers],
+                net.activation,
+                net.output,
+                self.loss,
+                self.test_x,
+                self.test_y,
+                self.test_labels,
+                self.task,
+                self.eval_rows,
+            )
+            if got is not None:
+                return got[0] / n, (got[1] / n if self.test_labels is not None else math.nan)
         loss_sum = torch.zeros((), device=self.net.device, dtype=torch.float64)
         correct = torch.zeros((), device=self.net.device, dtype=torch.int64)
         for s in range(0, n, self.eval_rows):
@@ -461,10 +484,9 @@ class _Observer:
         return h
 
     def _change(self, ell: int) -> Tensor:
-        w0 = self.w0[ell]
-        diff = torch.linalg.vector_norm(self.net.W[ell - 1] - w0)
-        base = torch.linalg.vector_norm(w0)
-        return torch.where(base > 0, diff / base, diff)
+        """The root-mean-square change per entry of ``W_ℓ`` since initialisation."""
+        diff = self.net.W[ell - 1] - self.w0[ell]
+        return torch.linalg.vector_norm(diff) / math.sqrt(diff.numel())
 
     def _particles(self) -> np.ndarray:
         idx = self.particle_idx
@@ -504,7 +526,7 @@ def train(
     dtype: str | torch.dtype = "float64",
     chunk_steps: int = 1024,
     lazy: bool = True,
-    native: bool = True,
+    native: bool | str = True,
 ) -> Result:
     """Train the finite network of ``plan`` on ``dataset`` and record its observables.
 
@@ -586,7 +608,7 @@ def _make_observer(net: MemberNet, plan: RunPlan, dataset: Dataset, task: str, o
         if obs.sample < 0:
             raise ValueError("particles: sample must be ≥ 0")
         size = int(obs.sample) or width
-        rng = np.random.default_rng([plan.seed, PARTICLE_STREAM])
+        rng = _streams.rng(plan.seed, Stream.PARTICLES)
         take = np.sort(rng.choice(width, size=min(size, width), replace=False))
         particle_idx = np.full(size, -1, dtype=np.int64)
         particle_idx[: take.size] = take

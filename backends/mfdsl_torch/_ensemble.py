@@ -74,14 +74,23 @@ through memory at every step, so they make fewer passes:
   :data:`_BLOCK_BYTES`, so a block's backward product and update run while the block
   is in cache.
 
-**The native step loop.**  Where it applies (CPU, SGD without Langevin noise, momentum
-and weight decay included; see :mod:`._native`), none of the above runs: each member's chunk of steps is
-one call into compiled C, member by member (on parallel threads when torch has
-several), which updates every layer at once and sums in an order fixed by its source,
-so members are bit-identical to solo runs by construction and results do not depend on
-the chunking.  It agrees with the ATen path up to rounding (tested) and removes the
-~45 ATen calls of a step, which dominate the step below width ~400; with ReLU it skips
-the weight rows of units that are off, whose contributions are exact zeros.
+**The native step loop.**  Where it applies (the CPU: SGD and Langevin steps, momentum
+and weight decay included; see :mod:`._native`), none of the above runs: each member's
+chunk of steps is one call into compiled C, which updates every layer at once, each
+layer in *rows* mode (row loops: each weight row read once forward and read and written
+once backward; with ReLU the rows of units that are off skipped) or *gemm* mode (the
+BLAS gemm ATen itself calls, three products a step, large layers in row blocks), as
+:func:`._native.choose_gemm`'s cost model says for its shape and the batch.  Its sums
+run in an order fixed by its source and, in gemm mode, by the BLAS given the shapes and
+its thread count, which follows from the member's shapes alone
+(:func:`._native.member_blas_threads`: one thread per member, members on parallel
+threads, or all of torch's threads per member, members one after another) — so members
+are bit-identical to solo runs and results do not depend on the chunking.  Langevin
+noise is drawn from each member's generator exactly as the ATen path draws it (step by
+step, layer by layer, the same shapes) into a buffer the C loop reads.  The native
+loop agrees with the ATen path up to rounding (tested) and removes the ~45 ATen calls
+of a step, which dominate the step below width ~400; runs in it also evaluate the test
+set natively (:func:`._native.evaluate`).
 
 All step buffers are allocated once; the per-step losses stay on the device and are
 read once per data chunk.  A diverged member is dropped from the ensemble at the end of
@@ -99,14 +108,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from mfdsl import _streams
 from mfdsl._activations import PL_S1, PL_SLOPE, PL_T1, PL_T2
 from mfdsl._plan import LayerPlan, RunPlan, check_compatible
+from mfdsl._streams import Stream
 
 from ._engine import (
     _CHUNK_ELEMENTS,
     _DTYPES,
-    INIT_STREAM,
-    NOISE_STREAM,
     Dataset,
     MemberNet,
     Result,
@@ -132,6 +141,9 @@ _BLOCK_MIN_BYTES = 1 << 21
 _LAZY_STEPS = 32
 #: lazy updates only for minibatches of at most this many examples
 _LAZY_MAX_BATCH = 4
+#: the native step loop draws a member's Langevin noise in pieces of at most this many
+#: entries (several steps' worth, or one step's)
+_NOISE_ELEMENTS = 1 << 20
 #: networks whose largest weight matrix has at most this many entries train in batched
 #: mode (one MKL batched gemm for all members), the others member by member
 _BATCHED_MAX = 1 << 16
@@ -191,6 +203,16 @@ class _Gemm:
             torch.baddbmm(self.out, self.a, self.b, beta=0.0, alpha=alpha, out=self.out)
         else:
             self.out.baddbmm_(self.a, self.b, beta=self.beta, alpha=alpha)
+
+
+def _native_mode(native: bool | str) -> str:
+    """The ``native`` option's value (``True``: ``auto``, ``False``: ``off``)."""
+    from ._native import MODES
+
+    mode = {True: "auto", False: "off"}.get(native, native) if isinstance(native, bool) else str(native)
+    if mode not in MODES:
+        raise ValueError(f"native must be one of {', '.join(MODES)}, not {native!r}")
+    return mode
 
 
 def _split(t: Tensor) -> bool:
@@ -273,14 +295,6 @@ def _bias_decay(layer: LayerPlan, weight_decay: float) -> float:
     return weight_decay * decay / layer.bias_lr_mult
 
 
-def _noise_rate(layer: LayerPlan) -> float:
-    return layer.lr_mult if layer.decay_mult is None else layer.decay_mult
-
-
-def _noise_rate_bias(layer: LayerPlan) -> float:
-    return layer.bias_lr_mult if layer.bias_decay_mult is None else layer.bias_decay_mult
-
-
 def _check_layers(plan: RunPlan) -> None:
     layers = tuple(plan.layers)
     if len(layers) < 2:
@@ -315,8 +329,8 @@ class Ensemble:
     members ``0 … E−1`` are the plans', and ``Ea = 2`` for a one-member ensemble in
     batched mode (member 1 is a dummy that stays at zero input and is never read).
 
-    Member ``e`` is initialised from ``np.random.default_rng([plans[e].seed, 1])`` layer
-    by layer, exactly as a network trained alone (float64 draws, then cast)."""
+    Member ``e`` is initialised by ``plans[e].initial_weights()`` (the ``INIT`` streams of
+    its seed), exactly as a network trained alone (float64 draws, then cast)."""
 
     def __init__(
         self,
@@ -364,9 +378,7 @@ class Ensemble:
             self.b.append(bias)
         if weights is None:
             for e, plan in enumerate(self.plans):
-                rng = np.random.default_rng([plan.seed, INIT_STREAM])
-                for i, layer in enumerate(plan.layers):
-                    init = np.asarray(layer.init.sample(rng, (layer.fan_in, layer.fan_out)), np.float64)
+                for i, init in enumerate(plan.initial_weights()):
                     self.W[i][e].copy_(torch.from_numpy(init))
 
     def out_buffer(self, *shape: int) -> Tensor:
@@ -449,11 +461,11 @@ class EnsembleTrainer:
         state: dict[str, Any] | None = None,
         *,
         lazy: bool = True,
-        native: bool = True,
+        native: bool | str = True,
     ) -> None:
         self.ens = ens
         self.allow_lazy = lazy
-        self.allow_native = native
+        self.allow_native = _native_mode(native)
         E, Ea = ens.E, ens.Ea
         dev, dt = ens.device, ens.dtype
         # The dummy of a one-member batched ensemble copies member 0's numbers (with
@@ -493,8 +505,8 @@ class EnsembleTrainer:
         )
         self.lr_mult = per_layer(lambda p, i: p.layers[i].lr_mult)
         self.bias_lr_mult = per_layer(lambda p, i: p.layers[i].bias_lr_mult)
-        self.noise_rate = per_layer(lambda p, i: _noise_rate(p.layers[i]))
-        self.noise_rate_b = per_layer(lambda p, i: _noise_rate_bias(p.layers[i]))
+        self.noise_rate = per_layer(lambda p, i: p.layers[i].noise_rate)
+        self.noise_rate_b = per_layer(lambda p, i: p.layers[i].bias_noise_rate if layers[i].bias else 0.0)
         self.decay_on = [bool(np.any(self.wd[i] != 0)) for i in range(self.nl)]
         self.decay_b_on = [bool(np.any(self.wd_b[i] != 0)) for i in range(self.nl)]
         self.temperature = np.array(
@@ -519,11 +531,8 @@ class EnsembleTrainer:
             for plan, temp in zip(ens.plans, self.temperature, strict=False):
                 gen = None
                 if temp > 0:
-                    seed = int(
-                        np.random.SeedSequence([plan.seed, NOISE_STREAM]).generate_state(1, np.uint64)[0]
-                    ) & (2**63 - 1)
                     gen = torch.Generator(device=dev)
-                    gen.manual_seed(seed)
+                    gen.manual_seed(_streams.torch_seed(plan.seed, Stream.NOISE))
                 self.generators.append(gen)
         self.noisy = any(g is not None for g in self.generators)
 
@@ -553,15 +562,29 @@ class EnsembleTrainer:
         self.GBias = [pad(1, n) if ens.b[i] is not None else None for i, n in enumerate(widths)]
         self.TBias = [pad(1, n) if ens.b[i] is not None else None for i, n in enumerate(widths)]
         self.Y = self.H[-1] if self.output == "identity" else pad(B, K)
+        # a bias without noise (the shared output bias: rate 0) draws none
+        self.bias_noise = [
+            self.noisy and ens.b[i] is not None and bool(np.any(self.noise_rate_b[i] > 0))
+            for i in range(self.nl)
+        ]
+        # The native step loop, where it covers the network and the optimiser: it
+        # updates every layer at once, so no layer is lazy, and needs no ATen scratch.
+        self.native_gemm: list[bool] = [False] * self.nl  # its layers in gemm mode
+        self._noise_draws: list[tuple[int, int, int, int]] = []
+        self._noise_merge = False  # whether a piece's noise may be drawn at once
+        self._zstride = 0
+        self._zbuf: list[Tensor | None] = []
+        self._native = self._native_args() if self.allow_native != "off" else None
         self.TW: list[Tensor | None] = [None] * self.nl  # weight-sized scratch
         self.NZ: list[Tensor | None] = [None] * self.nl  # noise
-        for i in trainable:
+        for i in trainable if self._native is None else ():
             if self.momentum:
                 self.TW[i] = out(*ens.W[i].shape[1:])
             if self.noisy:
                 self.NZ[i] = out(*ens.W[i].shape[1:])
         self.NZb = [
-            pad(1, n) if (self.noisy and ens.b[i] is not None) else None for i, n in enumerate(widths)
+            pad(1, n) if on and self._native is None else None
+            for on, n in zip(self.bias_noise, widths, strict=True)
         ]
         self.minus_ones = torch.full((Ea, B, 1), -1.0, device=dev, dtype=dt)
 
@@ -628,9 +651,6 @@ class EnsembleTrainer:
                     ]
                 )
             self.blocks[i] = per_member
-        # The native step loop, where it covers the network and the optimiser: it
-        # updates every layer at once, so no layer is lazy.
-        self._native = self._native_args() if native else None
         if self._native is not None:
             assert self.pending == 0, "a trainer with pending lazy updates cannot go native"
             self.lazy = [None] * self.nl
@@ -651,7 +671,8 @@ class EnsembleTrainer:
 
     def _native_args(self) -> list[Any] | None:
         """Per member, the native step loop's fixed arguments, or ``None`` where it does
-        not apply: not the CPU, Langevin noise, or no C compiler here."""
+        not apply (not the CPU, or no C compiler here) or where ATen's ops are faster
+        (layers the cost model runs in gemm mode, and torch exposes no BLAS gemm)."""
         from . import _native
 
         ens = self.ens
@@ -659,12 +680,46 @@ class EnsembleTrainer:
             ens.device.type != "cpu"
             or self.loss not in _native.LOSSES
             or self.output not in _native.OUTPUTS
-            or self.noisy
             or self.activation not in _native.ACTIVATIONS
         ):
             return None
         if _native.library() is None:
             return None
+        f64 = ens.dtype == torch.float64
+        shapes = [(ly.fan_in, ly.fan_out) for ly in ens.layers]
+        mode = self.allow_native
+        if mode == "auto":
+            gemm = _native.choose_gemm(shapes, self.batch, f64, self.activation)
+        else:
+            gemm = [mode == "gemm"] * self.nl
+        blas = _native.blas(f64) if any(gemm) else None
+        if any(gemm) and blas is None:
+            if mode == "gemm":
+                raise ValueError("torch { native = gemm }: torch exposes no BLAS gemm here")
+            # the matrix products of these layers are faster in ATen's ops than in rows
+            return None
+        self.native_gemm = gemm
+        # the noise of a step: each trainable layer's weights, then its bias, from the
+        # top layer down — the order the ATen path draws them in
+        zoff = np.full(2 * self.nl, -1, np.int64)
+        draws: list[tuple[int, int, int, int]] = []  # (layer, weights 0 / bias 1, offset, size)
+        zstride = 0
+        if self.noisy:
+            for i in range(self.last, self.lowest - 1, -1):
+                if not self.trainable[i]:
+                    continue
+                for part, on, size in (
+                    (0, True, shapes[i][0] * shapes[i][1]),
+                    (1, self.bias_noise[i], shapes[i][1]),
+                ):
+                    if on:
+                        zoff[2 * i + part] = zstride
+                        draws.append((i, part, zstride, size))
+                        zstride += size
+        self._noise_draws = draws
+        self._zstride = zstride
+        self._noise_merge = all(size % 16 == 0 for _, _, _, size in draws)
+        self._zbuf = [None] * ens.E
         pl = (PL_T1, PL_T2, PL_S1, PL_SLOPE)
         return [
             _native.MemberArgs(
@@ -680,6 +735,10 @@ class EnsembleTrainer:
                 self.batch,
                 [None if v is None else v[e] for v in self.vW] if self.momentum else None,
                 [None if v is None else v[e, 0] for v in self.vb] if self.momentum else None,
+                gemm=gemm,
+                blas=blas,
+                zoff=zoff,
+                zstride=zstride,
             )
             for e in range(ens.E)
         ]
@@ -689,20 +748,15 @@ class EnsembleTrainer:
         """Whether the steps run in the native step loop (:mod:`._native`)."""
         return self._native is not None
 
-    def _run_native(self, xs: Tensor, ys: Tensor, start: int) -> Tensor:
-        """:meth:`run` in the native step loop: member by member, each member's chunk in
-        one call (members on parallel threads when torch has several: the calls release
-        the GIL, and a member's numbers do not depend on which thread runs it)."""
+    def _native_coefs(self, start: int, n: int, np_dt: type) -> np.ndarray:
+        """The chunk's coefficients for the native step loop, ``(E, n, nl, NCOEF)``: those
+        :meth:`_prepare_coefs` made for the ATen path, a factor of 1 and decays of 0
+        where a term is off (exact no-ops), and the noise scales ``√(2 η r T)`` (0 where
+        the ATen path draws no noise: ``η r ≤ 0``)."""
         from . import _native
 
-        lib = _native.library()
-        assert lib is not None and self._native is not None
-        ens = self.ens
-        E, n = ens.E, int(xs.shape[1])
+        E = self.ens.E
         self._prepare_coefs(start, n)
-        np_dt = np.float64 if ens.dtype == torch.float64 else np.float32
-        # the coefficients _prepare_coefs made for the ATen path, (E, n, nl, NCOEF);
-        # a factor of 1 and decays of 0 where a term is off (exact no-ops)
         coef = np.zeros((E, n, self.nl, _native.NCOEF), np.float64)
         coef[..., _native.COEFS.index("factor")] = 1.0
         fields = {
@@ -720,18 +774,107 @@ class EnsembleTrainer:
                     coef[:, :, i, f] = cf.values[:, :E].T
         if self._mu is not None:
             coef[..., _native.COEFS.index("mu")] = self._mu.values[:, :E].T[:, :, None]
-        coef = coef.astype(np_dt)
+        if self._noise_draws:
+            lrxi = self._lrxi[:, :E].T  # (E, n)
+            temp = self.temperature[:E, None]
+            for i, part, _, _ in self._noise_draws:
+                rate = (self.noise_rate_b if part else self.noise_rate)[i][:E, None]
+                eta = lrxi * rate
+                # as _noise: math.sqrt(2.0 * eta * T) where eta > 0
+                scale = np.sqrt(np.where(eta > 0, 2.0 * eta * temp, 0.0))
+                coef[:, :, i, _native.COEFS.index("noise_b" if part else "noise")] = scale
+        return coef.astype(np_dt)
+
+    def _draw_noise(self, e: int, coef: np.ndarray, s0: int, m: int) -> Tensor | None:
+        """Member ``e``'s noise for steps ``s0 … s0 + m − 1`` of the chunk, ``(m,
+        zstride)``: drawn from its generator step by step, each layer's weights then its
+        bias from the top down, each draw of the shape the ATen path draws (a contiguous
+        block of that size gives the same numbers), skipped where it draws none."""
+        from . import _native
+
+        gen = self.generators[e]
+        if not self._noise_draws or gen is None:
+            return None
+        buf = self._zbuf[e]
+        if buf is None or buf.shape[0] < m:
+            buf = torch.empty((m, self._zstride), dtype=self.ens.dtype)
+            self._zbuf[e] = buf
+        z = buf[:m]
+        fw, fb = _native.COEFS.index("noise"), _native.COEFS.index("noise_b")
+        if self._noise_merge:
+            scales = coef[s0 : s0 + m][
+                :,
+                [i for i, _, _, _ in self._noise_draws],
+                [fb if p else fw for _, p, _, _ in self._noise_draws],
+            ]
+            if bool(np.all(scales > 0)):
+                # torch's normal_ on a contiguous block of a multiple of 16 entries draws
+                # its uniforms in order and transforms them 16 at a time, so one draw of
+                # the whole piece gives the numbers of the draws one by one (tested)
+                z.normal_(generator=gen)
+                return z
+        for k in range(m):
+            row = z[k]
+            ck = coef[s0 + k]
+            for i, part, off, size in self._noise_draws:
+                if ck[i, fb if part else fw] > 0:
+                    row[off : off + size].normal_(generator=gen)
+        return z
+
+    def _run_native(self, xs: Tensor, ys: Tensor, start: int) -> Tensor:
+        """:meth:`run` in the native step loop: member by member, each member's chunk in
+        one call (with Langevin noise, in pieces of at most :data:`_NOISE_ELEMENTS` noise
+        entries, drawn before each piece).  A member's gemm calls run on one BLAS thread
+        or on all of torch's, by its shapes alone (:func:`._native.member_blas_threads`:
+        the BLAS's sums may depend on its threads, a member's must not depend on the
+        ensemble).  With one, members run side by side on torch's threads (the calls
+        release the GIL, and a member's numbers do not depend on which thread runs it);
+        with all, one after another."""
+        from . import _native
+
+        lib = _native.library()
+        assert lib is not None and self._native is not None
+        ens = self.ens
+        E, n = ens.E, int(xs.shape[1])
+        np_dt = np.float64 if ens.dtype == torch.float64 else np.float32
+        coef = self._native_coefs(start, n, np_dt)
         loss = np.empty((E, n), np.float64)
+        piece = n if not self._noise_draws else max(1, min(n, _NOISE_ELEMENTS // max(1, self._zstride)))
+
+        threads = torch.get_num_threads()
+        gemm = any(self.native_gemm)
+        shapes = [(ly.fan_in, ly.fan_out) for ly in ens.layers]
+        # a member's BLAS threads follow from its shapes alone (its numbers depend on them)
+        blas_threads = (
+            _native.member_blas_threads(shapes, self.native_gemm, self.batch, threads) if gemm else 1
+        )
 
         def one(e: int) -> None:
-            _native.run_member(lib, self._native[e], xs[e], ys[e], coef[e], loss[e])  # type: ignore[index]
+            args = self._native[e]  # type: ignore[index]
+            before = _native.set_blas_threads(blas_threads) if gemm else 0
+            try:
+                for s0 in range(0, n, piece):
+                    m = min(piece, n - s0)
+                    z = self._draw_noise(e, coef[e], s0, m)
+                    _native.run_member(
+                        lib,
+                        args,
+                        xs[e, s0 : s0 + m],
+                        ys[e, s0 : s0 + m],
+                        coef[e, s0 : s0 + m],
+                        loss[e, s0 : s0 + m],
+                        z,
+                    )
+            finally:
+                if gemm:
+                    _native.set_blas_threads(before)
 
-        threads = min(E, torch.get_num_threads())
-        if threads > 1:
+        parallel = min(E, threads) if blas_threads == 1 else 1
+        if parallel > 1:
             if self._pool is None:
                 from concurrent.futures import ThreadPoolExecutor
 
-                self._pool = ThreadPoolExecutor(threads)
+                self._pool = ThreadPoolExecutor(parallel)
             list(self._pool.map(one, range(E)))
         else:
             for e in range(E):
@@ -1144,7 +1287,7 @@ class EnsembleTrainer:
                 vb.add_(t)
             torch.mul(vb, cb.at(k), out=t)
             bias.add_(t)
-        if self.noisy:
+        if self.NZb[i] is not None:
             self._noise(bias, self.NZb[i], k, self.noise_rate_b[i])
 
     def _noise(self, p: Tensor, buf: Tensor | None, k: int, rate: np.ndarray) -> None:
@@ -1218,7 +1361,7 @@ def train_ensemble(
     dtype: str | torch.dtype = "float64",
     chunk_steps: int = 1024,
     lazy: bool = True,
-    native: bool = True,
+    native: bool | str = True,
 ) -> list[Result]:
     """Train the networks of ``plans`` (member ``e`` on ``datasets[e]``) as one batched
     ensemble; one :class:`~._engine.Result` per plan, each the result of training that
@@ -1229,7 +1372,9 @@ def train_ensemble(
     still training, members in order.  A member that diverges is dropped at the end of
     the data chunk in which it diverged; the others go on.  ``lazy=False`` turns lazy
     updates off (every layer takes its update at once, as a plain SGD step sums it);
-    ``native=False`` keeps to ATen ops where the native step loop would apply.
+    ``native`` is the ``native`` option (``True``: ``auto``, ``False``: ``off``): ``off``
+    keeps to ATen ops where the native step loop would apply, ``rows`` and ``gemm`` run
+    all its layers one way (``auto`` chooses per layer, :func:`._native.choose_gemm`).
     """
     plans = list(plans)
     datasets = list(datasets)
@@ -1269,6 +1414,8 @@ def train_ensemble(
     observers = [_make_observer(ens.member(e), plans[e], datasets[e], tasks[e], k_out) for e in range(E)]
     records = [_allocate(obs, len(steps_u)) for obs in observers]
     trainer = EnsembleTrainer(ens, tasks, k_out, lazy=lazy, native=native)
+    for obs in observers:  # the native loop's runs evaluate the test set natively too
+        obs.native_eval = trainer.native
     active = list(range(E))  # active[j]: the plan index of ensemble member j
     status = ["done"] * E
     messages = [""] * E

@@ -2,9 +2,17 @@
 
 A batch-1 SGD step of a small network is a few microseconds of arithmetic but some 45
 ATen calls of ~4 µs each; the C loop runs a whole chunk of steps of one network in one
-call.  It covers SGD on the CPU, with momentum and weight decay, with every activation,
-loss and output map the plans name; Langevin noise (drawn from torch generators) and
-CUDA train on ATen ops, and ``EnsembleTrainer`` decides which.
+call.  It covers SGD and Langevin steps on the CPU, with momentum and weight decay, with
+every activation, loss and output map the plans name (the Langevin noise is drawn by
+the caller from the members' torch generators, exactly as the ATen path draws it, and
+passed in); CUDA trains on ATen ops, and ``EnsembleTrainer`` decides which.
+
+Each layer runs in one of two ways (:func:`choose_gemm`, a cost model measured on this
+machine class, ``docs/performance.md``): *rows*, where a step is memory-bound (small
+minibatches: each weight row read once forward and read and written once backward), or
+*gemm*, where it is bound by its matrix products (larger minibatches: three calls of
+the BLAS gemm that ATen itself uses, MKL's ``sgemm_``/``dgemm_``, found in torch's own
+library by :func:`blas`).
 
 The library is compiled once per source, compiler and CPU into the cache directory
 (``$MFDSL_CACHE_DIR``, else ``$XDG_CACHE_HOME/mfdsl``, else ``~/.cache/mfdsl``), with
@@ -25,18 +33,27 @@ import tempfile
 import threading
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+
+from mfdsl._activations import PL_S1, PL_SLOPE, PL_T1, PL_T2
 
 __all__ = [
     "ACTIVATIONS",
     "COEFS",
     "LOSSES",
+    "MODES",
     "NCOEF",
     "OUTPUTS",
+    "blas",
+    "choose_gemm",
+    "evaluate",
     "library",
+    "member_blas_threads",
     "run_member",
+    "set_blas_threads",
     "unavailable_reason",
 ]
 
@@ -46,8 +63,15 @@ _FLAGS = ("-O3", "-fPIC", "-std=c11")
 _ARCH_FLAGS = (("-march=native",), ())
 
 #: a step's coefficients per layer (the C_… fields of _native.c)
-COEFS = ("c", "factor", "cb", "wd_b", "neg_eta", "wd", "mu")
-NCOEF = 8
+COEFS = ("c", "factor", "cb", "wd_b", "neg_eta", "wd", "mu", "noise", "noise_b")
+NCOEF = 10
+
+#: the values of the ``native`` option: ``auto`` (rows or gemm per layer, by
+#: :func:`choose_gemm`), ``rows``, ``gemm`` (every layer one way), ``off`` (ATen ops)
+MODES = ("auto", "rows", "gemm", "off")
+
+#: the piecewise-linear activation's (t1, t2, s1, slope)
+_PL = (PL_T1, PL_T2, PL_S1, PL_SLOPE)
 
 #: the losses and output maps of _native.c
 LOSSES = {"mse": 0, "logistic": 1, "cross_entropy": 2}
@@ -170,7 +194,34 @@ def _load() -> ctypes.CDLL:
             ctypes.c_void_p,  # coef
             ctypes.c_void_p,  # VW
             ctypes.c_void_p,  # VB
+            ctypes.c_void_p,  # gemm
+            ctypes.c_void_p,  # blas
+            ctypes.c_void_p,  # Z
+            ctypes.c_void_p,  # zoff
+            ctypes.c_int64,  # zstride
             ctypes.c_void_p,  # loss
+        ]
+        ev = getattr(lib, "mf_eval" + sfx)
+        ev.restype = ctypes.c_int
+        ev.argtypes = [
+            ctypes.c_int,  # nl
+            ctypes.c_void_p,  # fin
+            ctypes.c_void_p,  # fout
+            ctypes.c_void_p,  # W
+            ctypes.c_void_p,  # b
+            ctypes.c_void_p,  # mult
+            ctypes.c_int,  # act
+            ctypes.c_int,  # out
+            ctypes.c_int,  # loss_kind
+            ctypes.c_void_p,  # pl
+            ctypes.c_int64,  # n
+            ctypes.c_int64,  # rows
+            ctypes.c_void_p,  # X
+            ctypes.c_void_p,  # Y
+            ctypes.c_int,  # acc_kind
+            ctypes.c_void_p,  # labels
+            ctypes.c_void_p,  # blas
+            ctypes.c_void_p,  # result
         ]
     return lib
 
@@ -205,9 +256,108 @@ def unavailable_reason() -> str | None:
     return _reason
 
 
+_blas: dict[bool, int | None] = {}
+
+
+def blas(f64: bool) -> int | None:
+    """The address of the Fortran BLAS gemm (``dgemm_`` or ``sgemm_``, 32-bit integers)
+    that ATen's CPU matrix products call — MKL's, exported by torch's own library — or
+    ``None`` where torch has none (then :func:`choose_gemm`'s gemm layers run on ATen
+    ops instead).  ``MFDSL_NATIVE_BLAS=0`` hides it (for tests)."""
+    with _lock:
+        if f64 not in _blas:
+            _blas[f64] = None if os.environ.get("MFDSL_NATIVE_BLAS", "1") == "0" else _find_blas(f64)
+        return _blas[f64]
+
+
+def _torch_cpu() -> ctypes.CDLL | None:
+    """torch's CPU library (loaded already), where it exports MKL's functions."""
+    if not torch.backends.mkl.is_available():
+        return None
+    libdir = Path(torch.__file__).parent / "lib"
+    for name in ("libtorch_cpu.so", "libtorch_cpu.dylib", "torch_cpu.dll"):
+        path = libdir / name
+        if path.exists():
+            try:
+                return ctypes.CDLL(str(path))
+            except OSError:
+                return None
+    return None
+
+
+def _find_blas(f64: bool) -> int | None:
+    lib = _torch_cpu()
+    if lib is None:
+        return None
+    try:
+        fn = getattr(lib, "dgemm_" if f64 else "sgemm_")
+        _ = lib.MKL_Set_Num_Threads_Local  # the BLAS's threads must be settable too
+    except AttributeError:
+        return None
+    addr = ctypes.cast(fn, ctypes.c_void_p).value
+    return int(addr) if addr else None
+
+
+def set_blas_threads(n: int) -> int:
+    """Set the calling thread's BLAS thread count (``0``: torch's), returning the one
+    set before; the gemm layers' results depend on it, so a member's calls always run
+    with the count :func:`member_blas_threads` gives.  A no-op (returning 0) where
+    :func:`blas` is ``None``."""
+    global _set_local
+    if _set_local is None:
+        lib = _torch_cpu() if (blas(True) or blas(False)) else None
+        if lib is None:
+            return 0
+        fn = lib.MKL_Set_Num_Threads_Local
+        fn.restype = ctypes.c_int
+        fn.argtypes = [ctypes.c_int]
+        _set_local = fn
+    return int(_set_local(int(n)))
+
+
+_set_local: Any = None
+
+
+#: a member's gemm calls use torch's threads where its largest layer's product takes at
+#: least this many flops a step (2 · batch · fan_in · fan_out), else one thread, and
+#: members then run side by side on torch's threads
+GEMM_THREADED_FLOPS = 1 << 24
+
+
+def member_blas_threads(shapes: list[tuple[int, int]], gemm: list[bool], batch: int, threads: int) -> int:
+    """The BLAS threads of one member's gemm calls: a function of its shapes, so that a
+    member computes the same numbers whatever the ensemble (1: members in parallel)."""
+    flops = max((2 * batch * fi * fo for (fi, fo), g in zip(shapes, gemm, strict=True) if g), default=0)
+    return threads if flops >= GEMM_THREADED_FLOPS else 1
+
+
+#: at batch 1 a layer runs in gemm mode when its rows are long (at least this many
+#: bytes) and it is small (at most GEMM_MAX_BYTES: in cache, where the BLAS's kernels
+#: beat the row loops' per-row costs), in rows mode otherwise (short rows: the BLAS's
+#: per-call cost dominates; large layers: the rows' three passes beat the BLAS's four,
+#: or its three in row blocks), and always with ReLU (the rows of units that are off
+#: are skipped); at larger batches every layer runs in gemm mode (the BLAS does the
+#: batch's multiply-adds several times faster).  Measured, docs/performance.md.
+GEMM_MIN_ROW_BYTES = 512
+GEMM_MAX_BYTES = 1 << 20
+
+
+def choose_gemm(shapes: list[tuple[int, int]], batch: int, f64: bool, activation: str = "") -> list[bool]:
+    """Per layer ``(fan_in, fan_out)``, whether its step runs in gemm mode (else rows),
+    for this minibatch size, precision and activation: the cost model above."""
+    item = 8 if f64 else 4
+    if batch == 1 and activation == "relu":
+        return [False] * len(shapes)
+    return [
+        batch > 1 or (fo * item >= GEMM_MIN_ROW_BYTES and fi * fo * item <= GEMM_MAX_BYTES)
+        for fi, fo in shapes
+    ]
+
+
 class MemberArgs:
     """The fixed arguments of one member's calls: shapes and pointers into the
-    ensemble's tensors (which stay put: the trainer allocates them once)."""
+    ensemble's tensors (which stay put: the trainer allocates them once), the layers'
+    modes and the layout of the noise in a step's row of ``Z``."""
 
     __slots__ = (
         "B",
@@ -216,8 +366,10 @@ class MemberArgs:
         "W",
         "act",
         "b",
+        "blas",
         "fin",
         "fout",
+        "gemm",
         "keep",
         "loss",
         "lowest",
@@ -226,6 +378,8 @@ class MemberArgs:
         "out",
         "pl",
         "trainable",
+        "zoff",
+        "zstride",
     )
 
     def __init__(
@@ -242,6 +396,11 @@ class MemberArgs:
         batch: int,
         vW: list[torch.Tensor | None] | None = None,
         vb: list[torch.Tensor | None] | None = None,
+        *,
+        gemm: list[bool] | None = None,
+        blas: int | None = None,
+        zoff: np.ndarray | None = None,
+        zstride: int = 0,
     ) -> None:
         for w in W:
             if not w.is_contiguous():
@@ -259,6 +418,14 @@ class MemberArgs:
         self.loss = LOSSES[loss]
         self.pl = np.array(pl, np.float64)
         self.B = int(batch)
+        self.gemm = np.array(gemm if gemm is not None else [False] * self.nl, np.int32)
+        if self.gemm.any() and not blas:
+            raise ValueError("gemm layers need a BLAS gemm")
+        self.blas = blas
+        self.zoff = (
+            np.full(2 * self.nl, -1, np.int64) if zoff is None else np.ascontiguousarray(zoff, np.int64)
+        )
+        self.zstride = int(zstride)
         self.VW: np.ndarray | None = None
         self.VB: np.ndarray | None = None
         if vW is not None and vb is not None:
@@ -277,17 +444,23 @@ def run_member(
     y: torch.Tensor,
     coef: np.ndarray,
     loss: np.ndarray,
+    z: torch.Tensor | None = None,
 ) -> None:
     """``n`` steps of one member on its chunk ``x`` ``(n, B, d)``, ``y`` ``(n, B, K)``
-    (contiguous, the weights' dtype; int64 labels ``(n, B)`` for cross-entropy); ``c``,
+    (contiguous, the weights' dtype; int64 labels ``(n, B)`` for cross-entropy);
     ``coef`` ``(n, nl, NCOEF)`` the steps' coefficients (:data:`COEFS`) in the weights'
-    dtype; ``loss`` ``(n,)`` float64 takes each
-    step's loss sum (``EnsembleTrainer._loss_scale`` makes it the batch mean)."""
+    dtype; ``z`` ``(n, zstride)`` the steps' noise (laid out as ``args.zoff`` says) or
+    ``None``; ``loss`` ``(n,)`` float64 takes each step's loss sum
+    (``EnsembleTrainer._loss_scale`` makes it the batch mean)."""
     f64 = x.dtype == torch.float64
     fn = lib.mf_sgd_f64 if f64 else lib.mf_sgd_f32
     n = int(x.shape[0])
-    if not (x.is_contiguous() and y.is_contiguous() and coef.flags.c_contiguous):
+    if not (x.is_contiguous() and y.is_contiguous() and coef.flags.c_contiguous and loss.flags.c_contiguous):
         raise ValueError("the native step loop needs contiguous chunks")
+    if coef.shape[0] != n or loss.shape[0] != n:
+        raise ValueError("coef and loss must have one row per step")
+    if z is not None and (not z.is_contiguous() or tuple(z.shape) != (n, args.zstride)):
+        raise ValueError(f"the noise must be a contiguous ({n}, {args.zstride}) tensor")
     rc = fn(
         args.nl,
         args.fin.ctypes.data,
@@ -308,7 +481,83 @@ def run_member(
         coef.ctypes.data,
         None if args.VW is None else args.VW.ctypes.data,
         None if args.VB is None else args.VB.ctypes.data,
+        args.gemm.ctypes.data,
+        args.blas,
+        None if z is None else z.data_ptr(),
+        args.zoff.ctypes.data,
+        args.zstride,
         loss.ctypes.data,
     )
+    if rc == -2:
+        raise ValueError("the native step loop got gemm layers but no BLAS gemm")
     if rc != 0:
         raise MemoryError("the native step loop could not allocate its scratch memory")
+
+
+#: the accuracy kinds of mf_eval
+ACCURACY = {None: 0, "binary": 1, "multiclass": 2}
+
+
+def evaluate(
+    W: list[torch.Tensor],
+    b: list[torch.Tensor | None],
+    mult: list[float],
+    act: str,
+    out: str,
+    loss: str,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    labels: torch.Tensor | None,
+    task: str,
+    rows: int,
+) -> tuple[float, float] | None:
+    """The test set's loss sum and number of correct predictions by the native loop's
+    forward pass (its products in the BLAS gemm), or ``None`` where it cannot (no
+    library, no BLAS, not the CPU, an activation or loss it does not know)."""
+    lib = library()
+    f64 = x.dtype == torch.float64
+    gemm = blas(f64)
+    if (
+        lib is None
+        or gemm is None
+        or x.device.type != "cpu"
+        or act not in ACTIVATIONS
+        or out not in OUTPUTS
+        or loss not in LOSSES
+        or not all(t.is_contiguous() for t in (x, y, *W))
+    ):
+        return None
+    kind = ACCURACY.get(task if labels is not None else None, 0)
+    if labels is not None and not labels.is_contiguous():
+        return None
+    fin = np.array([w.shape[0] for w in W], np.int64)
+    fout = np.array([w.shape[1] for w in W], np.int64)
+    ptr_w = np.array([w.data_ptr() for w in W], np.uintp)
+    ptr_b = np.array([0 if t is None else t.data_ptr() for t in b], np.uintp)
+    mults = np.array(mult, np.float64)
+    pl = np.array(_PL, np.float64)
+    result = np.zeros(2, np.float64)
+    fn = lib.mf_eval_f64 if f64 else lib.mf_eval_f32
+    rc = fn(
+        len(W),
+        fin.ctypes.data,
+        fout.ctypes.data,
+        ptr_w.ctypes.data,
+        ptr_b.ctypes.data,
+        mults.ctypes.data,
+        ACTIVATIONS[act],
+        ACTIVATIONS[out],
+        LOSSES[loss],
+        pl.ctypes.data,
+        int(x.shape[0]),
+        int(rows),
+        x.data_ptr(),
+        y.data_ptr(),
+        kind,
+        None if labels is None else labels.data_ptr(),
+        gemm,
+        result.ctypes.data,
+    )
+    if rc != 0:
+        raise MemoryError("the native evaluation could not allocate its scratch memory")
+    return float(result[0]), float(result[1])
