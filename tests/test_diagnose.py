@@ -142,7 +142,9 @@ def test_the_statistic_is_noise_at_a_saddle_and_large_when_moving() -> None:
         )
 
     still = [z(CENTRED_SIGMOID, s) for s in range(6)]
-    moving = [z(CENTRED_SIGMOID.replace("layer 2 ~ normal(0, 1)", "layer 2 ~ normal(1, 1)"), s) for s in range(3)]
+    moving = [
+        z(CENTRED_SIGMOID.replace("layer 2 ~ normal(0, 1)", "layer 2 ~ normal(1, 1)"), s) for s in range(3)
+    ]
     assert max(still) < STILL, still
     assert abs(float(np.mean(still))) < 2.0
     assert min(moving) > 2 * STILL, moving
@@ -162,7 +164,9 @@ def test_degenerate_middle_layers_warn_where_recorded() -> None:
 def test_allow_comment_silences_a_check_and_names_unknown_ones() -> None:
     silenced = "# mfdsl: allow homogeneous\n" + LANDED_QUICKSTART
     assert warnings_of(silenced) == []
-    (warning,) = warnings_of("# mfdsl: allow homogenous\n" + LANDED_QUICKSTART.replace("relu", "tanh, bias = true"))
+    (warning,) = warnings_of(
+        "# mfdsl: allow homogenous\n" + LANDED_QUICKSTART.replace("relu", "tanh, bias = true")
+    )
     assert "'homogenous' is not a check" in warning and "did you mean 'homogeneous'" in warning
     assert allowed("# mfdsl: allow saddle, degenerate\nx = 1 # mfdsl: allow homogeneous")[0] == {
         "saddle",
