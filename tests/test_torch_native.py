@@ -96,6 +96,21 @@ def test_auto_picks_the_modes_of_the_cost_model() -> None:
     assert trainer_of(plan, native="gemm").native_gemm == [True] * 4
 
 
+def test_auto_hands_huge_batch_1_sgd_layers_to_aten_lazy_updates(monkeypatch: pytest.MonkeyPatch) -> None:
+    # above ATEN_LAZY_MIN_BYTES a batch-1 plain SGD step without ReLU takes ATen's lazy
+    # updates (2 passes over the weights a step, against the rows' 3)
+    monkeypatch.setattr(_native, "ATEN_LAZY_MIN_BYTES", 2 << 20)
+    plan = plan_of(widths=(12, 600, 600), activation="tanh", steps=4)  # 600 × 600 float64: 2.7 MiB
+    trainer = trainer_of(plan)
+    assert not trainer.native and trainer.lazy_on
+    assert trainer_of(replace(plan, activation="relu")).native  # the rows skip off units
+    assert trainer_of(replace(plan, batch=2)).native
+    assert trainer_of(plan, native="rows").native
+    assert trainer_of(plan, lazy=False).native
+    decay = replace(plan, optimizer=OptimizerPlan(kind="sgd", lr=0.01, weight_decay=1e-3))
+    assert trainer_of(decay).native  # no lazy updates with decay
+
+
 def test_without_a_blas_gemm_layers_go_to_aten(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_native, "blas", lambda f64: None)
     assert trainer_of(plan_of(widths=(12, 300, 520)), native="rows").native

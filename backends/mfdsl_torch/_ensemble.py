@@ -671,8 +671,10 @@ class EnsembleTrainer:
 
     def _native_args(self) -> list[Any] | None:
         """Per member, the native step loop's fixed arguments, or ``None`` where it does
-        not apply (not the CPU, or no C compiler here) or where ATen's ops are faster
-        (layers the cost model runs in gemm mode, and torch exposes no BLAS gemm)."""
+        not apply (not the CPU, or no C compiler here) or where ATen's ops are faster:
+        layers the cost model runs in gemm mode where torch exposes no BLAS gemm, and
+        (``auto``) batch-1 plain SGD without ReLU on a layer over
+        :data:`._native.ATEN_LAZY_MIN_BYTES`, where ATen's lazy updates save a pass."""
         from . import _native
 
         ens = self.ens
@@ -688,6 +690,17 @@ class EnsembleTrainer:
         f64 = ens.dtype == torch.float64
         shapes = [(ly.fan_in, ly.fan_out) for ly in ens.layers]
         mode = self.allow_native
+        item = 8 if f64 else 4
+        if (
+            mode == "auto"
+            and self.batch == 1
+            and self.activation != "relu"
+            and self.allow_lazy
+            and not ens.batched
+            and not (self.momentum or self.noisy or any(self.decay_on))
+            and max(fi * fo for fi, fo in shapes) * item > _native.ATEN_LAZY_MIN_BYTES
+        ):
+            return None  # ATen's lazy updates beat the rows on layers this large
         if mode == "auto":
             gemm = _native.choose_gemm(shapes, self.batch, f64, self.activation)
         else:

@@ -340,6 +340,11 @@ def member_blas_threads(shapes: list[tuple[int, int]], gemm: list[bool], batch: 
 #: batch's multiply-adds several times faster).  Measured, docs/performance.md.
 GEMM_MIN_ROW_BYTES = 512
 GEMM_MAX_BYTES = 1 << 20
+#: at batch 1, plain SGD and an activation other than ReLU, a network with a layer of more
+#: than this many bytes trains on ATen's ops instead, whose lazy updates read its weights
+#: twice a step where the rows read them twice and write them once (measured: 6–16 %
+#: faster at 41 MB layers, float32; the rows faster at 10 MB)
+ATEN_LAZY_MIN_BYTES = 32 << 20
 
 
 def choose_gemm(shapes: list[tuple[int, int]], batch: int, f64: bool, activation: str = "") -> list[bool]:
