@@ -13,6 +13,6 @@ if __name__ == "__main__":
     root = Path(__file__).resolve().parent
     # The backends live beside the core in a checkout; installed, they are packages.
     sys.path[:0] = [str(root), str(root / "backends")]
-    from mfdsl._cli import main
+    from mfdsl.cli import main
 
     sys.exit(main())

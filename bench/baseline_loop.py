@@ -4,8 +4,8 @@ One network at a time; an explicit mean-field forward pass (no ``nn.Linear``) wi
 autograd; ``torch.optim.SGD`` with one parameter group per layer for the per-layer
 learning rates; the test loss (and accuracy) computed at each record step under
 ``torch.no_grad``.  It does the training ``mfdsl`` does for the same plan: the same
-initial weights (``RunPlan.initial_weights``, from the streams of ``mfdsl._streams``),
-the same data stream (``mfdsl._data``: minibatch ``s`` is ``train_chunk(s, 1, batch)``),
+initial weights (``RunPlan.initial_weights``, from the streams of ``mfdsl.core.streams``),
+the same data stream (``mfdsl.data.make``: minibatch ``s`` is ``train_chunk(s, 1, batch)``),
 the same per-layer multipliers, so its records agree with ``mfdsl``'s up to
 floating-point reassociation.  It covers what the benchmark needs: SGD without momentum or weight
 decay, no biases, the ``mse`` loss, ReLU, an identity output map.
@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from mfdsl._data import make_dataset
-from mfdsl._plan import RunPlan
+from mfdsl.data.make import make_dataset
+from mfdsl.plan.types import RunPlan
 
 
 def train_baseline(plan: RunPlan, dtype: torch.dtype = torch.float64) -> dict[str, np.ndarray]:
@@ -99,7 +99,7 @@ def main() -> None:
     import dataclasses
 
     import mfdsl
-    from mfdsl._compile import compile_point
+    from mfdsl.plan.compile import compile_point
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--width", type=int, default=200)

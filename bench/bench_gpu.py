@@ -47,7 +47,7 @@ SPEC = ROOT / "specs" / "nguyen2019_fig5.mf"
 
 def plans_at(width: int, batch: int, members: int, steps: int) -> list[Any]:
     import mfdsl
-    from mfdsl._compile import compile_point
+    from mfdsl.plan.compile import compile_point
 
     spec = mfdsl.load(
         SPEC,
@@ -83,7 +83,7 @@ class Runner:
         import torch
         from mfdsl_torch._ensemble import Ensemble, EnsembleTrainer
 
-        from mfdsl._data import make_dataset
+        from mfdsl.data.make import make_dataset
 
         self.torch = torch
         self.device = device
@@ -211,8 +211,8 @@ def jax_section(args: argparse.Namespace) -> None:
         print(f"\njax limit: skipped ({exc})")
         return
     import mfdsl
-    from mfdsl._compile import compile_point
-    from mfdsl._data import make_dataset
+    from mfdsl.data.make import make_dataset
+    from mfdsl.plan.compile import compile_point
 
     platform_name = jax.devices()[0].platform
     steps = args.jax_steps

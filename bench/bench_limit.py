@@ -99,10 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     import jax
     import torch
     from mfdsl_jax._solver import solve
-    from mfdsl_torch._engine import train
+    from mfdsl_torch._single import train
 
-    from mfdsl._compile import compile_point
-    from mfdsl._data import make_dataset
+    from mfdsl.data.make import make_dataset
+    from mfdsl.plan.compile import compile_point
 
     point = _point(args.steps, args.record, args.test, args.seed, args.tau2)
     limit_plan = compile_point(point.spec, {**point.coords, "width": math.inf}, "jax")

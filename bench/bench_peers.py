@@ -15,7 +15,7 @@ Workloads (float32 throughout: JAX's default, and torch's):
   every 500.
 
 Each is run by (a) mfdsl — the units of work ``mfdsl run --workers 1`` forms
-(``mfdsl._runner.group_tasks``: every seed of a width in one ensemble), each trained by
+(``mfdsl.execution.runner.group_tasks``: every seed of a width in one ensemble), each trained by
 the torch backend's ``run_group``, torch on all cores; (b) the PyTorch loop, one network
 at a time, torch on all cores; (c) the JAX loop, all seeds at once, XLA on all cores,
 its compilation timed apart.  All in this one process, width by width, the three
@@ -96,7 +96,7 @@ class Workload:
 
 def _plans(path: Path | str, overrides: list[str]) -> list[Any]:
     import mfdsl
-    from mfdsl._compile import compile_point
+    from mfdsl.plan.compile import compile_point
 
     spec = mfdsl.load(path, overrides=overrides)
     plans = []
@@ -182,7 +182,8 @@ def run_mfdsl(plans: list[Any]) -> list[dict[str, np.ndarray]]:
     """As ``mfdsl run --workers 1``'s worker: the units of ``group_tasks``, each by the
     torch backend's ``run_group`` (the store is not written)."""
     import mfdsl
-    from mfdsl._runner import Task, group_tasks
+    from mfdsl.execution.runner import group_tasks
+    from mfdsl.plan.layout import Task
 
     backend = mfdsl.get_backend("torch")
     tasks = [Task(key=str(i), backend="torch", plan=p, index={}) for i, p in enumerate(plans)]
@@ -199,13 +200,13 @@ def run_torch(plans: list[Any]) -> list[dict[str, np.ndarray]]:
     import torch
     from peers import train_torch
 
-    from mfdsl._data import make_dataset
+    from mfdsl.data.make import make_dataset
 
     return [train_torch(p, make_dataset(p.data, p.seed), torch.float32) for p in plans]
 
 
 def _datas(plans: list[Any]) -> list[Any]:
-    from mfdsl._data import make_dataset
+    from mfdsl.data.make import make_dataset
 
     return [make_dataset(p.data, p.seed) for p in plans]
 
@@ -384,7 +385,7 @@ def step_flops(plan: Any) -> float:
 def _trainer(plan: Any, mode: str, dtype: str = "float32") -> Any:
     from mfdsl_torch._ensemble import Ensemble, EnsembleTrainer
 
-    from mfdsl._data import make_dataset
+    from mfdsl.data.make import make_dataset
 
     task = str(make_dataset(plan.data, plan.seed).task)
     return EnsembleTrainer(Ensemble([plan], dtype=dtype), [task], 1, native=mode)
@@ -393,7 +394,7 @@ def _trainer(plan: Any, mode: str, dtype: str = "float32") -> Any:
 def time_modes(plan: Any, modes: tuple[str, ...], rounds: int, dtype: str = "float32") -> dict[str, float]:
     """Seconds per step (the thread's CPU time, best of ``rounds`` alternated chunks) of
     one network in each ``native`` mode."""
-    from mfdsl._data import make_dataset
+    from mfdsl.data.make import make_dataset
 
     budget = 0.08  # seconds of work per chunk (at ~40 GFLOP/s), at most 2^22 input entries
     cap = (1 << 22) // (int(plan.batch) * plan.layers[0].fan_in)
@@ -486,7 +487,7 @@ def _wall_peak() -> float:
 def _step_seconds(plan: Any, threads: int) -> float:
     if threads == 1:
         return time_modes(plan, ("auto",), 2)["auto"]
-    from mfdsl._data import make_dataset
+    from mfdsl.data.make import make_dataset
 
     t = _trainer(plan, "auto")
     n = 20
@@ -530,7 +531,7 @@ def langevin(args: argparse.Namespace) -> None:
 def _draw_seconds(plan: Any, dtype: str) -> float:
     import torch
 
-    from mfdsl import _streams
+    from mfdsl.core import streams as _streams
 
     gen = torch.Generator().manual_seed(_streams.torch_seed(0, _streams.Stream.NOISE))
     bufs = [

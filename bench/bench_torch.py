@@ -11,7 +11,7 @@ and float32 (torch's, what a hand-written loop uses; both sides run in the same
 precision).  Both sweeps run in 2 worker
 processes (spawned, 1 BLAS/OpenMP thread each, the machine's 2 cores split evenly),
 tasks handed out largest first: the baseline one run per task, mfdsl the units of work
-``mfdsl run`` forms and trains (``mfdsl._runner.group_tasks``, i.e. the torch backend's
+``mfdsl run`` forms and trains (``mfdsl.execution.runner.group_tasks``, i.e. the torch backend's
 ``group``: every seed of a width in one ensemble while its weights fit 8 MiB; each unit
 trained by the backend's ``run_group``, as in ``mfdsl run``'s workers).  Each task
 reports its own user and system CPU time (``resource.getrusage``).
@@ -55,7 +55,7 @@ def make_plans(
     steps: int, every: int, widths: list[int], seeds: int, test: int | None, dtype: str = "float64"
 ) -> list[Any]:
     import mfdsl
-    from mfdsl._compile import compile_point
+    from mfdsl.plan.compile import compile_point
 
     overrides = [
         f"train.steps={steps}",
@@ -124,8 +124,9 @@ def run_mfdsl(plans: list[Any]) -> tuple[list[dict[str, np.ndarray]], float, flo
 
 def units(kind: str, plans: list[Any], workers: int) -> list[list[int]]:
     """The tasks, largest first: the baseline one run each; mfdsl the units of
-    ``mfdsl run`` (``mfdsl._runner.group_tasks``: the torch backend's ``group``)."""
-    from mfdsl._runner import Task, group_tasks
+    ``mfdsl run`` (``mfdsl.execution.runner.group_tasks``: the torch backend's ``group``)."""
+    from mfdsl.execution.runner import group_tasks
+    from mfdsl.plan.layout import Task
 
     if kind == "baseline":
         cost = [p.steps * sum(ly.fan_in * ly.fan_out for ly in p.layers) for p in plans]
@@ -173,7 +174,7 @@ def _noop(_: int) -> None:
     import mfdsl_torch._ensemble  # noqa: F401
     import torch  # noqa: F401
 
-    import mfdsl._data  # noqa: F401
+    import mfdsl.data.make  # noqa: F401
 
 
 # --------------------------------------------------------------------------- bandwidth
@@ -215,7 +216,7 @@ def training_bandwidth(
     from mfdsl_torch import _ensemble
     from mfdsl_torch._ensemble import Ensemble, EnsembleTrainer
 
-    from mfdsl._data import make_dataset
+    from mfdsl.data.make import make_dataset
 
     old = torch.get_num_threads()
     old_lazy = _ensemble._LAZY_MAX_BATCH
@@ -253,7 +254,7 @@ def recording_cost(width: int, steps: int, every: int, tests: list[int], seconds
     from mfdsl_torch import _engine
 
     import mfdsl
-    from mfdsl._plan import ObservablePlan
+    from mfdsl.plan.types import ObservablePlan
 
     torch.set_num_threads(1)
     backend = mfdsl.get_backend("torch")

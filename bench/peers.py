@@ -12,7 +12,7 @@
   .compile()``), so that the compilation is timed apart from the steady state.
 
 Both train exactly what mfdsl trains for the same plan: the same initial weights
-(``RunPlan.initial_weights``), the same data stream (``mfdsl._data``: minibatch ``s`` is
+(``RunPlan.initial_weights``), the same data stream (``mfdsl.data.make``: minibatch ``s`` is
 ``train_chunk(s, 1, batch)``), the same per-layer multipliers, learning rates and
 weight decays — so, without noise, their test losses agree with mfdsl's up to
 floating-point reassociation (the benchmark prints the largest difference).  They cover
@@ -30,9 +30,9 @@ from typing import Any
 
 import numpy as np
 
-from mfdsl import _streams
-from mfdsl._activations import PL_S1, PL_SLOPE, PL_T1, PL_T2
-from mfdsl._plan import RunPlan
+from mfdsl.core import streams as _streams
+from mfdsl.core.activations import PL_S1, PL_SLOPE, PL_T1, PL_T2
+from mfdsl.plan.types import RunPlan
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,7 @@ def net_of(plan: RunPlan) -> Net:
 
 
 def train_torch(plan: RunPlan, data: Any, dtype: Any) -> dict[str, np.ndarray]:
-    """Train ``plan`` on ``data`` (``mfdsl._data.make_dataset``) the plain way; returns
+    """Train ``plan`` on ``data`` (``mfdsl.data.make.make_dataset``) the plain way; returns
     ``train_loss`` and ``test_loss`` at the record steps."""
     import torch
 
@@ -306,7 +306,7 @@ class JaxLoop:
         assert self.compiled is not None
         seg, test = self.compiled
         jax = self.jax
-        from mfdsl._data import make_dataset
+        from mfdsl.data.make import make_dataset
 
         # the data made afresh, as mfdsl and the torch loop make it in their runs
         self.datas = [make_dataset(p.data, p.seed) for p in self.plans]

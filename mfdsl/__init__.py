@@ -1,15 +1,23 @@
 """mfdsl: declarative width sweeps of neural networks and their mean-field limit.
 
 A ``.mf`` spec describes data, network, scaling, initialisation, training, what to
-record and the sweep; :func:`load` checks it into a typed IR, :func:`expand` yields
-one concrete point per sweep combination, and backends (plugins under the entry-point
-group ``mfdsl.backends``) train them.
+record and the sweep.  The verbs are the command line's, as functions::
+
+    ds = mfdsl.run("specs/quickstart.mf", "runs/q.zarr")   # an xarray.Dataset
+    mfdsl.report("runs/q.zarr"); mfdsl.plot("runs/q.zarr"); mfdsl.verify("runs/q.zarr")
+
+:func:`load` checks a spec into its typed IR, :func:`expand` yields one concrete point
+per sweep combination, and backends (plugins under the entry-point group
+``mfdsl.backends``, written against :mod:`mfdsl.plugin`) train them.  Where each stage
+lives: docs/architecture.md.
 """
 
-from ._api import apply_overrides, load, parse, to_dict, to_yaml
-from ._errors import Span, SpecError
-from ._expand import Point, check_all, expand, size
-from ._ir import (
+from mfdsl.api import MfdslWarning, RunError, check, open_store, plot, report, run, verify
+from mfdsl.core.errors import Span, SpecError, SpecWarning
+from mfdsl.core.plugins import Backend, BackendUnavailable, available_backends, get_backend
+from mfdsl.core.version import __version__
+from mfdsl.language.expand import Point, expand, size
+from mfdsl.language.ir import (
     SGD,
     BackendOptions,
     Constant,
@@ -30,10 +38,9 @@ from ._ir import (
     Train,
     Uniform,
 )
-from ._options import Option
-from ._plugins import Backend, BackendUnavailable, available_backends, get_backend
-
-__version__ = "0.1.0"
+from mfdsl.language.load import apply_overrides, load, parse, to_dict, to_yaml
+from mfdsl.language.options import Option
+from mfdsl.plan.check import check_all
 
 __all__ = [
     "SGD",
@@ -46,15 +53,18 @@ __all__ = [
     "InitRule",
     "IsotropicGaussian",
     "Langevin",
+    "MfdslWarning",
     "Network",
     "Normal",
     "Observable",
     "Option",
     "Point",
     "Record",
+    "RunError",
     "Span",
     "Spec",
     "SpecError",
+    "SpecWarning",
     "Sweep",
     "SweepVar",
     "Teacher",
@@ -64,12 +74,18 @@ __all__ = [
     "__version__",
     "apply_overrides",
     "available_backends",
+    "check",
     "check_all",
     "expand",
     "get_backend",
     "load",
+    "open_store",
     "parse",
+    "plot",
+    "report",
+    "run",
     "size",
     "to_dict",
     "to_yaml",
+    "verify",
 ]

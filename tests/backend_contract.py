@@ -41,8 +41,8 @@ from conftest import (
 )
 
 import mfdsl
-from mfdsl._compile import compile_point
-from mfdsl._plan import RunPlan
+from mfdsl.plan.compile import compile_point
+from mfdsl.plan.types import RunPlan
 
 PARTICLE_COMPONENTS = ["w_in_1", "w_in_2", "w_in_norm", "w_out"]
 

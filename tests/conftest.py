@@ -78,7 +78,7 @@ class CliResult:
 def run_cli(*args: str | Path) -> CliResult:
     """``mfdsl ARGS`` in-process: the exit code (``SystemExit`` from argparse included)
     and what it printed."""
-    from mfdsl._cli import main
+    from mfdsl.cli import main
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):

@@ -10,9 +10,9 @@ from typing import Any
 import numpy as np
 
 import mfdsl
-from mfdsl._compile import compile_point
-from mfdsl._data import make_dataset
-from mfdsl._plan import RunPlan
+from mfdsl.data.make import make_dataset
+from mfdsl.plan.compile import compile_point
+from mfdsl.plan.types import RunPlan
 
 #: A small finite-data problem: full-batch gradient flow (batch = train), no SGD noise.
 SPEC = """\

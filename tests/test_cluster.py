@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from conftest import SweepStore, assert_same_data, open_store, run_cli
 
-from mfdsl import _cluster
+from mfdsl.execution import cluster as _cluster
 
 pytest.importorskip("torch")
 
@@ -204,8 +204,8 @@ def test_a_scheduler_that_dies_mid_sweep_leaves_log_exit_code_and_store_in_agree
 
     from distributed import LocalCluster
 
-    import mfdsl._runner as runner
-    from mfdsl._store import read_status
+    import mfdsl.execution.runner as runner
+    from mfdsl.store.zarr import read_status
 
     spec = tmp_path / "pairs.mf"
     spec.write_text(

@@ -11,9 +11,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mfdsl import _streams
-from mfdsl._data import BLOCK, DataError, Dataset, make_dataset, teacher_network
-from mfdsl._streams import Stream
+from mfdsl.core import streams as _streams
+from mfdsl.core.errors import DataError
+from mfdsl.core.streams import Stream
+from mfdsl.data.make import BLOCK, Dataset, make_dataset, teacher_network
 
 
 # Stand-ins for the IR's data nodes: make_dataset reads them by attribute only.
@@ -228,7 +229,7 @@ def test_teacher_activations(activation: str) -> None:
 
 
 def test_activation_formulas() -> None:
-    from mfdsl._data import _ACTIVATIONS
+    from mfdsl.data.make import _ACTIVATIONS
 
     z = np.linspace(-6, 6, 25)
     np.testing.assert_allclose(_ACTIVATIONS["erf"](z), [math.erf(v) for v in z], rtol=0, atol=0)

@@ -13,9 +13,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from mfdsl import _datasets
-from mfdsl._data import DataError, image_sizes, make_dataset
-from mfdsl._datasets import load_images, parse_idx
+from mfdsl.core.errors import DataError
+from mfdsl.data import images as _datasets
+from mfdsl.data.images import load_images, parse_idx
+from mfdsl.data.make import image_sizes, make_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 N_TRAIN, N_TEST = 60, 30
@@ -532,7 +533,7 @@ backends torch
 
 
 def _run(args: list[str]) -> int:
-    from mfdsl._cli import main
+    from mfdsl.cli import main
 
     return main(args)
 
@@ -594,7 +595,7 @@ def test_missing_files_stop_run_before_any_worker(tmp_path: Path, capsys: pytest
     """``mfdsl run`` reads the label files once, up front: missing files are one error
     (exit 2) naming the files and where to get them, and no store is made."""
     import mfdsl
-    from mfdsl._expand import check_data
+    from mfdsl.plan.check import check_data
 
     spec = _tiny_spec(tmp_path, tmp_path / "none")
     with pytest.raises(mfdsl.SpecError) as info:
@@ -615,7 +616,7 @@ def test_missing_files_stop_run_before_any_worker(tmp_path: Path, capsys: pytest
 
 def test_subsets_larger_than_the_files_are_caught_up_front(tmp_path: Path) -> None:
     import mfdsl
-    from mfdsl._expand import check_data
+    from mfdsl.plan.check import check_data
 
     write_mnist(tmp_path / "mnist")
     spec = _tiny_spec(tmp_path, tmp_path / "mnist", **{"train   = 16": "train   = 40"})
@@ -637,7 +638,7 @@ def test_epochs_over_all_of_a_class_subset_count_its_examples(tmp_path: Path) ->
     """``train = all`` with ``classes`` is every training image of those classes, not
     the full split: ``epochs`` converts to steps over that count."""
     import mfdsl
-    from mfdsl._compile import total_steps, train_size
+    from mfdsl.plan.compile import total_steps, train_size
 
     write_mnist(tmp_path / "mnist")
     spec = _tiny_spec(tmp_path, tmp_path / "mnist", **{"train   = 16": "train   = all"})

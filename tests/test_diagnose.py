@@ -1,4 +1,4 @@
-"""``mfdsl check``'s science checks (mfdsl._diagnose): a limit that cannot move, a
+"""``mfdsl check``'s science checks (mfdsl.plan.diagnose): a limit that cannot move, a
 homogeneous network on norm-separated classes, degenerate middle layers."""
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mfdsl._activations import derivative, numpy_activation
-from mfdsl._api import parse
-from mfdsl._compile import limit_layer_plans
-from mfdsl._diagnose import STILL, allowed, diagnose, velocity_z
-from mfdsl._expand import expand
+from mfdsl.core.activations import derivative, numpy_activation
+from mfdsl.language.expand import expand
+from mfdsl.language.load import parse
+from mfdsl.plan.compile import limit_layer_plans
+from mfdsl.plan.diagnose import STILL, allowed, diagnose, velocity_z
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -124,7 +124,7 @@ def test_the_statistic_is_noise_at_a_saddle_and_large_when_moving() -> None:
 
     def z(text: str, seed: int) -> float:
         spec = next(iter(expand(parse(text)))).spec
-        from mfdsl._diagnose import _samples
+        from mfdsl.plan.diagnose import _samples
 
         x, y, task, whole = _samples(spec.data, seed)
         act = spec.network.activation
@@ -213,6 +213,6 @@ def test_inputs_too_wide_to_sample_skip_the_velocity_test() -> None:
     text = CENTRED_SIGMOID.replace("dim = 20", "dim = 100000000")
     spec = parse(text, "spec.mf")
     point = next(iter(expand(spec)))
-    from mfdsl._diagnose import _still
+    from mfdsl.plan.diagnose import _still
 
     assert _still(point.spec, 0) is None

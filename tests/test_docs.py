@@ -21,12 +21,12 @@ from typing import Any
 import pytest
 
 import mfdsl
-from mfdsl import _ir as ir
-from mfdsl._build import BUILTIN_VARIABLES
-from mfdsl._cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, build_parser
-from mfdsl._expr import FUNCTIONS, format_number
-from mfdsl._options import REQUIRED, Option, Str
-from mfdsl._syntax import KEYWORDS, parse_text
+from mfdsl.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, build_parser
+from mfdsl.language import ir as ir
+from mfdsl.language.build import BUILTIN_VARIABLES
+from mfdsl.language.expr import FUNCTIONS, format_number
+from mfdsl.language.options import REQUIRED, Option, Str
+from mfdsl.language.syntax import KEYWORDS, parse_text
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC_PATH = ROOT / "docs" / "language.md"

@@ -688,8 +688,8 @@ def test_yaml_error_report(text: str, line: int, column: int, words: tuple[str, 
 
 
 def test_unused_sweep_variable_is_a_warning(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from mfdsl._cli import main
-    from mfdsl._expand import spec_warnings
+    from mfdsl.cli import main
+    from mfdsl.plan.check import spec_warnings
 
     text = sweeping("tag = [1, 2, 3]", BASE)
     (warning,) = spec_warnings(check(text))
@@ -703,7 +703,7 @@ def test_unused_sweep_variable_is_a_warning(tmp_path: Path, capsys: pytest.Captu
 
 
 def test_particles_sampling_beyond_every_width_is_a_warning() -> None:
-    from mfdsl._expand import spec_warnings
+    from mfdsl.plan.check import spec_warnings
 
     text = with_("test_loss,", "particles(sample = 300),")
     (warning,) = spec_warnings(check(text))

@@ -30,11 +30,11 @@ torch = pytest.importorskip("torch")
 
 from conftest import ROOT
 from mfdsl_jax._solver import solve
-from mfdsl_torch._engine import train
+from mfdsl_torch._single import train
 
 import mfdsl
-from mfdsl._compile import compile_point
-from mfdsl._data import make_dataset
+from mfdsl.data.make import make_dataset
+from mfdsl.plan.compile import compile_point
 
 SPECS = ROOT / "specs"
 
@@ -269,7 +269,7 @@ def write_digits(folder: Path, n_train: int = 2500, n_test: int = 400, seed: int
     0.1.  Not MNIST, but two classes that differ in their mean image as MNIST's 0 and 1 do."""
     from test_datasets import idx_bytes
 
-    from mfdsl import _datasets
+    from mfdsl.data import images as _datasets
 
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:28, 0:28].astype(np.float64)

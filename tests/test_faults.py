@@ -31,8 +31,8 @@ from conftest import (
     run_sweep,
 )
 
-from mfdsl import _lock
-from mfdsl._store import read_status
+from mfdsl.store import lock as _lock
+from mfdsl.store.zarr import read_status
 
 pytest.importorskip("torch")
 
@@ -67,7 +67,7 @@ import os
 import signal
 import sys
 
-import mfdsl._runner as runner
+import mfdsl.execution.runner as runner
 
 MARK = os.environ["MFDSL_TEST_MARK"]
 _get_backend = runner.get_backend
@@ -98,7 +98,7 @@ class Killing:
 runner.get_backend = lambda name: Killing(_get_backend(name))
 
 if __name__ == "__main__":
-    from mfdsl._cli import main
+    from mfdsl.cli import main
 
     sys.exit(main(sys.argv[1:]))
 """
@@ -127,7 +127,7 @@ import os
 import signal
 import sys
 
-from mfdsl._cli import main
+from mfdsl.cli import main
 
 _as_completed = cf.as_completed
 
@@ -186,7 +186,7 @@ import os
 import signal
 import sys
 
-from mfdsl._cli import main
+from mfdsl.cli import main
 
 _as_completed = cf.as_completed
 
@@ -370,7 +370,7 @@ import errno
 import os
 import sys
 
-import mfdsl._store as store_module
+import mfdsl.store.zarr as store_module
 
 COUNT = os.environ["MFDSL_TEST_COUNT"]
 _write_run = store_module.write_run
@@ -388,7 +388,7 @@ def write_run(*args, **kwargs):
 store_module.write_run = write_run
 
 if __name__ == "__main__":
-    from mfdsl._cli import main
+    from mfdsl.cli import main
 
     sys.exit(main(sys.argv[1:]))
 """
@@ -502,7 +502,7 @@ def spawn(self):
 
 if __name__ == "__main__":
     process.ProcessPoolExecutor._spawn_process = spawn
-    from mfdsl._cli import main
+    from mfdsl.cli import main
 
     sys.exit(main(sys.argv[1:]))
 """
@@ -586,7 +586,7 @@ import os
 import signal
 import sys
 
-import mfdsl._runner as runner
+import mfdsl.execution.runner as runner
 
 _get_backend = runner.get_backend
 
@@ -617,7 +617,7 @@ class Killing:
 runner.get_backend = lambda name: Killing(_get_backend(name))
 
 if __name__ == "__main__":
-    from mfdsl._cli import main
+    from mfdsl.cli import main
 
     sys.exit(main(sys.argv[1:]))
 """
@@ -665,7 +665,7 @@ def test_which_units_a_broken_pool_is_charged_to() -> None:
     """Slots of the units a broken pool lost -> the pid running each (0: not started)."""
     from types import SimpleNamespace
 
-    from mfdsl._runner import _charged, _death
+    from mfdsl.execution.runner import _charged, _death
 
     dead = {101: SimpleNamespace(exitcode=-9), 102: SimpleNamespace(exitcode=-15)}
     started = [101, 102, 0]

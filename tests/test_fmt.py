@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 import mfdsl
-from mfdsl._fmt import format_source
-from mfdsl._syntax import parse_text
+from mfdsl.language.fmt import format_source
+from mfdsl.language.syntax import parse_text
 
 SPECS = sorted((Path(__file__).parent.parent / "specs").glob("*.mf"))
 

@@ -49,8 +49,8 @@ def tokens(text: str) -> list[tuple[str, str]]:
 def _vocabulary() -> dict[str, list[str]]:
     """What a token may be replaced with: every name and number of the examples, the
     grammar's keywords, every key and choice the language knows, and edge values."""
-    from mfdsl import _ir
-    from mfdsl._api import _key_paths
+    from mfdsl.language import ir as _ir
+    from mfdsl.language.load import _key_paths
 
     words: dict[str, set[str]] = {"name": set(), "number": set(), "string": set(), "punct": set()}
     for text in EXAMPLES:

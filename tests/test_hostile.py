@@ -29,11 +29,12 @@ import numpy as np
 import pytest
 from conftest import ROOT, run_cli, tiny_spec
 
-from mfdsl._api import MAX_YAML_DEPTH, MAX_YAML_NODES, load_yaml_bounded
-from mfdsl._errors import SpecError
-from mfdsl._estimate import CONFIRM_RUNS, estimate, format_bytes
-from mfdsl._expand import MAX_POINTS, expand
-from mfdsl._syntax import MAX_TOKENS
+from mfdsl.core.errors import SpecError
+from mfdsl.core.resources import format_bytes
+from mfdsl.language.expand import MAX_POINTS, expand
+from mfdsl.language.load import MAX_YAML_DEPTH, MAX_YAML_NODES, load_yaml_bounded
+from mfdsl.language.syntax import MAX_TOKENS
+from mfdsl.plan.estimate import CONFIRM_RUNS, estimate
 
 # The quickstart as it was when these figures were measured (bias-free: its science
 # warning is silenced); a copy, so that the library's quickstart can change.
@@ -63,7 +64,7 @@ def _peak():
 
 atexit.register(_peak)
 """
-_CLI = _PEAK + "from mfdsl._cli import main\nsys.exit(main(sys.argv[2:]))\n"
+_CLI = _PEAK + "from mfdsl.cli import main\nsys.exit(main(sys.argv[2:]))\n"
 
 
 @dataclass(frozen=True)
@@ -349,7 +350,7 @@ def test_a_large_sweep_needs_yes_without_a_terminal(tmp_path: Path) -> None:
 def test_a_large_sweep_declined_at_the_prompt_starts_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from mfdsl import _cli
+    from mfdsl import cli as _cli
 
     asked: list[str] = []
     monkeypatch.setattr(_cli, "_interactive", lambda: True)
@@ -471,7 +472,7 @@ def test_too_many_workers_for_the_memory_names_a_number_that_fits(
     fit = int(re.search(r"'mfdsl run --workers (\d+)'", result.text).group(1))  # type: ignore[union-attr]
     assert 1 <= fit < 8
     from mfdsl import load
-    from mfdsl._estimate import check_machine
+    from mfdsl.plan.estimate import check_machine
 
     monkeypatch.setenv("MFDSL_MEMORY", "2GiB")
     spec = load(QUICKSTART, overrides=sets)
@@ -542,8 +543,9 @@ def test_the_store_estimate_bounds_what_mfdsl_run_checks_the_disk_for(
 ) -> None:
     """``mfdsl check``'s store size is at least what ``mfdsl run`` asks of the disk
     (``_check_space``), and not twice as much."""
-    from mfdsl import _runner, load
-    from mfdsl._plugins import get_backend
+    from mfdsl import load
+    from mfdsl.core.plugins import get_backend
+    from mfdsl.execution import runner as _runner
 
     spec = load(_write(tmp_path / "tiny.mf", tiny_spec("torch")))
     points = list(expand(spec))
@@ -618,7 +620,7 @@ def _swap(root: Path, name: str, make: object) -> Path:
 
 def _load_images_code(root: Path) -> str:
     return (
-        "from mfdsl._data import DataError\nfrom mfdsl._datasets import load_images\n"
+        "from mfdsl.data.make import DataError\nfrom mfdsl.data.images import load_images\n"
         f"try:\n    load_images('mnist', {str(root)!r})\nexcept DataError as error:\n"
         "    print('DataError:', error)\n    sys.exit(2)\n"
     )
@@ -721,7 +723,7 @@ def test_a_cifar_pickle_cannot_allocate_what_it_does_not_hold(
 ) -> None:
     root = _cifar(tmp_path / "cifar", {b"data": payload, b"labels": [0]})
     code = _PEAK + (
-        "from mfdsl._data import DataError\nfrom mfdsl._datasets import load_labels\n"
+        "from mfdsl.data.make import DataError\nfrom mfdsl.data.images import load_labels\n"
         f"try:\n    load_labels('cifar10', {str(root)!r})\nexcept DataError as error:\n"
         "    print('DataError:', error)\n    sys.exit(2)\n"
     )

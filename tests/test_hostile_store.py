@@ -30,8 +30,8 @@ from conftest import (
 )
 
 import mfdsl
-from mfdsl import _lock
-from mfdsl._store import (
+from mfdsl.store import lock as _lock
+from mfdsl.store.zarr import (
     NotRemovable,
     _quiet_consolidation,
     clean_partial,
@@ -162,7 +162,7 @@ def test_overwrite_refuses_whatever_is_not_an_mfdsl_store(
 
 
 def test_what_mfdsl_may_delete(tiny: SweepStore, tmp_path: Path) -> None:
-    """The rule behind every deletion (:func:`mfdsl._store.removal_problem`)."""
+    """The rule behind every deletion (:func:`mfdsl.store.zarr.removal_problem`)."""
     assert store_file(["zarr.json"]) and store_file(["test_loss", "zarr.json"])
     assert store_file(["test_loss", "c", "0", "1", "12"])
     assert store_file(["test_loss", "c", "0", f"3.{'0f' * 16}.partial"])  # zarr's atomic write
@@ -192,8 +192,8 @@ def test_what_mfdsl_may_delete(tiny: SweepStore, tmp_path: Path) -> None:
 
 def test_what_mfdsl_may_delete_at_a_url() -> None:
     pytest.importorskip("fsspec")
-    from mfdsl import _location as loc
-    from mfdsl._store import create_store
+    from mfdsl.core import location as loc
+    from mfdsl.store.zarr import create_store
 
     url = "memory://mfdsl-hostile/a.zarr"
     create_store(
@@ -254,7 +254,7 @@ async def set_(self, key, value, *args, **kwargs):
 local.LocalStore.set = set_
 
 if __name__ == "__main__":
-    from mfdsl._cli import main
+    from mfdsl.cli import main
 
     sys.exit(main(sys.argv[1:]))
 """
@@ -553,7 +553,7 @@ def test_a_fence_stops_holding_once_revoked(tmp_path: Path) -> None:
 
 
 def _tiny_task() -> tuple[Any, Any]:
-    from mfdsl._runner import plan_tasks
+    from mfdsl.plan.layout import plan_tasks
 
     spec = mfdsl.parse(TINY_SPEC.format(backend="torch"))
     layout, tasks = plan_tasks(spec, mfdsl.check_all(spec), [mfdsl.get_backend("torch")])
@@ -571,7 +571,7 @@ def _records(layout: Any, task: Any) -> dict[str, np.ndarray]:
 
 
 def test_judge_finds_the_first_blown_up_record() -> None:
-    from mfdsl._runner import judge
+    from mfdsl.execution.runner import judge
 
     layout, task = _tiny_task()
     shapes = {v.name: tuple(len(layout.extra[d]) for d in v.dims) for v in layout.variables}
@@ -612,7 +612,7 @@ import sys
 
 import numpy as np
 
-import mfdsl._runner as runner
+import mfdsl.execution.runner as runner
 
 _get_backend = runner.get_backend
 
@@ -644,7 +644,7 @@ class BlowingUp:
 runner.get_backend = lambda name: BlowingUp(_get_backend(name))
 
 if __name__ == "__main__":
-    from mfdsl._cli import main
+    from mfdsl.cli import main
 
     sys.exit(main(sys.argv[1:]))
 """
@@ -724,7 +724,7 @@ class _Future:
 def test_the_cluster_tells_a_failed_unit_from_a_lost_one() -> None:
     """A task that raised (or killed its workers) failed; a task whose scheduler went
     away, cancelled or lost with no exception, is lost — never 'NoneType: None'."""
-    from mfdsl._cluster import _outcome
+    from mfdsl.execution.cluster import _outcome
 
     calls: list[tuple[str, str]] = []
 
@@ -751,8 +751,9 @@ def test_the_cluster_tells_a_failed_unit_from_a_lost_one() -> None:
 def test_a_lost_run_is_what_the_store_says_and_a_revoked_fence_writes_nothing(tmp_path: Path) -> None:
     """A unit run with a fence that no longer holds (its sweep gave it up) writes no
     cell; a lost run reads as the store has it: pending stays pending (``lost``)."""
-    from mfdsl._runner import _as_stored, _settle_lost, execute_group, plan_tasks
-    from mfdsl._store import create_store
+    from mfdsl.execution.runner import _as_stored, _settle_lost, execute_group
+    from mfdsl.plan.layout import plan_tasks
+    from mfdsl.store.zarr import create_store
 
     spec = mfdsl.parse(LIGHT)
     layout, tasks = plan_tasks(spec, mfdsl.check_all(spec), [mfdsl.get_backend("torch")])

@@ -14,8 +14,8 @@ from backend_contract import BackendContract
 from conftest import SweepStore, finite, open_store, run_sweep, tiny_spec
 
 import mfdsl
-from mfdsl._compile import compile_point
-from mfdsl._plan import RunPlan
+from mfdsl.plan.compile import compile_point
+from mfdsl.plan.types import RunPlan
 
 jax = pytest.importorskip("jax")
 

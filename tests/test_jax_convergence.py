@@ -23,10 +23,10 @@ torch = pytest.importorskip("torch")
 
 from jax_helpers import dataset, loglog_slope, plans, spec_text, with_seed
 from mfdsl_jax._solver import solve
-from mfdsl_torch._engine import train
+from mfdsl_torch._single import train
 
 import mfdsl
-from mfdsl._compile import compile_point
+from mfdsl.plan.compile import compile_point
 
 SEEDS = range(6)
 P1_SEEDS = range(12)  # torch runs are cheap: more seeds, a steadier error

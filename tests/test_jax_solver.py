@@ -20,7 +20,7 @@ torch = pytest.importorskip("torch")
 from jax_helpers import dataset, plans, rel_err, spec_text, sup_dist, with_seed
 from mfdsl_jax import JaxBackend
 from mfdsl_jax._solver import build_system, solve
-from mfdsl_torch._engine import train
+from mfdsl_torch._single import train
 
 import mfdsl
 

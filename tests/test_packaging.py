@@ -35,7 +35,7 @@ def test_core_imports_neither_torch_nor_jax() -> None:
     code = (
         "import sys, mfdsl;"
         "spec = mfdsl.load('specs/nguyen2019_fig5.mf'); mfdsl.check_all(spec);"
-        "import mfdsl._cli, mfdsl._compile, mfdsl._runner;"
+        "import mfdsl.cli, mfdsl.plan.compile, mfdsl.execution.runner;"
         "print(sorted(m for m in ('torch', 'jax', 'xarray') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
@@ -53,7 +53,7 @@ def test_backends_are_entry_points() -> None:
 def test_broken_plugin_is_a_warning(monkeypatch: pytest.MonkeyPatch) -> None:
     from importlib.metadata import EntryPoint
 
-    import mfdsl._plugins as plugins
+    import mfdsl.core.plugins as plugins
 
     broken = EntryPoint(name="broken", value="no_such_module_xyz:Backend", group=plugins.GROUP)
     monkeypatch.setattr(plugins, "entry_points", lambda group: [broken])
@@ -92,6 +92,9 @@ def test_wheel_ships_grammar_and_backends(tmp_path: Path) -> None:
     assert "mfdsl/grammars/mfdsl.lark" in names
     assert "mfdsl_torch/__init__.py" in names and "mfdsl_jax/__init__.py" in names
     assert "mfdsl_torch/_native.c" in names  # compiled on the user's machine
+    assert "mfdsl/py.typed" in names
+    for package in sorted({p.parent.name for p in (ROOT / "mfdsl").glob("*/__init__.py")}):
+        assert f"mfdsl/{package}/__init__.py" in names, f"the wheel lacks mfdsl.{package}"
     entry = next(n for n in names if n.endswith("entry_points.txt"))
     assert "mfdsl_torch:TorchBackend" in zipfile.ZipFile(wheel).read(entry).decode()
     spec = tmp_path / "spec.mf"

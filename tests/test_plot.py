@@ -13,8 +13,8 @@ pytest.importorskip("matplotlib")
 
 from test_report import make_store  # tests/ is on sys.path under pytest
 
-from mfdsl._cli import main
-from mfdsl._plot import default_output, make_figure, plot_store
+from mfdsl.analysis.plot import default_output, make_figure, plot_store
+from mfdsl.cli import main
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -151,7 +151,8 @@ def test_errors_exit_2(
 
 
 def test_particles_need_a_particles_record(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from mfdsl._store import VariableSpec, create_store, write_run
+    from mfdsl.plan.layout import VariableSpec
+    from mfdsl.store.zarr import create_store, write_run
 
     path = tmp_path / "s.zarr"
     create_store(

@@ -32,12 +32,12 @@ jax = pytest.importorskip("jax")
 torch = pytest.importorskip("torch")
 
 from mfdsl_jax._solver import solve
-from mfdsl_torch._engine import train
+from mfdsl_torch._single import train
 
 import mfdsl
-from mfdsl._compile import compile_point
-from mfdsl._data import make_dataset
-from mfdsl._report import fit_rate
+from mfdsl.analysis.report import fit_rate
+from mfdsl.data.make import make_dataset
+from mfdsl.plan.compile import compile_point
 
 SPECS = Path(__file__).resolve().parents[1] / "specs"
 

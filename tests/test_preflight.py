@@ -14,7 +14,7 @@ import pytest
 
 import mfdsl
 from mfdsl import Backend, BackendUnavailable
-from mfdsl._cli import main, preflight
+from mfdsl.cli import main, preflight
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = str(ROOT / "specs" / "quickstart.mf")
@@ -131,7 +131,7 @@ def test_a_missing_dependency_is_a_warning_at_check(
 def test_check_of_a_cpu_spec_imports_neither_torch_nor_jax() -> None:
     code = (
         "import sys\n"
-        "from mfdsl._cli import main\n"
+        "from mfdsl.cli import main\n"
         f"assert main(['check', {QUICKSTART!r}]) == 0\n"
         "heavy = sorted(m for m in ('torch', 'jax') if m in sys.modules)\n"
         "assert not heavy, heavy\n"

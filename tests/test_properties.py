@@ -20,9 +20,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import mfdsl
-from mfdsl import _expr as ex
-from mfdsl._fmt import format_source
-from mfdsl._syntax import parse_text, parse_value
+from mfdsl.language import expr as ex
+from mfdsl.language.fmt import format_source
+from mfdsl.language.syntax import parse_text, parse_value
 
 PROPERTY_SETTINGS = settings(
     max_examples=60,

@@ -13,9 +13,11 @@ import pytest
 import xarray as xr
 import zarr
 
-from mfdsl._cli import main
-from mfdsl._report import Counts, Curve, Series, fit_rate, summarize, t_quantile_975
-from mfdsl._store import Status, VariableSpec, _quiet_consolidation, create_store, write_run
+from mfdsl.analysis.report import Counts, Curve, Series, fit_rate, summarize, t_quantile_975
+from mfdsl.cli import main
+from mfdsl.plan.layout import VariableSpec
+from mfdsl.store.status import Status
+from mfdsl.store.zarr import _quiet_consolidation, create_store, write_run
 
 WIDTHS = [16.0, 64.0, 256.0, 1024.0]
 SEEDS = [0, 1, 2]
@@ -279,12 +281,12 @@ def test_end_of_run_table_and_report_agree(
     run counted apart and never averaged."""
     from rich.console import Console
 
-    from mfdsl._runner import _summary
+    from mfdsl.analysis.report import print_summary
 
     path = tmp_path / "mixed.zarr"
     truth = make_store(path, failed=(0, 2), diverged=(1, 1))
     console = Console(record=True, width=200, highlight=False)
-    _summary(console, str(path), spec=None)  # type: ignore[arg-type]  # the spec is not read
+    print_summary(console, str(path))
     table = console.export_text()
     monkeypatch.setenv("COLUMNS", "200")
     assert main(["report", str(path)]) == 0
@@ -332,7 +334,7 @@ def test_a_damaged_store_is_a_message(tmp_path: Path, capsys: pytest.CaptureFixt
     say so, no traceback."""
     from rich.console import Console
 
-    from mfdsl._runner import _summary
+    from mfdsl.analysis.report import print_summary
 
     path = tmp_path / "damaged.zarr"
     make_store(path, lrs=[0.1], failed=None)
@@ -340,7 +342,7 @@ def test_a_damaged_store_is_a_message(tmp_path: Path, capsys: pytest.CaptureFixt
         if chunk.is_file():
             chunk.write_bytes(b"\x00garbage")
     console = Console(record=True, width=200, highlight=False)
-    _summary(console, str(path), spec=None)  # type: ignore[arg-type]
+    print_summary(console, str(path))
     text = " ".join(console.export_text().split())
     assert "no table of final values: 'train_loss' cannot be read (" in text
     assert "'mfdsl verify STORE' names the damaged chunks" in text and f"results: {path}" in text

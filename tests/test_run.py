@@ -28,8 +28,8 @@ from conftest import (
 )
 
 import mfdsl
-from mfdsl._compile import compile_point
-from mfdsl._store import read_status
+from mfdsl.plan.compile import compile_point
+from mfdsl.store.zarr import read_status
 
 #: the tests that train (every ``mfdsl run``); the CLI's other commands need no torch
 needs_torch = pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="needs torch")
@@ -132,7 +132,7 @@ def restamp(store: Path, name: str, value: object) -> None:
     """Set (``None``: delete) a root attribute of ``store``, metadata consolidated again."""
     import zarr
 
-    from mfdsl._store import _quiet_consolidation
+    from mfdsl.store.zarr import _quiet_consolidation
 
     group = zarr.open_group(store, mode="r+")
     if value is None:
@@ -159,7 +159,7 @@ def test_resume_refuses_a_store_of_other_random_streams(
 ) -> None:
     """Runs added to a store whose finished runs drew other random streams would not be
     the runs of its spec: ``--resume`` refuses before touching it, and says what to do."""
-    from mfdsl._streams import STREAM_LAYOUT
+    from mfdsl.core.streams import STREAM_LAYOUT
 
     store = tmp_path / "tiny.zarr"
     shutil.copytree(tiny.store, store)
@@ -180,7 +180,7 @@ def test_resume_refuses_a_store_of_other_random_streams(
 
 @pytest.mark.parametrize("overwrite", [False, True])
 def test_new_stores_record_the_stream_layout(tiny: SweepStore, tmp_path: Path, overwrite: bool) -> None:
-    from mfdsl._streams import STREAM_LAYOUT
+    from mfdsl.core.streams import STREAM_LAYOUT
 
     store = tmp_path / "tiny.zarr"
     if overwrite:  # --overwrite replaces a store of other streams with one of this mfdsl's
@@ -215,8 +215,8 @@ def test_the_resume_command_repeats_every_option(tmp_path: Path) -> None:
     same ``mfdsl run`` with ``--resume``, whatever its words hold."""
     import shlex
 
-    from mfdsl._cli import build_parser
-    from mfdsl._runner import resume_command
+    from mfdsl.cli import build_parser
+    from mfdsl.execution.runner import resume_command
 
     argv = [
         "run",
@@ -259,7 +259,7 @@ import os
 import signal
 import sys
 
-from mfdsl._cli import main
+from mfdsl.cli import main
 
 _as_completed = cf.as_completed
 
@@ -368,7 +368,7 @@ sweep { width = [8, 16], seed = [0, 1] }
 FAILING_BACKEND = """\
 import sys
 
-import mfdsl._runner as runner
+import mfdsl.execution.runner as runner
 
 _get_backend = runner.get_backend
 
@@ -391,7 +391,7 @@ class Failing:
 runner.get_backend = lambda name: Failing(_get_backend(name))
 
 if __name__ == "__main__":
-    from mfdsl._cli import main
+    from mfdsl.cli import main
 
     sys.exit(main(sys.argv[1:]))
 """
@@ -445,8 +445,9 @@ def test_default_probes_fit_a_small_test_set() -> None:
 def test_a_run_whose_records_cannot_be_written_is_failed(tmp_path: Path) -> None:
     """An error while writing a run's cell is that run's failure (traceback kept), not a
     dead worker."""
-    from mfdsl._runner import execute, plan_tasks
-    from mfdsl._store import create_store
+    from mfdsl.execution.runner import execute
+    from mfdsl.plan.layout import plan_tasks
+    from mfdsl.store.zarr import create_store
 
     spec = mfdsl.parse(TINY_SPEC.format(backend="torch"))
     layout, tasks = plan_tasks(spec, mfdsl.check_all(spec)[:1], [mfdsl.get_backend("torch")])
@@ -472,9 +473,9 @@ def test_a_run_whose_records_cannot_be_written_is_failed(tmp_path: Path) -> None
 
 
 def test_store_equals_training_by_hand(tiny: SweepStore) -> None:
-    from mfdsl_torch._engine import train
+    from mfdsl_torch._single import train
 
-    from mfdsl._data import make_dataset
+    from mfdsl.data.make import make_dataset
 
     spec = mfdsl.load(tiny.spec)
     with open_store(tiny.store) as ds:
@@ -531,7 +532,9 @@ def test_show_prints_yaml_that_loads_back_equal(spec: Path, tmp_path: Path) -> N
     assert mfdsl.to_yaml(again) == result.out
 
 
-@pytest.mark.skipif(importlib.util.find_spec("mfdsl._fmt") is None, reason="mfdsl._fmt not written yet")
+@pytest.mark.skipif(
+    importlib.util.find_spec("mfdsl.language.fmt") is None, reason="mfdsl.language.fmt not written yet"
+)
 def test_fmt_check(tmp_path: Path) -> None:
     for spec in EXAMPLES:
         assert run_cli("fmt", "--check", spec).code == 0, spec
@@ -549,7 +552,7 @@ def test_fmt_check(tmp_path: Path) -> None:
 
 def commands() -> list[str]:
     """Every subcommand the parser knows."""
-    from mfdsl._cli import build_parser
+    from mfdsl.cli import build_parser
 
     (sub,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
     return sorted(sub.choices)

@@ -16,10 +16,12 @@ import pytest
 from conftest import assert_same_data, cell_files, open_store, run_sweep
 
 import mfdsl
-from mfdsl._plan import RunPlan
-from mfdsl._plugins import Backend
-from mfdsl._runner import execute_group, plan_tasks
-from mfdsl._store import Status, create_store, read_status, write_run
+from mfdsl.core.plugins import Backend
+from mfdsl.execution.runner import execute_group
+from mfdsl.plan.layout import plan_tasks
+from mfdsl.plan.types import RunPlan
+from mfdsl.store.status import Status
+from mfdsl.store.zarr import create_store, read_status, write_run
 
 pytest.importorskip("torch")
 

@@ -4,7 +4,7 @@
 * mup: Yang & Hu's coordinate check — mean |activation| of every layer after a few
   steps at a large learning rate is flat in the width, while standard scaling's grows;
 * ntk: forward multipliers 1/√fan_in;
-* the plan of every scaling matches the table in ``mfdsl/_compile.py``'s docstring.
+* the plan of every scaling matches the table in ``mfdsl/plan/compile.py``'s docstring.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 
 import mfdsl
-from mfdsl import _compile
-from mfdsl._compile import compile_point
-from mfdsl._data import make_dataset
-from mfdsl._plan import RunPlan
+from mfdsl.data.make import make_dataset
+from mfdsl.plan import compile as _compile
+from mfdsl.plan.compile import compile_point
+from mfdsl.plan.types import RunPlan
 
 SCALINGS = ("mean_field", "ntk", "standard", "mup")
 
@@ -55,7 +55,7 @@ def plan_at(spec: mfdsl.Spec, width: int, seed: int = 0) -> RunPlan:
 def train_steps(plan: RunPlan) -> tuple[Any, list[Any], Any]:
     """The engine's network after ``plan.steps`` SGD steps: ``(network, initial weights,
     dataset)``."""
-    from mfdsl_torch._engine import Network, Trainer
+    from mfdsl_torch._single import Network, Trainer
 
     data = make_dataset(plan.data, plan.seed)
     net = Network(plan)
@@ -207,7 +207,7 @@ def test_ntk_preactivations_are_order_one_at_init() -> None:
     """What the multipliers are for: with N(0, 1) weights, every layer's pre-activations
     keep their size as the width grows."""
     pytest.importorskip("torch")
-    from mfdsl_torch._engine import Network
+    from mfdsl_torch._single import Network
 
     spec = concrete(NTK)
     x = make_dataset(spec.data, 0).test_x
@@ -230,7 +230,7 @@ def test_ntk_preactivations_are_order_one_at_init() -> None:
 
 
 def docstring_table() -> dict[str, dict[str, str]]:
-    """The scaling table of ``mfdsl/_compile.py``'s docstring (an RST simple table), as
+    """The scaling table of ``mfdsl/plan/compile.py``'s docstring (an RST simple table), as
     ``{scaling: {"m": ..., "init": ..., "r": ...}}`` with continuation lines joined."""
     doc = _compile.__doc__ or ""
     lines = doc.splitlines()

@@ -11,17 +11,10 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from mfdsl import _store
-from mfdsl._store import (
-    STORE_FORMAT,
-    Status,
-    VariableSpec,
-    create_store,
-    finalize,
-    open_store,
-    read_status,
-    write_run,
-)
+from mfdsl.plan.layout import VariableSpec
+from mfdsl.store import zarr as _store
+from mfdsl.store.status import Status
+from mfdsl.store.zarr import STORE_FORMAT, create_store, finalize, open_store, read_status, write_run
 
 pytestmark = pytest.mark.filterwarnings("error")
 
@@ -296,7 +289,7 @@ def test_where_status_on_the_whole_dataset(store: Path) -> None:
 
 
 def test_the_store_records_its_stream_layout(store: Path) -> None:
-    from mfdsl._streams import STREAM_LAYOUT
+    from mfdsl.core.streams import STREAM_LAYOUT
 
     assert xr.open_zarr(store).attrs["stream_layout"] == STREAM_LAYOUT
     with pytest.raises(ValueError, match="stream_layout"):
@@ -397,7 +390,7 @@ def test_bad_skeletons_are_refused(tmp_path: Path, change: dict[str, Any], match
 
 
 def test_file_urls_are_local_paths(tmp_path: Path) -> None:
-    from mfdsl._location import normalize
+    from mfdsl.core.location import normalize
 
     assert normalize(f"file://{tmp_path}/x.zarr") == f"{tmp_path}/x.zarr"
     assert normalize("file://localhost/a%20b.zarr") == "/a b.zarr"
@@ -417,7 +410,7 @@ def test_a_store_at_an_fsspec_url() -> None:
     """Any fsspec URL works end to end (memory:// here; s3:// and the like alike), and
     so do the runner's files beside the store."""
     pytest.importorskip("fsspec")
-    from mfdsl import _location as loc
+    from mfdsl.core import location as loc
 
     url = "memory://mfdsl-test/runs/a.zarr"
     create_store(

@@ -1,4 +1,4 @@
-"""The one table of random streams (``mfdsl._streams``): every draw a run makes comes
+"""The one table of random streams (``mfdsl.core.streams``): every draw a run makes comes
 from it, no two uses share a generator, and the network's initial weights are
 independent of the data they train on.
 
@@ -24,10 +24,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from mfdsl import _streams
-from mfdsl._data import make_dataset
-from mfdsl._plan import DistPlan
-from mfdsl._streams import CHECK_STREAMS, DATA_STREAMS, Stream
+from mfdsl.core import streams as _streams
+from mfdsl.core.streams import CHECK_STREAMS, DATA_STREAMS, Stream
+from mfdsl.data.make import make_dataset
+from mfdsl.plan.types import DistPlan
 
 ROOT = Path(__file__).resolve().parents[1]
 Key = tuple[int, ...]
@@ -52,7 +52,7 @@ def collisions(keys: Iterable[Key]) -> list[list[Key]]:
 @pytest.fixture
 def requested(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Key]]:
     """Every key requested from the table while the test runs, in order (every helper
-    of ``mfdsl._streams`` goes through ``seed_sequence``)."""
+    of ``mfdsl.core.streams`` goes through ``seed_sequence``)."""
     log: list[Key] = []
     real = _streams.seed_sequence
 
@@ -117,7 +117,7 @@ def test_the_collision_check_catches_layout_1() -> None:
 
 def test_no_module_seeds_a_generator_outside_the_table() -> None:
     """Every generator of the package, the backends and the benchmarks comes from
-    ``mfdsl._streams`` (tests may build their own stand-ins)."""
+    ``mfdsl.core.streams`` (tests may build their own stand-ins)."""
     direct = re.compile(
         r"default_rng\(|SeedSequence\(|RandomState\(|np\.random\.seed\(|PRNGKey\("
         r"|manual_seed\((?!_streams\.)|random\.key\((?!_streams\.)"
@@ -125,12 +125,12 @@ def test_no_module_seeds_a_generator_outside_the_table() -> None:
     offenders = []
     for folder in ("mfdsl", "backends", "bench"):
         for path in sorted((ROOT / folder).rglob("*.py")):
-            if path == ROOT / "mfdsl" / "_streams.py":
+            if path == ROOT / "mfdsl" / "core" / "streams.py":
                 continue
             for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
                 if direct.search(line) and not line.lstrip().startswith("#"):
                     offenders.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
-    assert not offenders, "seed generators through mfdsl._streams:\n" + "\n".join(offenders)
+    assert not offenders, "seed generators through mfdsl.core.streams:\n" + "\n".join(offenders)
 
 
 # --------------------------------------------------------------------------- real runs
@@ -149,7 +149,7 @@ class FakeImages:
 
 def write_fake_mnist(folder: Path) -> None:
     """The four IDX files of a tiny MNIST (40 training and 20 test images)."""
-    from mfdsl._datasets import IDX_FILES
+    from mfdsl.data.images import IDX_FILES
 
     def idx(array: np.ndarray) -> bytes:
         header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
@@ -178,7 +178,7 @@ def test_every_stream_a_run_uses_has_its_own_generator(requested: list[Key], tmp
     pytest.importorskip("jax")
     from jax_helpers import plans, spec_text
     from mfdsl_jax._solver import solve
-    from mfdsl_torch._engine import train
+    from mfdsl_torch._single import train
 
     observables = "train_loss, test_loss, weight_change, particles(sample = 7)"
     gaussian = spec_text(
@@ -264,7 +264,7 @@ def first_layer(kind: str, seed: int) -> tuple[Any, np.ndarray, np.ndarray, floa
     isotropic classes' scales 1 ± Δ divided out), and W_1's std."""
     torch = pytest.importorskip("torch")
     from jax_helpers import plans, spec_text
-    from mfdsl_torch._engine import Network
+    from mfdsl_torch._single import Network
 
     data = {
         "teacher": f"teacher {{ dim = {DIM}, teacher = mlp(hidden = 1, width = 8), train = online, test = 4 }}",
@@ -352,7 +352,7 @@ def test_the_independence_checks_catch_layout_1(kind: str) -> None:
 def test_each_layer_has_its_own_stream() -> None:
     """A layer's initial weights depend on its own law and shape only: a wider second
     layer leaves the first and last layers' draws alone where their shapes agree."""
-    from mfdsl._plan import initial_weights
+    from mfdsl.plan.types import initial_weights
 
     laws = [DistPlan(kind="normal", a=0.0, b=1.0)] * 3
     a = initial_weights(4, laws, [(3, 5), (5, 5), (5, 1)])

@@ -11,10 +11,12 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from mfdsl_torch._engine import Network, Result, Trainer, train
+from mfdsl_torch._engine import Result
+from mfdsl_torch._single import Network, Trainer, train
 
-from mfdsl import _streams
-from mfdsl._plan import (
+from mfdsl.core import streams as _streams
+from mfdsl.core.streams import Stream
+from mfdsl.plan.types import (
     DistPlan,
     LayerPlan,
     ObservablePlan,
@@ -22,7 +24,6 @@ from mfdsl._plan import (
     RunPlan,
     SchedulePlan,
 )
-from mfdsl._streams import Stream
 
 # --------------------------------------------------------------------------- helpers
 

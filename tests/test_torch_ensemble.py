@@ -11,7 +11,6 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from mfdsl_torch._engine import train
 from mfdsl_torch._ensemble import (
     Ensemble,
     ensemble_key,
@@ -19,9 +18,10 @@ from mfdsl_torch._ensemble import (
     is_batched,
     train_ensemble,
 )
+from mfdsl_torch._single import train
 from test_torch_engine import FakeData, make_plan
 
-from mfdsl._plan import ObservablePlan, OptimizerPlan, RunPlan, SchedulePlan
+from mfdsl.plan.types import ObservablePlan, OptimizerPlan, RunPlan, SchedulePlan
 
 ALL_OBS = tuple(
     ObservablePlan(name=n)

@@ -14,11 +14,11 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from mfdsl_torch import _ensemble, _native
-from mfdsl_torch._engine import train
 from mfdsl_torch._ensemble import Ensemble, EnsembleTrainer, train_ensemble
+from mfdsl_torch._single import train
 from test_torch_engine import FakeData, make_plan
 
-from mfdsl._plan import ObservablePlan, OptimizerPlan, RunPlan
+from mfdsl.plan.types import ObservablePlan, OptimizerPlan, RunPlan
 
 OBS = tuple(ObservablePlan(name=n) for n in ("train_loss", "test_loss", "weight_change", "output"))
 WIDE = (520, 520)  # a 520 × 520 float64 layer: 2.2 MB, beyond _BLOCK_MIN_BYTES

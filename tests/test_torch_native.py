@@ -17,11 +17,11 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from mfdsl_torch import _native
-from mfdsl_torch._engine import train
 from mfdsl_torch._ensemble import Ensemble, EnsembleTrainer, train_ensemble
+from mfdsl_torch._single import train
 from test_torch_engine import FakeData, make_plan
 
-from mfdsl._plan import ObservablePlan, OptimizerPlan, RunPlan, SchedulePlan
+from mfdsl.plan.types import ObservablePlan, OptimizerPlan, RunPlan, SchedulePlan
 
 if _native._compiler() is None:  # pragma: no cover - CI machines have gcc
     pytest.skip("no C compiler here: the native step loop cannot be built", allow_module_level=True)
@@ -356,7 +356,7 @@ def test_the_torch_options_reach_the_trainer(
     from mfdsl_torch import _ensemble
 
     import mfdsl
-    from mfdsl._compile import compile_point
+    from mfdsl.plan.compile import compile_point
 
     seen: list[bool] = []
     real = _ensemble.EnsembleTrainer.__init__

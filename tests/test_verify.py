@@ -14,7 +14,7 @@ import xarray as xr
 import zarr
 from conftest import SweepStore, cell_files, run_cli, run_sweep
 
-from mfdsl._store import _quiet_consolidation, write_run
+from mfdsl.store.zarr import _quiet_consolidation, write_run
 
 needs_torch = pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="needs torch")
 
@@ -195,8 +195,8 @@ def test_padding_is_derived_from_the_plan() -> None:
     the layer collapses onto one particle, which fills every row); w_in_2 is padding
     where the layer has one input (the limit's deeper layers have infinitely many)."""
     import mfdsl
-    from mfdsl._runner import plan_tasks
-    from mfdsl._verify import expected, particle_extent
+    from mfdsl.plan.layout import plan_tasks
+    from mfdsl.store.verify import expected, particle_extent
 
     deep = (
         PADDED.replace("hidden = 1", "hidden = 2")
@@ -245,7 +245,7 @@ def set_root_attr(store: Path, name: str, value: object) -> None:
 
 
 def test_verify_reports_the_stream_layout(copy: Path) -> None:
-    from mfdsl._streams import STREAM_LAYOUT
+    from mfdsl.core.streams import STREAM_LAYOUT
 
     assert zarr.open_group(copy).attrs["stream_layout"] == STREAM_LAYOUT
     for value, words in [

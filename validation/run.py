@@ -11,9 +11,9 @@ Every experiment is a spec of ``specs/`` run with ``mfdsl run`` (a subprocess, e
 as a user runs it), shortened by ``--set`` overrides where the spec as shipped takes
 longer than this report's budget; the overrides are printed in the report.  Stores go
 to ``runs/validation/`` (``--runs``); figures (PNG) to ``docs/figures/``.  Figures are
-drawn with ``mfdsl plot``'s machinery (:mod:`mfdsl._plot`) and the numbers come from
-``mfdsl report``'s (:func:`mfdsl._report.summarize`, what ``mfdsl report --json``
-prints, and :func:`~mfdsl._report.fit_rate`), plus the per-run statistics each
+drawn with ``mfdsl plot``'s machinery (:mod:`mfdsl.analysis.plot`) and the numbers come from
+``mfdsl report``'s (:func:`mfdsl.report`, what ``mfdsl report --json``
+prints, and :func:`mfdsl.analysis.fit_rate`), plus the per-run statistics each
 prediction needs, computed here.
 
 Experiments whose data is not on the machine (MNIST) are listed as skipped.
@@ -39,8 +39,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing, as cli.py does
 
-from mfdsl._plot import _colours, _figure_class, _grid, plot_store  # noqa: E402
-from mfdsl._report import STATUS, fit_rate, open_results, summarize  # noqa: E402
+import mfdsl  # noqa: E402
+from mfdsl.analysis import STATUS, figure, fit_rate, width_colours  # noqa: E402
 
 FIGURES = "figures"
 
@@ -124,7 +124,7 @@ def store_is_complete(path: Path) -> bool:
     if not path.exists():
         return False
     try:
-        ds = open_results(path)
+        ds = mfdsl.open_store(path)
     except Exception:  # noqa: BLE001 - anything unreadable is redone
         return False
     try:
@@ -286,7 +286,7 @@ def loglog_figure(
 ) -> Any:
     """Log–log points (per-run values as faint dots, their mean as markers) with the
     least-squares fit of the mean and an ``n^-1/2`` guide."""
-    fig, axes = _grid(_figure_class(), 1, 1, size=(5.2, 3.8))
+    fig, axes = figure(1, 1, size=(5.2, 3.8))
     ax = axes[0, 0]
     for label, widths, values, colour in series:
         w = np.asarray(widths, dtype=np.float64)
@@ -328,7 +328,7 @@ def figure_line(alt: str, rel: str) -> str:
 
 
 def analyse_width(store: Path, figs: Path, sec: Section) -> None:
-    ds = open_results(store)
+    ds = mfdsl.open_store(store)
     try:
         rows = {}
         colours = {"train_loss": "C0", "test_loss": "C3"}
@@ -349,17 +349,17 @@ def analyse_width(store: Path, figs: Path, sec: Section) -> None:
         rel = save(fig, figs / "width_convergence-per-run.png")
     finally:
         ds.close()
-    ds = open_results(store)
+    ds = mfdsl.open_store(store)
     try:
         accuracy = final_accuracy(ds)
     finally:
         ds.close()
     sec.numbers["final_accuracy"] = {f"{w:g}": a for w, a in accuracy.items()}
-    summary = summarize(store)
-    curves = plot_store(
+    summary = mfdsl.report(store)
+    curves = mfdsl.plot(
         store, output=figs / "width_convergence-curves.png", variables=["train_loss", "test_loss"]
     )
-    conv = plot_store(
+    conv = mfdsl.plot(
         store,
         kind="convergence",
         output=figs / "width_convergence-convergence.png",
@@ -411,14 +411,14 @@ def analyse_width(store: Path, figs: Path, sec: Section) -> None:
 
 
 def analyse_fig5(store: Path, figs: Path, sec: Section) -> None:
-    summary = summarize(store)
-    curves = plot_store(
+    summary = mfdsl.report(store)
+    curves = mfdsl.plot(
         store, output=figs / "nguyen2019_fig5-curves.png", variables=["test_loss", "neuron_spread"]
     )
-    conv = plot_store(
+    conv = mfdsl.plot(
         store, kind="convergence", output=figs / "nguyen2019_fig5-convergence.png", variables=["test_loss"]
     )
-    ds = open_results(store)
+    ds = mfdsl.open_store(store)
     try:
         taus = [float(t) for t in ds["tau2"].values]
         status = ds[STATUS]
@@ -451,8 +451,8 @@ def analyse_fig5(store: Path, figs: Path, sec: Section) -> None:
         accuracy = {t: final_accuracy(ds, {"tau2": t}) for t in taus}
         start = float(loss.isel(step=0).mean())
         # a figure: both rows, seed means, on one axis per width
-        fig, axes = _grid(_figure_class(), 1, len(widths), size=(2.6, 2.6), share=True)
-        colours = _colours([*widths, math.inf])
+        fig, axes = figure(1, len(widths), size=(2.6, 2.6), share=True)
+        colours = width_colours([*widths, math.inf])
         time_ = np.asarray(ds["time"].values, dtype=np.float64).reshape(-1)
         for k, w in enumerate(widths):
             ax = axes[0, k]
@@ -567,10 +567,10 @@ def analyse_fig5(store: Path, figs: Path, sec: Section) -> None:
 
 
 def analyse_degeneracy(store: Path, figs: Path, sec: Section) -> None:
-    curves = plot_store(
+    curves = mfdsl.plot(
         store, output=figs / "degeneracy-curves.png", variables=["test_loss", "neuron_spread"]
     )
-    ds = open_results(store)
+    ds = mfdsl.open_store(store)
     try:
         spread = ds["neuron_spread"].sel(layer=2).where(ds[STATUS] == 1).load()
         widths = [float(w) for w in ds["width"].values if math.isfinite(float(w))]
@@ -659,17 +659,17 @@ def analyse_degeneracy(store: Path, figs: Path, sec: Section) -> None:
 
 
 def analyse_mmn(store: Path, figs: Path, sec: Section) -> None:
-    summary = summarize(store)
-    curves = plot_store(store, output=figs / "mmn2018-curves.png", variables=["test_loss"])
-    ds = open_results(store)
+    summary = mfdsl.report(store)
+    curves = mfdsl.plot(store, output=figs / "mmn2018-curves.png", variables=["test_loss"])
+    ds = mfdsl.open_store(store)
     try:
         temps = [float(t) for t in ds["temp"].values]
         widths = [float(w) for w in ds["width"].values]
         norm = ds["particles"].sel(component="w_in_norm").where(ds[STATUS] == 1).load()
         ks = {}
         means = {}
-        fig, axes = _grid(_figure_class(), 1, len(temps), size=(4.2, 3.0))
-        colours = _colours(widths)
+        fig, axes = figure(1, len(temps), size=(4.2, 3.0))
+        colours = width_colours(widths)
         for k, t in enumerate(temps):
             ref = norm.sel(width=np.inf, temp=t).isel(step=-1).values.ravel()
             ax = axes[0, k]
@@ -772,9 +772,9 @@ def analyse_generic(
     the spec records it), each width's distance to the reference, the fitted rates."""
 
     def analyse(store: Path, figs: Path, sec: Section) -> None:
-        summary = summarize(store)
-        curves = plot_store(store, output=figs / f"{name}-curves.png", variables=variables)
-        conv = plot_store(
+        summary = mfdsl.report(store)
+        curves = mfdsl.plot(store, output=figs / f"{name}-curves.png", variables=variables)
+        conv = mfdsl.plot(
             store,
             kind="convergence",
             output=figs / f"{name}-convergence.png",
@@ -845,7 +845,7 @@ def analyse_quickstart(store: Path, figs: Path, sec: Section) -> None:
     finite = [w for w in dist if w != "inf"]
     widest = max(finite, key=float)
     narrowest = min(finite, key=float)
-    ds = open_results(store)
+    ds = mfdsl.open_store(store)
     try:
         start = float(ds["test_accuracy"].where(ds[STATUS] == 1).isel(step=0).mean())
     finally:
@@ -901,7 +901,7 @@ LIMIT_FALL = 0.5
 
 def analyse_frozen(store: Path, figs: Path, sec: Section) -> None:
     analyse_generic("frozen_ends", ["test_loss", "weight_change"])(store, figs, sec)
-    ds = open_results(store)
+    ds = mfdsl.open_store(store)
     try:
         loss = ds["test_loss"].where(ds[STATUS] == 1).load()
         limit = loss.sel(width=np.inf)
@@ -989,7 +989,7 @@ def analyse_frozen(store: Path, figs: Path, sec: Section) -> None:
 
 def analyse_saddle(store: Path, figs: Path, sec: Section) -> None:
     analyse_generic("frozen_ends_saddle", ["test_loss", "weight_change"])(store, figs, sec)
-    ds = open_results(store)
+    ds = mfdsl.open_store(store)
     try:
         loss = ds["test_loss"].where(ds[STATUS] == 1).load()
         widths = [float(w) for w in ds["width"].values if math.isfinite(float(w))]
@@ -1048,7 +1048,7 @@ def header(times: dict[str, float | None]) -> list[str]:
         "runs the larger specs of `specs/` with `mfdsl run`, draws the figures with "
         "`mfdsl plot`'s machinery and takes the fitted numbers from `mfdsl report --json` "
         "(plus the per-run statistics each prediction needs).  The predictions P1–P6 are "
-        "those of `../shared/docs/mean-field.md`; P4 (particle solver at N^-1/2, Euler error "
+        "those of `docs/mean-field.md`; P4 (particle solver at N^-1/2, Euler error "
         "∝ dt) and P5 (exactness) are checked by `tests/test_jax_convergence.py` and "
         "`tests/test_jax_solver.py`, P1–P3 and P6 also, CI-sized, by `tests/test_predictions.py`; "
         "the quickstart, frozen ends (and its saddle), Fig. 5's need for biases and the regimes' "

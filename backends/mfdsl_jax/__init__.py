@@ -13,10 +13,20 @@ import importlib.util
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, final
 
-from mfdsl import Backend, BackendUnavailable, Option, SpecError
-from mfdsl._ir import Langevin, Spec
-from mfdsl._options import Choice, Float, Int
-from mfdsl._plan import RunPlan
+from mfdsl.plugin import (
+    Backend,
+    BackendUnavailable,
+    Choice,
+    Float,
+    Int,
+    Option,
+    RunPlan,
+    Spec,
+    SpecError,
+    is_expr,
+    limit_problem,
+    make_dataset,
+)
 
 _NEEDS_JAX = "the jax backend needs JAX: pip install 'mfdsl[jax]' (or pip install jax)"
 
@@ -76,49 +86,15 @@ class JaxBackend(Backend):
             raise BackendUnavailable(_NEEDS_JAX)
 
     def check(self, spec: Spec) -> None:
-        """Reject what has no mean-field limit, at ``mfdsl check`` time.
-
-        ``mean_field`` has one at every depth.  ``mup`` coincides with it at two layers
-        (``hidden = 1``: μP's output weights ``v ~ law/n`` are the mean-field ``a = n·v``,
-        and its per-layer learning rates give the same flow) — but not beyond, and not
-        with weight decay or Langevin noise, which μP applies at its own per-layer rates.
-        ``ntk`` and ``standard`` have a kernel (lazy) limit at any depth, not this one.
-        """
-        from mfdsl._ir import is_expr
-
-        scaling, hidden = spec.scaling, spec.network.hidden
-        where = spec.where("scaling")
-        if not is_expr(scaling):
-            if scaling in ("ntk", "standard"):
-                raise SpecError(
-                    f"the jax backend computes the mean-field limit, and '{scaling}' scaling has none: "
-                    "its infinite-width limit is a kernel (lazy-training) limit, at any depth",
-                    where,
-                    hint="use 'scaling mean_field' (or 'mup' for two layers), or drop jax from 'backends'",
-                )
-            if scaling == "mup" and not is_expr(hidden) and hidden > 1:
-                raise SpecError(
-                    "the jax backend computes the mean-field limit; 'mup' coincides with it only at two "
-                    f"layers (hidden = 1), and this network has {hidden} hidden layers",
-                    where,
-                    hint="use 'scaling mean_field' for the mean-field limit of a deeper network, "
-                    "or drop jax from 'backends' for this spec",
-                )
-            opt = spec.train.optimizer
-            decay = getattr(opt, "weight_decay", 0.0)
-            noisy = isinstance(opt, Langevin)
-            if scaling == "mup" and ((not is_expr(decay) and decay > 0) or noisy):
-                raise SpecError(
-                    "under 'mup' weight decay and Langevin noise act at μP's per-layer rates, which "
-                    "have no mean-field limit; the jax backend cannot compute this spec",
-                    where,
-                    hint="use 'scaling mean_field' (decay and noise at rate lr on every weight)",
-                )
+        """Reject what has no mean-field limit (the core decides which specs have one:
+        :func:`mfdsl.plugin.limit_problem`), and option combinations the solver cannot
+        integrate, at ``mfdsl check`` time."""
+        problem = limit_problem(spec)
+        if problem is not None:
+            raise problem
         self._check_options(spec)
 
     def _check_options(self, spec: Spec) -> None:
-        from mfdsl._ir import is_expr
-
         block = spec.options_for(self.name)
         opt = spec.train.optimizer
         momentum = getattr(opt, "momentum", 0.0)
@@ -142,8 +118,6 @@ class JaxBackend(Backend):
         progress: Callable[[int, float], None] | None = None,
     ) -> Mapping[str, Any]:
         self.require()
-        from mfdsl._data import make_dataset
-
         from ._solver import solve
 
         options = plan.options
@@ -151,12 +125,12 @@ class JaxBackend(Backend):
         result = solve(
             plan,
             dataset,
-            particles=int(options.get("particles", 4096)),
-            data_samples=int(options.get("data_samples", 1024)),
-            dt=options.get("dt"),
-            solver=str(options.get("solver", "euler")),
-            reduce=str(options.get("reduce", "auto")),
-            dtype=str(options.get("dtype", "float32")),
+            particles=int(options["particles"]),
+            data_samples=int(options["data_samples"]),
+            dt=options["dt"],
+            solver=str(options["solver"]),
+            reduce=str(options["reduce"]),
+            dtype=str(options["dtype"]),
             progress=progress,
         )
         return {

@@ -1,4 +1,4 @@
-"""The mean-field limit by particles, in JAX: one limit :class:`~mfdsl._plan.RunPlan` →
+"""The mean-field limit by particles, in JAX: one limit :class:`~mfdsl.plan.types.RunPlan` →
 recorded arrays.  ``docs/mean-field.md`` §2–3 is the mathematics; this docstring is the
 contract of the numbers it produces.
 
@@ -16,9 +16,9 @@ and it follows the mean-field (functional) gradient flow of the data-averaged lo
 every ``n_ℓ = N`` and sampled initial weights this *is* a width-N network trained by
 gradient flow on ``E_Z``, which converges to the limit at rate ``N^{-1/2}``.
 
-**Initial weights.**  Drawn in float64 by ``mfdsl._plan.initial_weights``, as the
+**Initial weights.**  Drawn in float64 by ``mfdsl.plan.types.initial_weights``, as the
 torch backend draws them: layer ℓ (1 … L+1) from its own stream (``INIT``, index ℓ, in
-``mfdsl._streams``, the one table of streams) as ``law.sample(rng, (n_{ℓ-1}, n_ℓ))``
+``mfdsl.core.streams``, the one table of streams) as ``law.sample(rng, (n_{ℓ-1}, n_ℓ))``
 with ``law`` the layer's *effective* law (below).  With ``reduce = none`` this is
 exactly the torch backend's initial network of width N, for the same seed; with
 reductions, every layer whose law and shape are torch's still is.
@@ -111,10 +111,18 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from mfdsl import _streams
-from mfdsl._activations import PL_S1, PL_SLOPE, PL_T1, PL_T2
-from mfdsl._plan import DistPlan, RunPlan, check_compatible, initial_weights
-from mfdsl._streams import Stream
+from mfdsl.plugin import (
+    PL_S1,
+    PL_SLOPE,
+    PL_T1,
+    PL_T2,
+    DistPlan,
+    RunPlan,
+    Stream,
+    check_compatible,
+    initial_weights,
+)
+from mfdsl.plugin import streams as _streams
 
 __all__ = ["Result", "System", "build_system", "solve"]
 

@@ -16,12 +16,12 @@ import importlib.util
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, final
 
-from mfdsl import Backend, BackendUnavailable, Option, SpecError
-from mfdsl._options import Choice
-from mfdsl._plan import RunPlan
+from mfdsl.plugin import Backend, BackendUnavailable, Option, RunPlan, SpecError
+
+from ._options import OPTIONS, option
 
 if TYPE_CHECKING:
-    from mfdsl._ir import Spec
+    from mfdsl.plugin import Spec
 
 _NEEDS_TORCH = "the torch backend needs PyTorch: pip install 'mfdsl[torch]' (or pip install torch)"
 
@@ -32,36 +32,7 @@ class TorchBackend(Backend):
 
     name: ClassVar[str] = "torch"
     description: ClassVar[str] = "finite-width networks trained with PyTorch"
-    options: ClassVar[tuple[Option, ...]] = (
-        Option(
-            name="device",
-            kind=Choice(("cpu", "cuda"), aliases=(("gpu", "cuda"),)),
-            default="cpu",
-            help="where to train",
-        ),
-        Option(
-            name="dtype",
-            kind=Choice(("float32", "float64")),
-            default="float64",
-            help="floating-point precision",
-        ),
-        Option(
-            name="lazy_updates",
-            kind=Choice(("auto", "off")),
-            default="auto",
-            help="defer large layers' plain SGD updates and apply them every 32 steps "
-            "(`auto`: where that saves memory traffic; `off`: every update at once, summed as plain SGD sums it)",
-        ),
-        Option(
-            name="native",
-            kind=Choice(("auto", "rows", "gemm", "off")),
-            default="auto",
-            help="run SGD and Langevin steps on the CPU in a compiled loop, built with the system's C compiler "
-            "on first use (`auto`: where a compiler is at hand, each layer by row loops or by BLAS matrix "
-            "products, whichever a cost model says is faster for its shape and the batch; `rows`, `gemm`: every "
-            "layer that way; `off`: always ATen ops)",
-        ),
-    )
+    options: ClassVar[tuple[Option, ...]] = OPTIONS
 
     def __init__(self) -> None:
         # What preflight found: "torch" whether it is installed, and for each cuda
@@ -136,17 +107,11 @@ class TorchBackend(Backend):
         if not plans:
             return []
         options = {
-            (
-                p.options.get("device", "cpu"),
-                p.options.get("dtype", "float64"),
-                p.options.get("lazy_updates", "auto"),
-                p.options.get("native", "auto"),
-            )
-            for p in plans
+            tuple(option(p, name) for name in ("device", "dtype", "lazy_updates", "native")) for p in plans
         }
         if len(options) > 1:  # not one ensemble: train each alone
             return super().run_group(plans, progress=progress)
-        from mfdsl._data import make_dataset
+        from mfdsl.plugin import make_dataset
 
         from ._ensemble import train_ensemble
 

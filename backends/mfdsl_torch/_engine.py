@@ -1,4 +1,4 @@
-"""The finite-width training engine: one :class:`~mfdsl._plan.RunPlan` → recorded arrays.
+"""The finite-width training engine: one :class:`~mfdsl.plan.types.RunPlan` → recorded arrays.
 
 The network, its scaling and SGD follow ``docs/mean-field.md`` §1, with every
 scaling already resolved into per-layer numbers by the plan::
@@ -18,14 +18,14 @@ SGD and Langevin steps run in a compiled step loop instead (:mod:`._native`, the
 ``native`` option: row loops or BLAS products per layer, by a cost model), which
 agrees with the ATen ops up to rounding and is several times faster.
 
-The training itself lives in :mod:`._ensemble`: :func:`train` is
+The training itself lives in :mod:`._ensemble`: :func:`~._single.train` is
 :func:`~._ensemble.train_ensemble` with one member, and an ensemble's members get, bit
 for bit, the results they get alone (see that module for how).  :class:`Network` and
 :class:`Trainer` are one-member views of it, for tests and inspection.
 
 Conventions that are this engine's choices (the plan leaves them open):
 
-* **Seeding.**  Every draw comes from a stream of ``mfdsl._streams`` (the one table of
+* **Seeding.**  Every draw comes from a stream of ``mfdsl.core.streams`` (the one table of
   them).  Weights are drawn in float64 with numpy by ``RunPlan.initial_weights`` (layer
   ℓ from stream ``INIT``, index ℓ, as ``LayerPlan.init.sample(rng, (fan_in,
   fan_out))``), then cast; the same seed therefore gives the same initial network on any
@@ -34,7 +34,7 @@ Conventions that are this engine's choices (the plan leaves them open):
   seeded from the stream ``NOISE`` (its sequence differs between CPU and CUDA).
 * **Activations** φ: ``relu``, ``tanh``, ``sigmoid``, ``gelu`` (exact: h·Φ(h)), ``erf``
   (erf(h), not erf(h/√2)), ``identity`` and ``piecewise_linear`` (Mei–Montanari–Nguyen's
-  σ, see ``mfdsl._activations``).  **Output maps** ψ: ``identity``, ``tanh``,
+  σ, see ``mfdsl.core.activations``).  **Output maps** ψ: ``identity``, ``tanh``,
   ``sigmoid``.  Biases start at 0 and sit inside ψ.
 * **Losses** per example, averaged over the minibatch: ``mse`` = ½‖y − ŷ‖² (summed
   over outputs; integer multiclass labels become one-hot targets), ``logistic`` =
@@ -103,12 +103,19 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mfdsl import _streams
-from mfdsl._activations import PL_S1, PL_SLOPE, PL_T1, PL_T2
-from mfdsl._plan import LayerPlan, ObservablePlan, RunPlan, check_compatible
-from mfdsl._streams import Stream
+from mfdsl.plugin import (
+    PL_S1,
+    PL_SLOPE,
+    PL_T1,
+    PL_T2,
+    LayerPlan,
+    ObservablePlan,
+    RunPlan,
+    Stream,
+)
+from mfdsl.plugin import streams as _streams
 
-__all__ = ["Dataset", "MemberNet", "Network", "Result", "Trainer", "train"]
+__all__ = ["Dataset", "MemberNet", "Result"]
 
 # A data chunk holds at most this many input entries, so a large batch × dim input
 # (MNIST) does not pull hundreds of MB per chunk.
@@ -185,7 +192,7 @@ def _identity(h: Tensor) -> Tensor:
 
 
 def piecewise_linear(h: Tensor) -> Tensor:
-    """Mei–Montanari–Nguyen's σ (``mfdsl._activations``): ``(clamp(h, t1, t2) − t1) ·
+    """Mei–Montanari–Nguyen's σ (``mfdsl.core.activations``): ``(clamp(h, t1, t2) − t1) ·
     slope + s1``, the ensemble's forward pass op for op (its backward pass takes the
     slope strictly inside ``(t1, t2)``, 0 elsewhere)."""
     return (h.clamp(PL_T1, PL_T2) - PL_T1) * PL_SLOPE + PL_S1
@@ -301,62 +308,7 @@ class MemberNet:
         return z, self.psi(z)
 
 
-class Network(MemberNet):
-    """A single network of ``plan``, initialised as :func:`train` initialises it (an
-    ensemble of one, see :class:`~._ensemble.Ensemble`)."""
-
-    def __init__(
-        self, plan: RunPlan, *, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float64"
-    ) -> None:
-        from ._ensemble import Ensemble
-
-        self.ensemble = Ensemble([plan], device=device, dtype=dtype)
-        member = self.ensemble.member(0)
-        super().__init__(
-            layers=member.layers,
-            W=member.W,
-            b=member.b,
-            activation=member.activation,
-            output=member.output,
-            device=member.device,
-            dtype=member.dtype,
-        )
-
-
 # --------------------------------------------------------------------------- training
-
-
-class Trainer:
-    """The optimiser of one :class:`Network`: a one-member
-    :class:`~._ensemble.EnsembleTrainer`."""
-
-    def __init__(self, net: Network, plan: RunPlan, task: str, outputs: int) -> None:
-        from ._ensemble import EnsembleTrainer
-
-        if net.ensemble.plans[0] is not plan:
-            net.ensemble.plans[0] = plan
-        check_compatible(plan.loss, task, outputs)
-        self.net = net
-        self.core = EnsembleTrainer(net.ensemble, [task], outputs)
-
-    def prepare_chunk(self, x: np.ndarray, y: np.ndarray) -> tuple[Tensor, Tensor]:
-        """One chunk of minibatches on the device: ``(n, batch, dim)`` and the targets."""
-        xs, ys = self.core.prepare_chunk([(x, y)])
-        return xs[0], ys[0]
-
-    def _members(self, t: Tensor) -> Tensor:
-        """``t`` (one member's) in the ensemble's layout: a dummy's zero slot added."""
-        full = t.new_zeros((self.net.ensemble.Ea, *t.shape))
-        full[0].copy_(t)
-        return full
-
-    def minibatch_loss(self, x: Tensor, y: Tensor) -> Tensor:
-        """Batch-mean loss of one minibatch at the current weights (0-d tensor)."""
-        return self.core.minibatch_loss(self._members(x), self._members(y))[0]
-
-    def run(self, xs: Tensor, ys: Tensor, start: int) -> Tensor:
-        """Do ``len(xs)`` updates from step ``start``; return their losses (device)."""
-        return self.core.run(self._members(xs), self._members(ys), start)[:, 0]
 
 
 # --------------------------------------------------------------------------- observing
@@ -517,46 +469,6 @@ def _host(t: Tensor) -> np.ndarray:
 # --------------------------------------------------------------------------- train
 
 
-def train(
-    plan: RunPlan,
-    dataset: Dataset,
-    *,
-    progress: Callable[[int, float], None] | None = None,
-    device: str | torch.device = "cpu",
-    dtype: str | torch.dtype = "float64",
-    chunk_steps: int = 1024,
-    lazy: bool = True,
-    native: bool | str = True,
-) -> Result:
-    """Train the finite network of ``plan`` on ``dataset`` and record its observables.
-
-    ``progress(step, train_loss)`` is called at each record step (in order) with the
-    same value ``train_loss`` records.  ``chunk_steps`` caps the steps per
-    ``train_chunk`` call (chunks also end at record steps).  Nothing global (threads,
-    default dtype, RNG state) is changed.  See the module docstring for the semantics;
-    this is :func:`~._ensemble.train_ensemble` with one member.
-    """
-    from ._ensemble import train_ensemble
-
-    member_progress = None
-    if progress is not None:
-        report = progress
-
-        def member_progress(member: int, step: int, loss: float) -> None:
-            report(step, loss)
-
-    return train_ensemble(
-        [plan],
-        [dataset],
-        progress=member_progress,
-        device=device,
-        dtype=dtype,
-        chunk_steps=chunk_steps,
-        lazy=lazy,
-        native=native,
-    )[0]
-
-
 def _make_observer(net: MemberNet, plan: RunPlan, dataset: Dataset, task: str, outputs: int) -> _Observer:
     seen: set[str] = set()
     for obs in plan.observables:
@@ -651,13 +563,3 @@ def _allocate(obs: _Observer, n: int) -> dict[str, np.ndarray]:
         else:
             raise ValueError(f"unknown observable {o.name!r}")
     return {name: np.full((n, *shape), np.nan) for name, shape in shapes.items()}
-
-
-def __getattr__(name: str) -> object:
-    # train_ensemble and the grouping helpers live in ._ensemble (which imports this
-    # module); reach them from here too without an import cycle.
-    if name in ("train_ensemble", "group_plans", "ensemble_key", "Ensemble", "EnsembleTrainer"):
-        from . import _ensemble
-
-        return getattr(_ensemble, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -5,7 +5,7 @@ initial laws, the learning rate, the schedule, the optimiser's numbers, the data
 in one :class:`Ensemble`: each weight layer is one ``(E, fan_in, fan_out)`` tensor with a
 leading member axis, and every step is one batched pass (``baddbmm``) whatever ``E``.
 :func:`train_ensemble` returns, for each member, exactly the :class:`~._engine.Result`
-that training it alone gives: ``mfdsl_torch._engine.train`` *is* ``train_ensemble`` with
+that training it alone gives: ``mfdsl_torch._single.train`` *is* ``train_ensemble`` with
 one member, so there is a single code path.
 
 **Bit-identity.**  A member's numbers do not depend on the other members nor on how
@@ -108,10 +108,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mfdsl import _streams
-from mfdsl._activations import PL_S1, PL_SLOPE, PL_T1, PL_T2
-from mfdsl._plan import LayerPlan, RunPlan, check_compatible
-from mfdsl._streams import Stream
+from mfdsl.plugin import PL_S1, PL_SLOPE, PL_T1, PL_T2, LayerPlan, RunPlan, Stream, check_compatible
+from mfdsl.plugin import streams as _streams
 
 from ._engine import (
     _CHUNK_ELEMENTS,
@@ -123,6 +121,7 @@ from ._engine import (
     _make_observer,
     _prepare_targets,
 )
+from ._options import option
 
 __all__ = ["Ensemble", "EnsembleTrainer", "ensemble_key", "group_plans", "is_batched", "train_ensemble"]
 
@@ -1378,7 +1377,7 @@ def train_ensemble(
 ) -> list[Result]:
     """Train the networks of ``plans`` (member ``e`` on ``datasets[e]``) as one batched
     ensemble; one :class:`~._engine.Result` per plan, each the result of training that
-    plan alone with :func:`~._engine.train` (bit for bit on CPU).
+    plan alone with :func:`~._single.train` (bit for bit on CPU).
 
     The plans must agree on :func:`ensemble_key` (a ``ValueError`` says so otherwise).
     ``progress(member, step, train_loss)`` is called at each record step of each member
@@ -1549,7 +1548,7 @@ def group_plans(
     out: list[list[int]] = []
     for members in groups.values():
         plan = plans[members[0]]
-        dtype = str(plan.options.get("dtype", "float64"))
+        dtype = str(option(plan, "dtype"))
         per_bytes = max(1, member_bytes(plan, dtype))
         size = max(1, min(max_members, max_bytes // per_bytes))
         if workers > 1:

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mfdsl._activations import PL_S1, PL_SLOPE, PL_T1, PL_T2
+from mfdsl.plugin import PL_S1, PL_SLOPE, PL_T1, PL_T2
 
 __all__ = [
     "ACTIVATIONS",

@@ -1,0 +1,1549 @@
+"""``mfdsl run``: every sweep point of every backend, in worker processes, into one store.
+
+The sweep survives failure: a run that raises is recorded as failed (its error in the
+store's ``message`` and in ``<store>.log``) and the others go on; a run whose worker
+process dies is run again, and failed only once its worker has died ``WORKER_RETRIES +
+1`` times while running it (the runs queued behind it are not charged); a diverged run
+— its loss non-finite or above the divergence threshold (``--diverge-above``), or a
+recorded value non-finite — is a result, not a failure; Ctrl-C and SIGTERM stop
+cleanly, leaving every finished run in the store for ``--resume``.  A finished run is
+never written again.  Workers are tied to the driver: a driver killed outright takes
+its workers with it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import contextlib
+import errno
+import math
+import multiprocessing as mp
+import os
+import queue
+import re
+import signal
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any
+
+import numpy as np
+
+from mfdsl.core import location as loc
+from mfdsl.core.errors import SpecError, count
+from mfdsl.core.plugins import Backend, BackendUnavailable, available_backends, get_backend
+from mfdsl.core.version import __version__
+from mfdsl.execution.progress import sweep_columns
+from mfdsl.language import ir as ir
+from mfdsl.language.load import to_yaml
+from mfdsl.plan.check import check_all
+from mfdsl.plan.layout import Layout, Task, plan_tasks
+from mfdsl.plan.layout import place as _place
+from mfdsl.plan.types import RunPlan
+from mfdsl.store.lock import fence_holds
+from mfdsl.store.status import FINISHED
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
+#: times a run is run again after its worker process died while running it (the local
+#: pool): the run is failed when its worker dies WORKER_RETRIES + 1 times
+WORKER_RETRIES = 2
+#: the default divergence threshold: a run whose recorded train or test loss exceeds it
+#: is diverged (``--diverge-above``)
+DIVERGE_ABOVE = 1e10
+#: the recorded losses the divergence threshold applies to
+_LOSSES = ("train_loss", "test_loss")
+
+
+def default_workers() -> int:
+    """The cores this process may use."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def default_store(spec: ir.Spec) -> str:
+    return os.path.join("runs", f"{spec.experiment}.zarr")
+
+
+# ---- planning ------------------------------------------------------------------------
+
+
+def group_tasks(tasks: Sequence[Task], workers: int) -> list[list[Task]]:
+    """The units of work: each backend's tasks as its :meth:`Backend.group` cuts them
+    (seeds of a width as one ensemble, say), largest first, so that the widest
+    networks start first and no worker idles at the end (greedy longest-first)."""
+    by_backend: dict[str, list[Task]] = {}
+    for task in tasks:
+        by_backend.setdefault(task.backend, []).append(task)
+    groups: list[list[Task]] = []
+    for name, mine in by_backend.items():
+        cut = get_backend(name).group([t.plan for t in mine], workers)
+        if sorted(i for unit in cut for i in unit) != list(range(len(mine))) or not all(cut):
+            raise RuntimeError(f"backend '{name}': group() must use every run exactly once")
+        groups.extend([mine[i] for i in unit] for unit in cut)
+    groups.sort(key=lambda unit: -sum(_cost(t.plan) for t in unit))
+    return groups
+
+
+# ---- one run, in a worker ------------------------------------------------------------
+
+_progress_queue: Any = None
+#: the local pool's unit slots: a worker writes its pid into a unit's slot when it starts
+#: the unit, so that the driver knows which units were running when a worker died
+_started: Any = None
+
+
+def _init_worker(progress_queue: Any, threads: int, driver: int | None = None, started: Any = None) -> None:
+    global _progress_queue, _started
+    _progress_queue = progress_queue
+    _started = started
+    # Ctrl-C belongs to the driver, which stops the workers itself; a worker that took
+    # it would record its run as failed, or go on to the next task.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Oversubscribed BLAS threads slow every worker down; pin each to its share.
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[var] = str(threads)
+    _tie_to_driver(os.getppid() if driver is None else driver)
+
+
+def _tie_to_driver(driver: int) -> None:
+    """Leave with the driver.  A driver killed outright (SIGKILL) cannot stop its
+    workers, and a worker's queues never report it gone, so each worker sees to it:
+
+    * on Linux the kernel kills the worker when its parent dies (``PR_SET_PDEATHSIG``);
+    * then, the parent is checked to still be the driver — whose pid the driver passed
+      in, not read here: a driver that died while this worker was starting (importing,
+      before this runs) is already gone, and the worker's parent is then init;
+    * everywhere, a thread waits on the pipe from the driver that only its death
+      closes (multiprocessing's parent sentinel) and polls the parent pid.
+
+    A cell the worker was writing stays pending: its status is written last."""
+    _parent_death_signal()
+    if os.getppid() != driver:
+        os._exit(1)
+    parent = mp.parent_process()
+    sentinel = getattr(parent, "sentinel", None)
+    threading.Thread(
+        target=_orphan_watch, args=(driver, sentinel), daemon=True, name="mfdsl-orphan-watch"
+    ).start()
+
+
+def _parent_death_signal() -> None:
+    """Ask Linux to SIGKILL this process when its parent dies (``prctl``)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
+
+
+def _orphan_watch(driver: int, sentinel: int | None) -> None:
+    from multiprocessing.connection import wait
+
+    while os.getppid() == driver:
+        if sentinel is None:
+            time.sleep(0.5)
+        elif wait([sentinel], timeout=0.5):
+            break  # the driver's end of the pipe closed: it is gone
+    os._exit(1)
+
+
+def _run_unit(
+    slot: int,
+    tasks: Sequence[Task],
+    store: str,
+    layer_coord: Sequence[int],
+    shapes: Mapping[str, tuple[int, ...]],
+    diverge_above: float,
+) -> list[tuple[str, str, str]]:
+    """:func:`execute_group` in a worker of the local pool, its slot marked started."""
+    if _started is not None:
+        _started[slot] = os.getpid()
+    return execute_group(tasks, store, layer_coord, shapes, diverge_above)
+
+
+def execute(
+    task: Task,
+    store: str,
+    layer_coord: Sequence[int],
+    shapes: Mapping[str, tuple[int, ...]] | None = None,
+    diverge_above: float = DIVERGE_ABOVE,
+) -> tuple[str, str, str]:
+    """Run one task and write its cell: :func:`execute_group` of one task."""
+    return execute_group([task], store, layer_coord, shapes, diverge_above)[0]
+
+
+def execute_group(
+    tasks: Sequence[Task],
+    store: str,
+    layer_coord: Sequence[int],
+    shapes: Mapping[str, tuple[int, ...]] | None = None,
+    diverge_above: float = DIVERGE_ABOVE,
+    fence: Mapping[str, Any] | None = None,
+) -> list[tuple[str, str, str]]:
+    """Run one unit of work (tasks of one backend, grouped by :meth:`Backend.group`)
+    and write each task's cell as soon as the unit has finished.  Returns ``(key,
+    status, message)`` per task.  An exception inside the backend becomes failed cells,
+    not a crash: a unit of several tasks that raises is run again task by task, so that
+    only the tasks that fail are failed; an error in writing one task's records fails
+    that task alone.  ``shapes`` gives each variable's store dimensions after ``step``;
+    a run the backend calls done is diverged all the same when its records blow up
+    (:func:`judge`: a loss above ``diverge_above``, a non-finite value).  With a
+    ``fence`` (:meth:`mfdsl.store.lock.StoreLock.fence`), a cell is written only while the
+    sweep that started the unit still holds it; otherwise its run is ``lost``."""
+
+    def progress(i: int, step: int, loss: float) -> None:
+        if _progress_queue is not None:
+            _progress_queue.put((tasks[i].key, step, loss))
+
+    try:
+        backend = get_backend(tasks[0].backend)
+        results = backend.run_group([t.plan for t in tasks], progress=progress)
+        if len(results) != len(tasks):
+            raise RuntimeError(f"backend '{backend.name}' gave {len(results)} results for {len(tasks)} runs")
+    except Exception as error:  # noqa: BLE001 - a failed run is recorded, the sweep goes on
+        if len(tasks) > 1:
+            return [
+                outcome
+                for task in tasks
+                for outcome in execute_group([task], store, layer_coord, shapes, diverge_above, fence)
+            ]
+        if not fence_holds(fence):
+            return [_unfenced(tasks[0])]
+        return [_record_failure(store, tasks[0], error)]
+    return [
+        _record_result(store, task, result, layer_coord, shapes or {}, diverge_above)
+        if fence_holds(fence)
+        else _unfenced(task)
+        for task, result in zip(tasks, results, strict=True)
+    ]
+
+
+def _unfenced(task: Task) -> tuple[str, str, str]:
+    return (
+        task.key,
+        "lost",
+        "not written: the mfdsl run that started it has ended or given it up (its lock's token changed)",
+    )
+
+
+def _record_result(
+    store: str,
+    task: Task,
+    result: Mapping[str, Any],
+    layer_coord: Sequence[int],
+    shapes: Mapping[str, tuple[int, ...]],
+    diverge_above: float = DIVERGE_ABOVE,
+) -> tuple[str, str, str]:
+    from mfdsl.store.status import Status
+    from mfdsl.store.zarr import write_run
+
+    try:
+        records = _place(task.plan, dict(result["records"]), layer_coord, shapes)
+        status = Status.DIVERGED if result.get("status") == "diverged" else Status.DONE
+        message = str(result.get("message", ""))
+        if status == Status.DONE:
+            verdict = judge(task.plan, records, layer_coord, shapes, diverge_above)
+            if verdict is not None:
+                status, message = Status.DIVERGED, verdict
+        write_run(
+            store,
+            index=task.index,
+            records=records,
+            steps=task.plan.record_steps,
+            status=status,
+            message=message,
+        )
+        _save_run_attrs(store, task, result.get("attrs"))
+    except Exception as error:  # noqa: BLE001 - a failed run is recorded, the sweep goes on
+        return _record_failure(store, task, error)
+    return task.key, status.name.lower(), message
+
+
+def judge(
+    plan: RunPlan,
+    records: dict[str, np.ndarray],
+    layer_coord: Sequence[int],
+    shapes: Mapping[str, tuple[int, ...]],
+    diverge_above: float = DIVERGE_ABOVE,
+) -> str | None:
+    """Whether a run its backend calls done blew up: the message of a diverged run,
+    or ``None``.  It diverged at the first record step where a recorded loss
+    (``train_loss``, ``test_loss``) is above ``diverge_above``, or any recorded value
+    is infinite, or NaN where the run records a value (never its padding, which the
+    plan gives: :func:`mfdsl.store.verify.expected`).  ``records`` (placed on the store's
+    dimensions, one row per record step) keep that step's values, the evidence, and
+    read NaN after it, as a backend leaves a run that diverged."""
+    from mfdsl.store.verify import expected
+
+    steps = np.asarray(plan.record_steps, dtype=np.int64)
+    where = expected(plan, steps, layer_coord, {n: tuple(np.shape(r)[1:]) for n, r in records.items()})
+    first: tuple[int, str, str] | None = None  # (row, variable, what)
+    for name, values in records.items():
+        rows = np.asarray(values, dtype=np.float64)
+        if rows.ndim == 0 or rows.shape[0] != len(steps):
+            continue
+        flat = rows.reshape(len(steps), -1)
+        bad = np.isinf(flat)
+        if where is not None and name in where.required:
+            bad |= np.isnan(flat) & where.required[name].reshape(len(steps), -1)
+        if name in _LOSSES:
+            with np.errstate(invalid="ignore"):
+                bad |= flat > diverge_above
+        hit = np.flatnonzero(bad.any(axis=1))
+        if hit.size and (first is None or hit[0] < first[0]):
+            row = int(hit[0])
+            value = float(flat[row][bad[row]][0])
+            if math.isfinite(value):
+                what = f"is {value:.4g}, above the divergence threshold {diverge_above:g} (--diverge-above)"
+            else:
+                what = f"is {value}"
+            first = (row, name, what)
+    if first is None:
+        return None
+    row, name, what = first
+    for key, values in records.items():
+        if np.ndim(values) and np.shape(values)[0] == len(steps):
+            records[key] = np.array(values, dtype=np.float64)
+            records[key][row + 1 :] = np.nan
+    step = int(steps[row])
+    return f"diverged: {name} at step {step} {what}; records after step {step} are NaN"
+
+
+def _write_failed(store: str, task: Task, message: str) -> None:
+    """The task's cell marked failed, with ``message``."""
+    from mfdsl.store.status import Status
+    from mfdsl.store.zarr import write_run
+
+    write_run(
+        store,
+        index=task.index,
+        records={},
+        steps=task.plan.record_steps,
+        status=Status.FAILED,
+        message=message,
+    )
+
+
+def _record_failure(store: str, task: Task, error: BaseException) -> tuple[str, str, str]:
+    """The task's cell marked failed, with ``error``'s whole traceback as its message."""
+    _write_failed(store, task, "".join(traceback.format_exception(error)))
+    return task.key, "failed", f"{type(error).__name__}: {error}"
+
+
+def _attrs_folder(store: str) -> str:
+    return f"{store}.attrs"
+
+
+def _save_run_attrs(store: str, task: Task, attrs: Mapping[str, Any] | None) -> None:
+    """Keep a run's ``attrs`` (facts a backend reports about the run, e.g. the limit's
+    reductions) in a file of its own beside the store: the store's root attributes are
+    one file that concurrent writers must not share.  :func:`_merge_run_attrs` moves
+    them into the store when the sweep ends."""
+    if not attrs:
+        return
+    import json
+
+    folder = _attrs_folder(store)
+    loc.make_dirs(folder)
+    path = loc.join(folder, "-".join(str(task.index[d]) for d in task.index) + ".json")
+    loc.write_text(path, json.dumps({"key": task.key, "attrs": dict(attrs)}))
+
+
+#: the file a run's reported attributes are kept in: its sweep index, joined by "-"
+_ATTRS_FILE = re.compile(r"^\d+(-\d+)*\.json$")
+#: what :func:`mfdsl.core.location.write_text` leaves when killed before its rename
+_ATTRS_TEMP = re.compile(r"^\d+(-\d+)*\.json\.tmp\d+$")
+
+
+def _merge_run_attrs(store: str, warn: Any = None) -> None:
+    """Root attribute ``NAME`` = ``{run key: value}`` for every ``NAME`` a run reported
+    (merged into what the store holds, so a resumed sweep keeps earlier runs').  A file
+    that cannot be read is left where it is, with a warning; the folder is removed once
+    nothing but mfdsl's files was in it."""
+    import json
+
+    import zarr
+
+    folder = _attrs_folder(store)
+    entries = []
+    unreadable = []
+    for name in loc.list_names(folder):
+        if not _ATTRS_FILE.match(name):
+            continue
+        try:
+            entry = json.loads(loc.read_text(loc.join(folder, name)))
+            if not (
+                isinstance(entry, dict)
+                and isinstance(entry.get("key"), str)
+                and isinstance(entry.get("attrs"), dict)
+            ):
+                raise ValueError("not the attributes of a run")
+        except (OSError, ValueError, UnicodeDecodeError):
+            unreadable.append(name)
+            continue
+        entries.append(entry)
+    if entries:
+        group = zarr.open_group(store, mode="r+", zarr_format=3, use_consolidated=False)
+        merged: dict[str, dict[str, Any]] = {}
+        for entry in entries:
+            for name, value in entry["attrs"].items():
+                if name not in merged:
+                    before = group.attrs.get(name)
+                    merged[name] = dict(before) if isinstance(before, Mapping) else {}
+                merged[name][entry["key"]] = value
+        group.attrs.update(merged)
+    if unreadable and warn is not None:
+        warn(
+            f"{count(len(unreadable), 'file')} of the attributes runs reported cannot be read and "
+            f"{'is' if len(unreadable) == 1 else 'are'} left in {folder}: {', '.join(unreadable[:3])}"
+        )
+    with contextlib.suppress(OSError):
+        _clear_attrs_folder(folder, keep=set(unreadable))
+
+
+def _clear_attrs_folder(folder: str, keep: set[str] | None = None) -> None:
+    """Remove the files :func:`_save_run_attrs` writes in ``folder`` (but ``keep``), and
+    the folder once it is empty: never a file mfdsl did not write there."""
+    names = loc.list_names(folder)
+    for name in names:
+        if name in (keep or set()) or not (_ATTRS_FILE.match(name) or _ATTRS_TEMP.match(name)):
+            continue
+        path = loc.join(folder, name)
+        if loc.is_url(path) or (os.path.isfile(path) and not os.path.islink(path)):
+            loc.remove(path)
+    if names and loc.list_names(folder):
+        return
+    if loc.is_url(folder):
+        loc.remove(folder)
+    elif os.path.isdir(folder) and not os.path.islink(folder):
+        os.rmdir(folder)
+
+
+# ---- the command -----------------------------------------------------------------------
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, which ``mfdsl run`` handles as it handles Ctrl-C."""
+
+
+#: set while a SIGTERM is being handled (the sweep's handlers catch it as Ctrl-C)
+_SIGTERM_SEEN = threading.Event()
+
+
+@contextlib.contextmanager
+def _sigterm_as_ctrl_c() -> Any:
+    """SIGTERM raises :class:`Terminated` (a ``KeyboardInterrupt``) while the block
+    runs, so a sweep stopped by a batch system or ``kill`` ends as Ctrl-C ends it:
+    finished runs kept, the lock released, the command that resumes it printed.  A
+    second SIGTERM while that happens is ignored."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if _SIGTERM_SEEN.is_set():
+            return
+        _SIGTERM_SEEN.set()
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        _SIGTERM_SEEN.clear()
+
+
+def _stopped(error: BaseException | None) -> tuple[str, int]:
+    """The word and exit code of a sweep stopped by Ctrl-C or SIGTERM."""
+    if isinstance(error, Terminated) or _SIGTERM_SEEN.is_set():
+        return "terminated (SIGTERM)", EXIT_TERMINATED
+    return "interrupted", EXIT_INTERRUPTED
+
+
+def run_command(args: argparse.Namespace, spec: ir.Spec) -> int:
+    """``mfdsl run``: returns the exit code.  Holds the store's lock (``<store>.lock``)
+    from before the store is touched until the sweep ends.  SIGTERM is handled as
+    Ctrl-C is (exit 143 instead of 130)."""
+    with _sigterm_as_ctrl_c():
+        try:
+            return _run_command(args, spec)
+        except Terminated as stop:  # before the lock was taken: nothing was touched
+            word, code = _stopped(stop)
+            from rich.console import Console
+
+            Console(stderr=True, highlight=False).print(
+                f"[yellow]{word}[/yellow] before the store was touched"
+            )
+            return code
+
+
+def _run_command(args: argparse.Namespace, spec: ir.Spec) -> int:
+    from rich.console import Console
+
+    from mfdsl.execution.cluster import ClusterError
+    from mfdsl.store.lock import StoreLocked, acquire
+
+    err = Console(stderr=True, highlight=False)
+    try:
+        args.output = loc.normalize(args.output or default_store(spec))
+    except ValueError as error:
+        err.print(f"[red]error:[/red] {escape(str(error))}")
+        return EXIT_USAGE
+    store = args.output
+    problem = _threshold_problem(getattr(args, "diverge_above", None)) or _refusal(store, args)
+    if problem is not None:  # before the lock: a refused target is not touched at all
+        err.print(f"[red]error:[/red] {escape(problem)}", soft_wrap=True)
+        return EXIT_USAGE
+    # before _check_scheduler, which sets args.workers to the cluster's size
+    finish = resume_command(args, spec)
+    scheduler = getattr(args, "scheduler", None)
+    if scheduler:
+        try:
+            _check_scheduler(args, err)
+        except ClusterError as error:
+            err.print(f"[red]error:[/red] {escape(str(error))}")
+            return EXIT_USAGE
+    try:
+        lock = acquire(store, lambda text: err.print(f"[yellow]warning:[/yellow] {escape(text)}"))
+    except StoreLocked as error:
+        err.print(f"[red]error:[/red] {escape(str(error))}")
+        return EXIT_USAGE
+    except OSError as error:
+        err.print(f"[red]error:[/red] {escape(_storage_problem(loc.parent(store), error))}")
+        return EXIT_USAGE
+    try:
+        return _run_locked(args, spec, finish, lock)
+    except ClusterError as error:
+        err.print(
+            f"[red]error:[/red] {escape(str(error))}\nThe store is kept: finish it with {escape(finish)}",
+            soft_wrap=True,
+        )
+        return EXIT_USAGE
+    except OSError as error:
+        if error.errno not in _STORAGE_ERRORS:
+            raise
+        err.print(
+            f"[red]error:[/red] {escape(_storage_problem(store, error))}. Finished runs are kept; "
+            f"once that is fixed, finish with {escape(finish)}",
+            soft_wrap=True,
+        )
+        return EXIT_FAILED
+    except KeyboardInterrupt as stop:
+        # Ctrl-C or SIGTERM outside the sweep itself (planning, checking, the summary):
+        # the sweep's own is handled where it runs
+        word, code = _stopped(stop)
+        if loc.exists(store):
+            err.print(
+                f"[yellow]{word}[/yellow]: finished runs are kept; finish with {escape(finish)}",
+                soft_wrap=True,
+            )
+        else:
+            err.print(f"[yellow]{word}[/yellow] before the store was made")
+        return code
+    finally:
+        lock.release()
+
+
+def _threshold_problem(value: Any) -> str | None:
+    """What is wrong with a ``--diverge-above`` value, if anything."""
+    if value is None:
+        return None
+    if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        return f"--diverge-above takes a positive, finite loss (got {value!r})"
+    return None
+
+
+def _refusal(store: str, args: argparse.Namespace) -> str | None:
+    """Why ``mfdsl run`` must not touch the target ``store`` with these options, told
+    before its lock is taken (nothing is created, not even the lock): an existing path
+    without ``--resume``/``--overwrite``; with ``--overwrite``, anything but an mfdsl
+    store; with ``--resume``, anything that is no mfdsl store.  ``_prepare_store``
+    checks again under the lock."""
+    from mfdsl.store.verify import NotAStore, open_attrs
+    from mfdsl.store.zarr import removal_problem
+
+    if not loc.exists(store):  # nothing there (a link to nothing: the store is made where it points)
+        return None
+    if getattr(args, "overwrite", False):
+        problem = removal_problem(store)
+        if problem is not None:
+            return (
+                f"refusing to replace {store}: {problem}. --overwrite replaces an mfdsl store and nothing "
+                "else; move or delete it yourself, or write elsewhere (-o)."
+            )
+        return None
+    if getattr(args, "resume", False):
+        try:
+            open_attrs(store)
+        except NotAStore as error:
+            return f"cannot resume: {error}"
+        return None
+    try:
+        open_attrs(store)
+    except NotAStore as error:
+        return f"{store} already exists, and is no mfdsl store: {error}. Write the sweep elsewhere (-o)."
+    return (
+        f"{store} already exists. Use --resume to finish its pending runs, "
+        "--overwrite to replace it, or -o to write elsewhere."
+    )
+
+
+def resume_command(args: argparse.Namespace, spec: ir.Spec) -> str:
+    """The command that finishes this run's store: ``mfdsl run`` with every option the
+    run was given (``-o``, ``--set``, ``--backend``, ``--workers``, ``--scheduler``)
+    and ``--resume``, each word quoted for a POSIX shell, so that pasting it resumes the
+    same store with the same spec."""
+    import shlex
+
+    words = ["mfdsl", "run", str(getattr(args, "spec", None) or spec.path), "-o", str(args.output)]
+    for override in getattr(args, "overrides", None) or []:
+        words += ["--set", str(override)]
+    for name in getattr(args, "backend", None) or []:
+        words += ["--backend", str(name)]
+    if getattr(args, "workers", None):
+        words += ["--workers", str(args.workers)]
+    if getattr(args, "scheduler", None):
+        words += ["--scheduler", str(args.scheduler)]
+    if getattr(args, "diverge_above", None) is not None:
+        words += ["--diverge-above", repr(float(args.diverge_above))]
+    words.append("--resume")
+    return " ".join(shlex.quote(word) for word in words)
+
+
+def _run_locked(args: argparse.Namespace, spec: ir.Spec, finish: str, lock: Any = None) -> int:
+    """``mfdsl run`` once the store is locked (``lock``, a
+    :class:`mfdsl.store.lock.StoreLock`); ``finish`` is :func:`resume_command`."""
+    from rich.console import Console
+
+    console = Console(highlight=False)
+    err = Console(stderr=True, highlight=False)
+    points = check_all(spec)
+    backends = _backends(spec, args.backend, err)
+    if backends is None:
+        return EXIT_USAGE
+    if not backends:
+        err.print("[red]error:[/red] no backend can run (see the warnings above)")
+        return EXIT_USAGE
+    store = args.output or default_store(spec)
+    # The store has room for the runs of every backend the spec names, and of those that
+    # already wrote it (--resume), whichever this call runs: several calls with different
+    # --backend fill one store.  The tasks of those that wrote it are planned too, so that
+    # --resume checks their cells as exactly as this call's.
+    stored = _stored_backends(store) if args.resume else []
+    running = [b.name for b in backends]
+    known = available_backends()
+    others = [get_backend(n) for n in stored if n not in running and n in known]
+    room = [get_backend(n) for n in dict.fromkeys([*spec.backends, *stored]) if n in known]
+    layout, every = plan_tasks(spec, points, [*backends, *others], room_for=room)
+    tasks = [t for t in every if t.backend in running]
+    spec_yaml = to_yaml(spec)
+
+    prepared = _prepare_store(store, spec, spec_yaml, layout, args, err, backends, every)
+    if prepared is None:
+        return EXIT_USAGE
+    status, diverge_above = prepared
+    if not args.resume:
+        with contextlib.suppress(OSError):
+            _clear_attrs_folder(_attrs_folder(store))  # left by a replaced store
+    todo = [t for t in tasks if status[tuple(t.index[d] for d in layout.sweep)] not in FINISHED]
+    skipped = len(tasks) - len(todo)
+    if skipped:
+        console.print(f"resuming: {count(skipped, 'run')} already finished, {len(todo)} to go")
+    workers = max(1, min(args.workers or default_workers(), len(todo) or 1))
+    groups = group_tasks(todo, workers)
+    workers = max(1, min(workers, len(groups)))
+    layer_coord = [int(x) for x in layout.extra.get("layer", [])]
+    shapes = {v.name: tuple(len(layout.extra[d]) for d in v.dims) for v in layout.variables}
+    stop: KeyboardInterrupt | None = None
+    try:
+        if getattr(args, "scheduler", None):
+            fence = lock.fence() if lock is not None else None
+            outcomes, interrupted = _execute_on_cluster(
+                groups, store, layer_coord, shapes, workers, args, console, err, diverge_above, fence
+            )
+            if lock is not None and any(o[1] == "lost" for o in outcomes):
+                outcomes = _settle_lost(store, groups, outcomes, lock)
+        else:
+            outcomes, interrupted = _execute_all(
+                groups, store, layer_coord, shapes, workers, console, diverge_above
+            )
+    except KeyboardInterrupt as error:  # between the sweep's own handlers
+        outcomes, interrupted, stop = [], True, error
+    from mfdsl.store.zarr import finalize
+
+    def warn(text: str) -> None:
+        err.print(f"[yellow]warning:[/yellow] {escape(text)}", soft_wrap=True)
+
+    _merge_run_attrs(store, warn)
+    finalize(store)
+    _write_log(store, outcomes, warn)
+    summary = getattr(args, "summary", None)  # the CLI's table of final values (mfdsl.analysis)
+    if summary is not None:
+        summary(console, store)
+    failed = [o for o in outcomes if o[1] == "failed"]
+    diverged = [o for o in outcomes if o[1] == "diverged"]
+    lost = [o for o in outcomes if o[1] == "lost"]
+    if diverged:
+        console.print(f"[yellow]{count(len(diverged), 'run')} diverged[/yellow] (marked in 'status')")
+    if failed:
+        err.print(
+            f"[red]{count(len(failed), 'run')} failed[/red]; errors in {store}.log and the store's 'message':"
+        )
+        for key, _, message in failed[:5]:
+            err.print(f"  {escape(key)}: {escape(message)}")
+    if lost:
+        err.print(
+            f"[red]{count(len(lost), 'run')} lost[/red] by the cluster and still pending in the store "
+            f"(listed in {store}.log); finish them with {escape(finish)}",
+            soft_wrap=True,
+        )
+        for key, _, message in lost[:5]:
+            err.print(f"  {escape(key)}: {escape(message)}")
+    if interrupted:
+        word, code = _stopped(stop)
+        err.print(
+            f"[yellow]{word}[/yellow]: finished runs are kept; finish with {escape(finish)}",
+            soft_wrap=True,
+        )
+        return code
+    return EXIT_FAILED if failed or lost else EXIT_OK
+
+
+def escape(text: str) -> str:
+    """Text shown verbatim by rich (``mfdsl[jax]`` is not markup)."""
+    from rich.markup import escape as rich_escape
+
+    return rich_escape(text)
+
+
+def _backends(spec: ir.Spec, requested: Sequence[str] | None, err: Any) -> list[Backend] | None:
+    names = list(requested or spec.backends)
+    out: list[Backend] = []
+    for name in names:
+        if name not in available_backends():
+            err.print(
+                f"[red]error:[/red] unknown backend '{name}' (installed: {', '.join(available_backends())})"
+            )
+            return None
+        backend = get_backend(name)
+        try:
+            backend.require()
+        except BackendUnavailable as error:
+            if requested:
+                err.print(f"[red]error:[/red] backend '{name}': {escape(str(error))}")
+                return None
+            err.print(f"[yellow]warning:[/yellow] skipping backend '{name}': {escape(str(error))}")
+            continue
+        try:
+            backend.check(spec)
+        except SpecError as error:
+            raise error.located(spec.path, spec.source) from None
+        out.append(backend)
+    return out
+
+
+def _prepare_store(
+    store: str,
+    spec: ir.Spec,
+    spec_yaml: str,
+    layout: Layout,
+    args: argparse.Namespace,
+    err: Any,
+    backends: Sequence[Backend],
+    tasks: Sequence[Task],
+) -> tuple[np.ndarray, float] | None:
+    """Create (or reopen for ``--resume``) the store; return the status array and the
+    divergence threshold its runs are judged by.
+
+    Before any training: a store that cannot be written (read-only) or that would not
+    fit on its disk is refused with a message; ``--overwrite`` deletes an mfdsl store
+    and nothing else; on ``--resume``, the store is inspected as ``mfdsl verify`` does
+    it, refused if damaged beyond what the spec can restore, and finished cells whose
+    data does not read back (a write cut off mid-chunk) are set pending again."""
+    from mfdsl.store.zarr import NotRemovable, clean_partial, create_store, read_status, remove_store
+
+    for leftover in clean_partial(store):
+        err.print(
+            f"[yellow]note:[/yellow] removed {escape(leftover)}, a skeleton a killed run left half-made"
+        )
+    refusal = _refusal(store, args)  # again, now that the store is locked
+    if refusal is not None:
+        err.print(f"[red]error:[/red] {escape(refusal)}", soft_wrap=True)
+        return None
+    exists = loc.exists(store)
+    if exists and args.resume:
+        return _reopen_store(store, spec_yaml, layout, args, err, backends, tasks)
+    if not _check_space(store, layout, len(tasks), True, err):
+        return None
+    threshold = float(getattr(args, "diverge_above", None) or DIVERGE_ABOVE)
+    if exists and args.overwrite:
+        try:
+            remove_store(store)
+        except NotRemovable as error:
+            err.print(f"[red]error:[/red] refusing to replace {escape(str(error))}", soft_wrap=True)
+            return None
+        _remove_old_log(store, err)  # the replaced store's failures are history
+    loc.make_parent(store)
+    try:
+        create_store(
+            store,
+            sweep=layout.sweep,
+            steps=layout.steps,
+            time=layout.time,
+            variables=layout.variables,
+            extra_coords=layout.extra,
+            attrs={
+                "experiment": spec.experiment,
+                "spec_source": spec.source or "",
+                "spec_path": spec.path or "",
+                "spec_ir": spec_yaml,
+                "backends": [b.name for b in backends],
+                "versions": _versions(),
+                "diverge_above": threshold,
+            },
+        )
+    except OSError as error:
+        _drop_skeleton(store)
+        err.print(f"[red]error:[/red] {escape(_storage_problem(store, error))}")
+        return None
+    except BaseException:  # Ctrl-C mid-skeleton: no half store is left to --resume
+        _drop_skeleton(store)
+        raise
+    return read_status(store), threshold
+
+
+def _drop_skeleton(store: str) -> None:
+    """Remove what a ``create_store`` cut short left at ``store`` (an object store's
+    skeleton is written in place; a local one never is): zarr's files alone."""
+    from mfdsl.store.zarr import NotRemovable, remove_store
+
+    if loc.is_url(store):
+        with contextlib.suppress(OSError, NotRemovable):
+            remove_store(store, marker=False)
+
+
+def _reopen_store(
+    store: str,
+    spec_yaml: str,
+    layout: Layout,
+    args: argparse.Namespace,
+    err: Any,
+    backends: Sequence[Backend],
+    tasks: Sequence[Task],
+) -> tuple[np.ndarray, float] | None:
+    """``--resume``: check the existing store as ``mfdsl verify`` does before adding a
+    run to it, repair what the spec alone determines (a coordinate that does not decode,
+    the consolidated metadata), refuse the rest — every refusal before anything is
+    written."""
+    from mfdsl.core.streams import STREAM_LAYOUT
+    from mfdsl.store.verify import NotAStore, inspect_store, open_attrs, stream_layout_mismatch
+    from mfdsl.store.zarr import update_attrs
+
+    try:
+        attrs = open_attrs(store)
+    except NotAStore as error:
+        err.print(f"[red]error:[/red] cannot resume: {escape(str(error))}")
+        return None
+    mismatch = stream_layout_mismatch(attrs)
+    if mismatch is not None:
+        layout_number = attrs.get("stream_layout")
+        newer = isinstance(layout_number, int) and layout_number > STREAM_LAYOUT
+        err.print(
+            f"[red]error:[/red] cannot resume {escape(store)}: it was {escape(mismatch)}, so runs added "
+            "now would not draw the random numbers its finished runs drew. "
+            + ("Upgrade mfdsl to resume it, or write " if newer else "Write ")
+            + "the sweep to a new store (-o NEW.zarr), or replace this one (--overwrite).",
+            soft_wrap=True,
+        )
+        return None
+    stored = attrs.get("spec_ir", "")
+    if stored != spec_yaml:
+        err.print(
+            f"[red]error:[/red] the spec differs from the one {store} was made with; "
+            "--resume needs the same spec and overrides (or use --overwrite)"
+        )
+        _diff(str(stored), spec_yaml, err)
+        return None
+    threshold, problem = _stored_threshold(store, attrs, getattr(args, "diverge_above", None))
+    if problem is not None:
+        err.print(f"[red]error:[/red] {escape(problem)}", soft_wrap=True)
+        return None
+    try:
+        structure = inspect_store(store, attrs)
+    except NotAStore as error:
+        err.print(f"[red]error:[/red] cannot resume: {escape(str(error))}")
+        return None
+    if structure.problems:
+        shown = "; ".join(structure.problems[:3]) + (
+            f"; and {count(len(structure.problems) - 3, 'more problem')}"
+            if len(structure.problems) > 3
+            else ""
+        )
+        err.print(
+            f"[red]error:[/red] cannot resume {escape(store)}: it is damaged ({escape(shown)}). "
+            f"'mfdsl verify {escape(store)}' lists every problem. Write the sweep to a new store "
+            "(-o NEW.zarr), or replace this one (--overwrite).",
+            soft_wrap=True,
+        )
+        return None
+    misfit = _layout_misfit(structure, layout, backends)
+    if misfit is not None:
+        err.print(
+            f"[red]error:[/red] cannot resume {escape(store)}: {escape(misfit)}. Write the runs of "
+            "every backend to a new store (-o NEW.zarr), or replace this one (--overwrite).",
+            soft_wrap=True,
+        )
+        return None
+    try:
+        _probe_writable(store)
+    except OSError as error:
+        err.print(f"[red]error:[/red] {escape(_storage_problem(store, error))}")
+        return None
+    _repair(store, structure, layout, err)
+    # every backend that writes the store, in the order of their first write; set
+    # before any run writes, so that a store this call leaves unfinished says so too
+    written = [str(n) for n in attrs.get("backends", [])] if isinstance(attrs.get("backends"), list) else []
+    joining = [b.name for b in backends if b.name not in written]
+    record: dict[str, Any] = {"backends": [*written, *joining]} if joining else {}
+    if "diverge_above" not in attrs:
+        record["diverge_above"] = threshold  # a store of an mfdsl from before the threshold
+    if record:
+        update_attrs(store, record)
+    status = _resume_status(store, tasks, layout, [b.name for b in backends], err, threshold)
+    if not _check_space(store, layout, int(np.count_nonzero((status != 1) & (status != 3))), False, err):
+        return None
+    return status, threshold
+
+
+def _stored_threshold(store: str, attrs: Mapping[str, Any], given: float | None) -> tuple[float, str | None]:
+    """The divergence threshold of ``--resume``: the store's (root attribute
+    ``diverge_above``), which ``--diverge-above`` may repeat but not change — its
+    finished runs were judged by it; for a store without one, the one given or the
+    default.  Returns it, or the problem."""
+    stored = attrs.get("diverge_above")
+    if stored is None:
+        return float(given if given is not None else DIVERGE_ABOVE), None
+    if (
+        isinstance(stored, bool)
+        or not isinstance(stored, (int, float))
+        or not math.isfinite(stored)
+        or stored <= 0
+    ):
+        return DIVERGE_ABOVE, (
+            f"cannot resume {store}: its root attribute 'diverge_above' is {stored!r}, not a positive "
+            "number ('mfdsl verify' reports it). Write the sweep to a new store (-o NEW.zarr), or replace "
+            "this one (--overwrite)."
+        )
+    if given is not None and float(given) != float(stored):
+        return float(stored), (
+            f"cannot resume {store} with --diverge-above {given:g}: its runs were judged with "
+            f"--diverge-above {float(stored):g}, and so are the runs --resume adds. Resume without "
+            "--diverge-above (or with the same value), or write the sweep to a new store (-o NEW.zarr)."
+        )
+    return float(stored), None
+
+
+def _rewritable_time(structure: Any, layout: Layout) -> bool:
+    """Whether the store's ``time`` may be written again from the spec: it is there, with
+    the spec's dimensions (it is derived, lr × step, and labels no cell)."""
+    array = structure.arrays.get("time")
+    return array is not None and tuple(array.metadata.dimension_names or ()) == tuple(layout.time[0])
+
+
+def _repair(store: str, structure: Any, layout: Layout, err: Any) -> None:
+    """Restore what the spec alone determines: a coordinate whose chunks do not decode
+    is written again from the layout (the spec, which ``--resume`` checked is the
+    store's, gives its values), and so is a ``time`` whose values are not the spec's
+    (a byte flipped in a store from before coordinates had checksums: it is derived
+    and labels no cell); stale or missing consolidated metadata is written again from
+    the metadata files (which :func:`inspect_store` read whole)."""
+    import zarr
+
+    from mfdsl.store.verify import coordinate_differences
+    from mfdsl.store.zarr import _quiet_consolidation
+
+    planned = {**layout.sweep, "step": layout.steps, "time": layout.time[1], **layout.extra}
+    broken = dict(structure.unreadable)
+    if "time" in coordinate_differences(structure, layout) and _rewritable_time(structure, layout):
+        broken["time"] = "its values are not the spec's lr × step"
+    for name, why in sorted(broken.items()):
+        array = zarr.open_array(store, path=name, mode="r+", zarr_format=3)
+        values = np.asarray(planned[name])
+        array[...] = values.astype(array.dtype) if values.dtype.kind in "iuf" else values
+        err.print(
+            f"[yellow]repaired:[/yellow] coordinate '{escape(name)}' of {escape(store)} was damaged "
+            f"({escape(why)}); rewritten from the spec",
+            soft_wrap=True,
+        )
+    if structure.consolidated is not None:
+        with _quiet_consolidation():
+            zarr.consolidate_metadata(store, zarr_format=3)
+        err.print(
+            f"[yellow]repaired:[/yellow] the consolidated metadata of {escape(store)} was missing or out of "
+            f"date ({escape(structure.consolidated)}); written again from the metadata files",
+            soft_wrap=True,
+        )
+
+
+def _remove_old_log(store: str, err: Any) -> None:
+    """Remove ``<store>.log`` if it is a log ``mfdsl run`` wrote (a regular file that
+    starts as :func:`_write_log` starts each entry); anything else is kept."""
+    path = f"{store}.log"
+    if not loc.exists(path):
+        return
+    head = ""
+    if loc.is_url(path) or (os.path.isfile(path) and not os.path.islink(path)):
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            head = loc.read_text(path)[: len(_LOG_HEADER)]
+    if head == _LOG_HEADER:
+        loc.remove(path)
+    else:
+        err.print(f"[yellow]note:[/yellow] kept {escape(path)}: it is not a log mfdsl wrote")
+
+
+# errors that mean "the store's storage cannot take it", not a bug
+_STORAGE_ERRORS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT}
+
+
+def _storage_problem(where: str, error: OSError) -> str:
+    """A storage error in words."""
+    what = {
+        errno.ENOSPC: "the disk is full",
+        errno.EDQUOT: "the disk quota is used up",
+        errno.EROFS: "it is on a read-only file system",
+        errno.EACCES: "permission denied",
+        errno.EPERM: "permission denied",
+    }.get(error.errno or 0, error.strerror or str(error))
+    return f"cannot write to {where}: {what}"
+
+
+def _probe_writable(store: str) -> None:
+    """Write and remove a file inside the store: ``OSError`` if it cannot be written."""
+    probe = loc.join(store, f".mfdsl-write-test-{os.getpid()}")
+    loc.write_text(probe, "")
+    loc.remove(probe)
+
+
+def _check_space(store: str, layout: Layout, runs: int, skeleton: bool, err: Any) -> bool:
+    """Whether the disk holding ``store`` has room for ``runs`` more runs (and the
+    skeleton), by an upper bound: uncompressed values, every file at least a block."""
+    free = loc.free_bytes(store)
+    if free is None or runs == 0:
+        return True
+    block = 4096
+    per_run = 2 * block  # status, message
+    steps = len(layout.steps)
+    for var in layout.variables:
+        values = steps * int(np.prod([len(layout.extra[d]) for d in var.dims], dtype=np.int64))
+        nbytes = 8 * values
+        chunks = max(1, -(-nbytes // (8 * 2**20)))
+        per_run += max(-(-nbytes // block) * block, chunks * block)
+    need = runs * per_run
+    if skeleton:
+        arrays = len(layout.variables) + len(layout.sweep) + len(layout.extra) + 4
+        need += 2 * block * arrays
+    if need <= free:
+        return True
+    err.print(
+        f"[red]error:[/red] not enough space for {escape(store)}: {count(runs, 'run')} need up to "
+        f"{_size(need)} (uncompressed), and {_size(free)} are free on "
+        f"{escape(loc.parent(os.path.abspath(store)))}. Free some space or write elsewhere (-o)."
+    )
+    return False
+
+
+def _size(nbytes: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if nbytes < 1024 or unit == "GiB":
+            return f"{nbytes:.0f} {unit}" if unit == "bytes" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    return f"{nbytes:.1f} TiB"  # pragma: no cover
+
+
+def _resume_status(
+    store: str,
+    tasks: Sequence[Task],
+    layout: Layout,
+    running: Sequence[str],
+    err: Any,
+    diverge_above: float | None = None,
+) -> np.ndarray:
+    """The status of every cell for ``--resume``: finished cells that fail the integrity
+    check of :mod:`mfdsl.store.verify` (a chunk that does not decode, recorded values that
+    are missing; never the NaN padding the plan predicts) are written pending again, so
+    they run again: now if their backend is among ``running``, else when it next runs."""
+    from mfdsl.store.status import Status
+    from mfdsl.store.verify import check_cells
+    from mfdsl.store.zarr import write_run
+
+    check = check_cells(store, tasks, diverge_above=diverge_above)
+    status = check.status.astype(np.int8)
+    dims = list(layout.sweep)
+    redo: list[str] = []
+    later: dict[str, list[str]] = {}
+    for task in tasks:
+        cell = tuple(task.index[d] for d in dims)
+        problems = check.problems.get(cell)
+        if not problems or int(status[cell]) not in (Status.DONE, Status.DIVERGED, -1):
+            continue  # pending and failed cells run anyway, whatever their chunks hold
+        write_run(store, index=task.index, records={}, steps=task.plan.record_steps, status=Status.PENDING)
+        status[cell] = Status.PENDING
+        line = f"{check.labels[cell]}: {problems[0]}"
+        if task.backend in running:
+            redo.append(line)
+        else:
+            later.setdefault(task.backend, []).append(line)
+    if redo:
+        verbs = "does not read back intact and runs" if len(redo) == 1 else "do not read back intact and run"
+        err.print(f"[yellow]warning:[/yellow] {count(len(redo), 'finished run')} {verbs} again:")
+        for line in redo[:5]:
+            err.print(f"  {escape(line)}")
+    for backend, lines in later.items():
+        one = len(lines) == 1
+        err.print(
+            f"[yellow]warning:[/yellow] {count(len(lines), 'finished run')} of backend '{escape(backend)}' "
+            f"{'does' if one else 'do'} not read back intact and {'is' if one else 'are'} pending again; "
+            f"--resume with --backend {escape(backend)} runs {'it' if one else 'them'}:"
+        )
+        for line in lines[:5]:
+            err.print(f"  {escape(line)}")
+    return status
+
+
+def _stored_backends(store: str) -> list[str]:
+    """The backends that wrote ``store`` (its ``backends`` attribute), ``[]`` if it has
+    none or is no store (which ``_prepare_store`` then reports)."""
+    from mfdsl.store.verify import NotAStore, open_attrs
+
+    try:
+        names = open_attrs(store).get("backends") if loc.exists(store) else None
+    except (NotAStore, OSError):
+        return []
+    return [str(n) for n in names] if isinstance(names, list) else []
+
+
+def _layout_misfit(structure: Any, layout: Layout, backends: Sequence[Backend]) -> str | None:
+    """Why the existing store (its :func:`mfdsl.store.verify.inspect_store`) cannot hold the
+    runs of ``layout`` — its coordinates or variables differ from what the spec gives —
+    or ``None``.  With the same spec that happens when a limit backend joins a store
+    made without one (no ``width = inf`` cells), or when a coordinate was damaged where
+    no checksum tells (a store of an mfdsl from before coordinates had one).  A
+    coordinate that does not decode is no misfit if it has the spec's length: it is
+    repaired (:func:`_repair`)."""
+    from mfdsl.store.verify import _data_variables, _plain, coordinate_differences
+
+    differences = coordinate_differences(structure, layout)
+    for dim, values in layout.sweep.items():
+        if dim not in differences:
+            continue
+        have = structure.coords.get(dim)
+        finite = [_plain(v) for v in values if not isinstance(v, float) or math.isfinite(v)]
+        if dim == "width" and have is not None and [_plain(v) for v in np.asarray(have).tolist()] == finite:
+            limits = [b.name for b in backends if b.limit]
+            return (
+                f"it has no width = inf cells for the limit runs of {', '.join(map(repr, limits)) or 'a limit backend'}"
+                " (it was made without a limit backend)"
+            )
+        return f"its coordinate '{dim}' does not match the sweep of the spec"
+    if "step" in differences:
+        return "its coordinate 'step' does not match the record steps of the spec"
+    have_vars = set(_data_variables(structure.arrays, tuple(layout.sweep)))
+    if have_vars != {v.name for v in layout.variables}:
+        return f"its variables {sorted(have_vars)} do not match what the spec records"
+    for name in differences:
+        if name == "time" and _rewritable_time(structure, layout):
+            continue  # derived, labels no cell: repaired from the spec
+        what = "(lr × step) " if name == "time" else ""
+        return f"its coordinate '{name}' does not match the spec's {what}(a damaged coordinate? see mfdsl verify)"
+    planned = {**layout.sweep, "step": layout.steps, "time": layout.time[1], **layout.extra}
+    for name in structure.unreadable:
+        if name not in planned or tuple(structure.arrays[name].shape) != np.shape(planned[name]):
+            return f"its coordinate '{name}' does not decode, and the spec gives it another shape"
+    return None
+
+
+def _diff(old: str, new: str, err: Any) -> None:
+    import difflib
+
+    lines = list(difflib.unified_diff(old.splitlines(), new.splitlines(), "stored", "now", lineterm="", n=0))
+    for line in lines[2:12]:
+        err.print(f"  {line}", markup=False)
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"mfdsl": __version__}
+    for package in ("torch", "jax", "lark"):
+        with contextlib.suppress(PackageNotFoundError):
+            out[package] = version(package)
+    return out
+
+
+def _cost(plan: RunPlan) -> float:
+    if not math.isfinite(plan.width):
+        return math.inf  # a limit run is usually the longest: start it first
+    params = sum(layer.fan_in * layer.fan_out for layer in plan.layers)
+    return float(plan.steps) * float(plan.batch) * params
+
+
+def _execute_all(
+    groups: list[list[Task]],
+    store: str,
+    layer_coord: list[int],
+    shapes: Mapping[str, tuple[int, ...]],
+    workers: int,
+    console: Any,
+    diverge_above: float = DIVERGE_ABOVE,
+) -> tuple[list[tuple[str, str, str]], bool]:
+    """Every unit of work in a local pool of worker processes: each run's outcome, and
+    whether Ctrl-C (or SIGTERM) stopped the sweep.
+
+    A worker process that dies (killed, out of memory) breaks the whole pool: the units
+    that were running on it are charged — each of their runs counts one death of its
+    worker — and every unfinished unit runs again in a fresh pool, the charged ones
+    split run by run.  The units queued behind them, and those the broken pool's other
+    workers were running when it tore them down, are not charged.  A run charged
+    ``WORKER_RETRIES + 1`` times is failed."""
+    from rich.progress import Progress
+
+    outcomes: list[tuple[str, str, str]] = []
+    if not groups:
+        return outcomes, False
+    steps = {t.key: t.plan.steps for unit in groups for t in unit}
+    columns = sweep_columns()
+    # spawn, not fork: the driver runs threads (progress), and forking those is unsafe.
+    ctx = mp.get_context("spawn")
+    # A worker killed while it writes to the progress queue leaves the queue's lock taken
+    # for good, so every pool gets a fresh queue; ``channel[0]`` is the live one.
+    channel = [ctx.Queue()]
+    total_threads = default_workers()
+    threads = max(1, total_threads // workers)
+    interrupted = False
+    with Progress(*columns, console=console, transient=False) as progress:
+        overall = progress.add_task("sweep", total=len(steps), info="")
+        bars: dict[str, Any] = {}
+        stop = threading.Event()
+
+        def pump() -> None:
+            while not stop.is_set():
+                live = channel[0]
+                try:
+                    key, step, loss = live.get(timeout=0.1)
+                except queue.Empty:
+                    continue
+                except (EOFError, OSError, ValueError):
+                    if live is channel[0]:
+                        return
+                    continue  # the queue was replaced: read the new one
+                bar = bars.get(key)
+                if bar is None:
+                    bar = bars[key] = progress.add_task(f"  {key}", total=steps[key], info="")
+                progress.update(bar, completed=step, info=f"loss {loss:.4g}")
+
+        def finish(unit: Sequence[Task], finished: Sequence[tuple[str, str, str]]) -> None:
+            for task, outcome in zip(unit, finished, strict=True):
+                outcomes.append(outcome)
+                progress.advance(overall)
+                bar = bars.pop(task.key, None)
+                if bar is not None:
+                    progress.remove_task(bar)
+            progress.update(overall, info=_counts(outcomes))
+
+        pumper = threading.Thread(target=pump, daemon=True)
+        pumper.start()
+        futures: dict[cf.Future[list[tuple[str, str, str]]], tuple[int, int]] = {}
+        units = [list(unit) for unit in groups]
+        deaths: dict[str, int] = {}  # run key -> times its worker died while running it
+        left = list(range(len(units)))
+        pool: cf.ProcessPoolExecutor | None = None
+        try:
+            while left:
+                if pool is not None:  # a worker died: replace the queue it may have locked
+                    old, channel[0] = channel[0], ctx.Queue()
+                    old.cancel_join_thread()
+                    old.close()
+                started = ctx.RawArray("q", len(left))  # slot -> pid of the worker running it
+                pool = cf.ProcessPoolExecutor(
+                    max_workers=min(workers, len(left)),
+                    mp_context=ctx,
+                    initializer=_init_worker,
+                    initargs=(channel[0], threads, os.getpid(), started),
+                )
+                # submitted largest first: the pool hands them out in this order
+                futures = {
+                    pool.submit(_run_unit, slot, units[i], store, layer_coord, shapes, diverge_above): (
+                        slot,
+                        i,
+                    )
+                    for slot, i in enumerate(left)
+                }
+                processes = dict(getattr(pool, "_processes", None) or {})
+                broken: list[tuple[int, int]] = []
+                for future in cf.as_completed(futures):
+                    slot, i = futures[future]
+                    unit = units[i]
+                    try:
+                        finished = future.result()
+                    except BrokenProcessPool:
+                        broken.append((slot, i))
+                        continue
+                    except Exception as error:  # recorded, and the sweep goes on
+                        if isinstance(error, OSError) and error.errno in _STORAGE_ERRORS:
+                            raise  # the store cannot be written: stop, say so
+                        finished = [(t.key, "failed", f"worker error: {error!r}") for t in unit]
+                        for task, outcome in zip(unit, finished, strict=True):
+                            _mark_failed(store, task, outcome[2])
+                    finish(unit, finished)
+                processes.update(getattr(pool, "_processes", None) or {})
+                pool.shutdown(wait=True)
+                left = []
+                if not broken:
+                    continue
+                charged = _charged(broken, started, processes)
+                again: list[int] = []
+                for _, i in sorted(broken, key=lambda b: b[1]):
+                    if i not in charged:
+                        again.append(i)
+                        continue
+                    how = _death(charged[i])
+                    for task in units[i]:
+                        deaths[task.key] = deaths.get(task.key, 0) + 1
+                        if deaths[task.key] > WORKER_RETRIES:
+                            times = deaths[task.key]
+                            message = (
+                                f"its worker process died while running it, {times} times (the last {how})"
+                            )
+                            _mark_failed(store, task, message)
+                            finish([task], [(task.key, "failed", message)])
+                        elif len(units[i]) == 1:
+                            again.append(i)
+                        else:  # run by run from now on: one bad run cannot take the others down
+                            units.append([task])
+                            again.append(len(units) - 1)
+                    names = ", ".join(t.key for t in units[i][:3]) + (" …" if len(units[i]) > 3 else "")
+                    console.print(
+                        f"[yellow]a worker process died[/yellow] ({escape(how)}) while running {escape(names)}"
+                    )
+                left = sorted(again, key=lambda i: -sum(_cost(t.plan) for t in units[i]))
+                if left:
+                    console.print(f"running the broken pool's {count(len(left), 'unfinished unit')} again")
+                for unit in (units[i] for i in left):
+                    for task in unit:
+                        bar = bars.pop(task.key, None)
+                        if bar is not None:
+                            progress.remove_task(bar)
+        except KeyboardInterrupt:
+            interrupted = True
+            for future in futures:
+                future.cancel()
+            if pool is not None:
+                _terminate(pool)
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+            stop.set()
+            pumper.join(timeout=1)
+            channel[0].close()
+    return outcomes, interrupted
+
+
+def _charged(broken: Sequence[tuple[int, int]], started: Any, processes: Mapping[int, Any]) -> dict[int, Any]:
+    """The units a broken pool's death is charged to (unit → the exit code of the worker
+    that ran it): those that were running on a worker that died by itself; if none
+    can be told (every worker ended by the pool's SIGTERM, or none had started a
+    unit), those that were running; if none was, every unit the pool lost, so that a
+    pool whose workers die before running anything cannot go round forever."""
+    codes = {pid: getattr(process, "exitcode", None) for pid, process in processes.items()}
+    running = {i: int(started[slot]) for slot, i in broken if int(started[slot]) > 0}
+    died = {
+        i: codes.get(pid) for i, pid in running.items() if codes.get(pid) not in (None, -int(signal.SIGTERM))
+    }
+    if died:
+        return died
+    if running:
+        return {i: codes.get(pid) for i, pid in running.items()}
+    return {i: None for _, i in broken}
+
+
+def _death(exitcode: Any) -> str:
+    """How a worker process ended, in words."""
+    if isinstance(exitcode, int) and exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        hint = ", out of memory?" if -exitcode == int(signal.SIGKILL) else ""
+        return f"killed by {name}{hint}"
+    if isinstance(exitcode, int):
+        return f"exit code {exitcode}"
+    return "it ended abruptly"
+
+
+def _check_scheduler(args: argparse.Namespace, err: Any) -> None:
+    """Validate ``--scheduler`` before the store is touched (:class:`ClusterError`)."""
+    from mfdsl.execution.cluster import ClusterError, connect, require
+
+    require()
+    if args.scheduler == "local":
+        return
+    if args.workers:
+        raise ClusterError(
+            f"--workers sets the size of a local pool or cluster (--scheduler local); the cluster at "
+            f"{args.scheduler} has the workers it was started with"
+        )
+    if "://" not in args.scheduler:
+        raise ClusterError(
+            f"--scheduler takes a scheduler's address, e.g. tcp://HOST:8786, or 'local' (got {args.scheduler!r})"
+        )
+    with connect(args.scheduler, None, False) as client:
+        # group the sweep for the cluster's size, as the local pool does for its workers
+        info = client.scheduler_info().get("workers", {})
+        args.workers = sum(int(w.get("nthreads", 1)) for w in info.values()) or None
+
+
+def _execute_on_cluster(
+    groups: list[list[Task]],
+    store: str,
+    layer_coord: list[int],
+    shapes: Mapping[str, tuple[int, ...]],
+    workers: int,
+    args: argparse.Namespace,
+    console: Any,
+    err: Any,
+    diverge_above: float = DIVERGE_ABOVE,
+    fence: Mapping[str, Any] | None = None,
+) -> tuple[list[tuple[str, str, str]], bool]:
+    """The units of work as tasks of a Dask cluster (:mod:`mfdsl.execution.cluster`); each
+    task writes its cells only while ``fence`` holds (:func:`_settle_lost`)."""
+    from mfdsl.execution.cluster import execute_on_cluster, needs_gpu
+
+    def failed(unit: Sequence[Task], message: str) -> list[tuple[str, str, str]]:
+        for task in unit:
+            _mark_failed(store, task, message)
+        return [(task.key, "failed", message) for task in unit]
+
+    def lost(unit: Sequence[Task], message: str) -> list[tuple[str, str, str]]:
+        return _as_stored(store, unit, message)
+
+    # workers elsewhere resolve a relative path against their own folder
+    where = store if loc.is_url(store) else os.path.abspath(store)
+    return execute_on_cluster(
+        groups,
+        execute_group,
+        (where, layer_coord, shapes, diverge_above, fence),
+        scheduler=args.scheduler,
+        workers=workers,
+        gpu=any(needs_gpu(dict(t.plan.options)) for unit in groups for t in unit),
+        failed=failed,
+        lost=lost,
+        console=console,
+        warn=lambda text: err.print(f"[yellow]warning:[/yellow] {escape(text)}"),
+    )
+
+
+#: how long a worker that passed the fence check may take to finish writing its cell
+_FENCE_GRACE_S = 1.0
+
+
+def _settle_lost(
+    store: str, groups: Sequence[Sequence[Task]], outcomes: list[tuple[str, str, str]], lock: Any
+) -> list[tuple[str, str, str]]:
+    """Make the runs the cluster lost agree with the store for good: revoke the fence
+    (a worker that survived its scheduler no longer writes), give a write already
+    past the check a moment to finish, and read what the store holds of each."""
+    lock.revoke()
+    time.sleep(_FENCE_GRACE_S)
+    tasks = {t.key: t for unit in groups for t in unit}
+    lost = [tasks[key] for key, state, _ in outcomes if state == "lost" and key in tasks]
+    messages = {key: message for key, state, message in outcomes if state == "lost"}
+    settled = {}
+    for task in lost:
+        (outcome,) = _as_stored(store, [task], messages[task.key].split("; it is pending")[0])
+        settled[task.key] = outcome
+    return [settled.get(key, (key, state, message)) for key, state, message in outcomes]
+
+
+def _as_stored(store: str, unit: Sequence[Task], message: str) -> list[tuple[str, str, str]]:
+    """The outcomes of runs the cluster lost track of (its scheduler gone): what the
+    store says of each — a worker that survived may have written it after all — and
+    for a cell still pending, ``lost``: it is left pending (never marked failed, which a
+    surviving worker could overwrite with done), so the log, the exit code and the
+    store agree, and ``--resume`` runs it."""
+    import zarr
+
+    from mfdsl.store.status import Status
+
+    names = {Status.DONE: "done", Status.DIVERGED: "diverged", Status.FAILED: "failed"}
+    out = []
+    try:
+        group: Any = zarr.open_group(store, mode="r", use_consolidated=False)
+        status, messages = group["status"], group["message"]
+        dims = [str(d) for d in status.metadata.dimension_names]
+    except Exception:  # noqa: BLE001 - unreadable now: every run stays as lost
+        status = messages = None
+        dims = []
+    for task in unit:
+        state, text = None, ""
+        if status is not None and messages is not None:
+            cell = tuple(task.index[d] for d in dims)
+            with contextlib.suppress(Exception):
+                state = int(np.asarray(status[cell]))
+                text = str(np.asarray(messages[cell]))
+        if state in names:
+            out.append((task.key, names[Status(state)], text if state != Status.DONE else ""))
+        else:
+            out.append((task.key, "lost", f"{message}; it is pending in the store"))
+    return out
+
+
+def _terminate(pool: cf.ProcessPoolExecutor) -> None:
+    """Stop the workers now; their unfinished cells stay pending for ``--resume``."""
+    terminate = getattr(pool, "terminate_workers", None)  # Python >= 3.14
+    if terminate is not None:
+        terminate()
+        return
+    for process in list(getattr(pool, "_processes", {}).values()):
+        process.terminate()
+
+
+def _mark_failed(store: str, task: Task, message: str) -> None:
+    """Record a run its worker could not (the worker died).  If even that cannot be
+    written, the cell stays pending, which ``--resume`` runs again all the same."""
+    with contextlib.suppress(OSError):
+        _write_failed(store, task, message)
+
+
+def _counts(outcomes: Iterable[tuple[str, str, str]]) -> str:
+    tally: dict[str, int] = {}
+    for _, status, _ in outcomes:
+        tally[status] = tally.get(status, 0) + 1
+    return ", ".join(f"{n} {s}" for s, n in sorted(tally.items()))
+
+
+#: how each entry of ``<store>.log`` starts
+_LOG_HEADER = "# mfdsl run, "
+
+
+def _write_log(store: str, outcomes: Sequence[tuple[str, str, str]], warn: Any = None) -> None:
+    bad = [o for o in outcomes if o[1] != "done"]
+    if not bad:
+        return
+    lines = [f"{_LOG_HEADER}{time.strftime('%Y-%m-%d %H:%M:%S')}\n"]
+    lines += [f"{key}: {status}: {message}\n" for key, status, message in bad]
+    try:
+        loc.append_text(f"{store}.log", "".join(lines))
+    except OSError as error:
+        if warn is None:
+            raise
+        warn(f"cannot write {store}.log ({error}); the store's 'message' holds every run's error")

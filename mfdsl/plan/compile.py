@@ -1,0 +1,357 @@
+"""The compiler: one expanded sweep point → a backend-neutral :class:`RunPlan`.
+
+Each scaling is a choice of three things per weight layer ℓ (see
+``docs/mean-field.md``): a forward multiplier ``m_ℓ`` on the layer's sum, a scale on the
+spec's initial law, and a learning-rate multiplier ``r_ℓ``.  With ``n`` the hidden width,
+``d`` the input dimension and ``L`` hidden layers:
+
+=========== ================ ======================== ===================================
+scaling     m_1, m_ℓ (ℓ ≥ 2) init of W_ℓ              r_1, r_ℓ (2 ≤ ℓ ≤ L), r_{L+1}
+=========== ================ ======================== ===================================
+mean_field  1, 1/n           as the spec says (O(1))  n, n², n
+ntk         1/√d, 1/√n       as the spec says         1, 1, 1
+standard    1, 1             spec's law / √fan_in     1, 1, 1
+mup         1, 1             spec's law / √fan_in,    n, 1, 1/n
+                             output layer / fan_in
+=========== ================ ======================== ===================================
+
+``mup`` is μP for SGD (Yang & Hu 2021, Tensor Programs IV/V: input and bias learning rates
+× fan_out, output × 1/fan_in, output init variance 1/fan_in²).  Under ``standard`` and
+``mup`` the spec's distributions are the laws of the fan-in-normalised weights; under
+``ntk`` the forward multiplier 1/√fan_in applies to the raw law, and under
+``mean_field`` the law is the weights' own.  One ``init`` block therefore means
+different initial scales under different scalings (docs/language.md, "scaling", has the
+per-layer table); a spec comparing scalings takes each one's default.  A bias starts at 0 and takes the learning-rate
+multiplier of the width it lives on (mean_field, mup) or 1.
+
+Langevin noise acts on the parameters indexed by neurons only: every weight and the
+hidden layers' biases.  The output bias ``b_{L+1}`` is one coordinate shared by all
+neurons at every width; noise on it would never average out, so it gets none, under
+every scaling (``bias_noise_mult = 0``; weight decay still acts on it).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from mfdsl.core.errors import SpecError
+from mfdsl.core.plugins import available_backends
+from mfdsl.language import ir as ir
+from mfdsl.plan.types import (
+    DEFAULT_PROBES,
+    DistPlan,
+    LayerPlan,
+    ObservablePlan,
+    OptimizerPlan,
+    RunPlan,
+    SchedulePlan,
+)
+
+DEFAULT_SAMPLE = 100
+
+
+def steps_for_epochs(epochs: int, n_train: int, batch: int) -> int:
+    """The fewest steps that show every training example ``epochs`` times (batches run
+    on through the concatenated epoch permutations, as ``mfdsl.data.make`` draws them)."""
+    return max(1, math.ceil(epochs * n_train / batch))
+
+
+def train_size(data: ir.Data) -> int | None:
+    """The training-set size, or ``None`` for online data.  Image data with ``train =
+    all`` holds every training image of its classes: the label files are read to count
+    them (:func:`mfdsl.data.make.image_sizes`, which raises ``DataError`` without them)."""
+    if data.train == "online":
+        return None
+    if data.train == "all":
+        from mfdsl.data.make import image_sizes
+
+        return image_sizes(data)[0]
+    return int(data.train)
+
+
+def total_steps(spec: ir.Spec) -> int:
+    """The number of SGD steps of a concrete spec."""
+    train = spec.train
+    if train.steps is not None:
+        return int(train.steps)
+    n_train = train_size(spec.data)
+    assert n_train is not None and train.epochs is not None
+    return steps_for_epochs(int(train.epochs), n_train, int(train.batch))
+
+
+def record_steps(record: ir.Record | None, steps: int) -> np.ndarray:
+    """The recorded steps: 0, then every ``count`` steps (``every``) or ``count``
+    log-spaced steps (``log``), always including the last step."""
+    if record is None:
+        record = ir.Record(mode="log", count=50, observables=(ir.Observable(name="train_loss"),))
+    if record.mode == "every":
+        chosen = np.arange(0, steps + 1, int(record.count), dtype=np.int64)
+    else:
+        chosen = np.round(np.geomspace(1, steps, int(record.count))).astype(np.int64)
+    return np.unique(np.concatenate([[0], chosen, [steps]])).astype(np.int64)
+
+
+def outputs(spec: ir.Spec) -> int:
+    """The number of network outputs K: ``auto`` is one per class for multiclass data
+    (``cross_entropy``'s logits, ``mse``'s one-hot targets), else 1."""
+    if spec.network.outputs != "auto":
+        return int(spec.network.outputs)
+    if ir.task(spec.data) == "multiclass" and isinstance(spec.data, ir.ImageData):
+        return len(spec.data.classes)
+    return 1
+
+
+def default_observables(spec: ir.Spec) -> tuple[ir.Observable, ...]:
+    """What is recorded when the spec has no ``record`` statement."""
+    names = ["train_loss", "test_loss"]
+    if ir.task(spec.data) != "regression":
+        names.append("test_accuracy")
+    return tuple(ir.Observable(name=n) for n in names)
+
+
+def _dist(node: ir.Dist, scale: float = 1.0) -> DistPlan:
+    if isinstance(node, ir.Normal):
+        return DistPlan(kind="normal", a=node.mean * scale, b=node.std * scale)
+    if isinstance(node, ir.Uniform):
+        return DistPlan(kind="uniform", a=node.low * scale, b=node.high * scale)
+    return DistPlan(kind="constant", a=node.value * scale)
+
+
+def _init_laws(spec: ir.Spec, depth: int, dim: int) -> dict[int, ir.Dist]:
+    if spec.init is not None:
+        laws: dict[int, ir.Dist] = {}
+        for rule in spec.init.rules:
+            for layer in rule.layers:
+                laws[depth + 1 if layer == "last" else int(layer)] = rule.dist
+        return laws
+    first = 1.0 / math.sqrt(dim) if spec.scaling == "mean_field" else 1.0
+    laws = {layer: ir.Normal(mean=0.0, std=1.0) for layer in range(1, depth + 2)}
+    laws[1] = ir.Normal(mean=0.0, std=first)
+    return laws
+
+
+def layer_plans(spec: ir.Spec, width: int) -> tuple[LayerPlan, ...]:
+    """Shapes, multipliers and initial laws of every weight layer."""
+    depth = int(spec.network.hidden)
+    dim = int(ir.data_dim(spec.data))
+    k = outputs(spec)
+    n = width
+    scaling = spec.scaling
+    frozen = {depth + 1 if f == "last" else int(f) for f in spec.train.freeze}
+    laws = _init_laws(spec, depth, dim)
+    plans = []
+    for layer in range(1, depth + 2):
+        fan_in = dim if layer == 1 else n
+        fan_out = k if layer == depth + 1 else n
+        is_first, is_last = layer == 1, layer == depth + 1
+        init_scale = 1.0
+        if scaling == "mean_field":
+            mult = 1.0 if is_first else 1.0 / fan_in
+            lr_mult = float(n if (is_first or is_last) else n * n)
+            bias_lr = float(1 if is_last else n)
+        elif scaling == "ntk":
+            mult, lr_mult, bias_lr = 1.0 / math.sqrt(fan_in), 1.0, 1.0
+        elif scaling == "standard":
+            mult, lr_mult, bias_lr = 1.0, 1.0, 1.0
+            init_scale = 1.0 / math.sqrt(fan_in)
+        else:  # mup
+            mult = 1.0
+            init_scale = 1.0 / fan_in if is_last else 1.0 / math.sqrt(fan_in)
+            lr_mult = float(n) if is_first else (1.0 / n if is_last else 1.0)
+            bias_lr = float(1 if is_last else n)
+        plans.append(
+            LayerPlan(
+                index=layer,
+                fan_in=fan_in,
+                fan_out=fan_out,
+                forward_mult=mult,
+                lr_mult=lr_mult,
+                init=_dist(laws[layer], init_scale),
+                bias=bool(spec.network.bias),
+                bias_lr_mult=bias_lr,
+                # mean-field decay and noise act on each weight at rate lr (see LayerPlan)
+                decay_mult=1.0 if scaling == "mean_field" else None,
+                bias_decay_mult=1.0 if scaling == "mean_field" else None,
+                # the output bias is shared by all neurons: no Langevin noise (see LayerPlan)
+                bias_noise_mult=0.0 if is_last else None,
+                frozen=layer in frozen,
+            )
+        )
+    return tuple(plans)
+
+
+def limit_layer_plans(spec: ir.Spec) -> tuple[LayerPlan, ...]:
+    """The layer plans of the infinite-width limit (``width = inf``).
+
+    A limit has no width to resolve the multipliers with: every hidden fan is ``1``,
+    every ``forward_mult``, ``lr_mult`` and ``bias_lr_mult`` is ``1`` and decay and noise
+    act per weight at rate lr (``decay_mult = 1``).  A limit backend scales these by its
+    own particle counts.  ``init`` is the law of the mean-field weight function
+    ``w_ℓ(0, ·)``: the spec's law under ``mean_field``; under ``mup`` (whose only
+    mean-field limit is at two layers) ``W_1``'s law scaled by ``1/√dim`` as at any
+    width, and the output layer's law unscaled (the mean-field ``a = n·v`` of μP's
+    ``v ~ law/n``).  Other scalings have no mean-field limit: their laws are the
+    spec's.
+    """
+    depth = int(spec.network.hidden)
+    dim = int(ir.data_dim(spec.data))
+    k = outputs(spec)
+    frozen = {depth + 1 if f == "last" else int(f) for f in spec.train.freeze}
+    laws = _init_laws(spec, depth, dim)
+    plans = []
+    for layer in range(1, depth + 2):
+        scale = 1.0 / math.sqrt(dim) if (spec.scaling == "mup" and layer == 1) else 1.0
+        plans.append(
+            LayerPlan(
+                index=layer,
+                fan_in=dim if layer == 1 else 1,
+                fan_out=k if layer == depth + 1 else 1,
+                forward_mult=1.0,
+                lr_mult=1.0,
+                init=_dist(laws[layer], scale),
+                bias=bool(spec.network.bias),
+                bias_lr_mult=1.0,
+                decay_mult=1.0,
+                bias_decay_mult=1.0,
+                bias_noise_mult=0.0 if layer == depth + 1 else None,
+                frozen=layer in frozen,
+            )
+        )
+    return tuple(plans)
+
+
+def test_size(data: ir.Data) -> int:
+    """The test-set size."""
+    if data.test == "all":
+        return ir.IMAGE_SIZES[data.kind][1]
+    return int(data.test)
+
+
+def _observables(spec: ir.Spec) -> tuple[ObservablePlan, ...]:
+    depth = int(spec.network.hidden)
+    record = spec.record.observables if spec.record is not None else default_observables(spec)
+    # the probe inputs are the first test points: a small test set has fewer by default
+    default_probes = min(DEFAULT_PROBES, test_size(spec.data))
+    out = []
+    for obs in record:
+        if obs.layer is not None:
+            layers = tuple(depth + 1 if s == "last" else int(s) for s in obs.layer)
+        elif obs.name == "weight_change":
+            layers = tuple(range(1, depth + 2))
+        elif obs.name == "neuron_spread":
+            layers = tuple(range(1, depth + 1))
+        elif obs.name == "particles":
+            layers = (1,)
+        else:
+            layers = ()
+        probes = int(obs.probes) if obs.probes is not None else default_probes
+        sample = int(obs.sample) if obs.sample is not None else DEFAULT_SAMPLE
+        out.append(
+            ObservablePlan(
+                name=obs.name,  # type: ignore[arg-type]
+                layers=layers,
+                probes=probes if obs.name in ("output", "neuron_spread") else 0,
+                sample=min(sample, 10**9) if obs.name == "particles" else 0,
+            )
+        )
+    return tuple(out)
+
+
+def _schedule(node: Any) -> SchedulePlan:
+    if isinstance(node, ir.CosineSchedule):
+        return SchedulePlan(kind="cosine", final=float(node.final))
+    if isinstance(node, ir.LinearSchedule):
+        return SchedulePlan(kind="linear", final=float(node.final))
+    if isinstance(node, ir.StepSchedule):
+        return SchedulePlan(kind="step", every=int(node.every), factor=float(node.factor))
+    if isinstance(node, ir.InverseTimeSchedule):
+        return SchedulePlan(kind="inverse_time", rate=float(node.rate))
+    return SchedulePlan()
+
+
+def backend_options(spec: ir.Spec, backend: str) -> dict[str, Any]:
+    """The backend's declared defaults overlaid with the spec's options block."""
+    declared = available_backends()[backend].options
+    values = {o.name: o.default for o in declared if not o.required}
+    block = spec.options_for(backend)
+    if block is not None:
+        values.update(dict(block.values))
+    return values
+
+
+def compile_point(spec: ir.Spec, coords: dict[str, Any], backend: str) -> RunPlan:
+    """The run plan of one concrete sweep point (``spec`` from :func:`mfdsl.expand`)."""
+    opt = spec.train.optimizer
+    width = coords["width"]
+    if isinstance(opt, ir.Langevin):
+        optimizer = OptimizerPlan(
+            kind="langevin", lr=opt.lr, weight_decay=opt.weight_decay, temperature=opt.temperature
+        )
+    else:
+        optimizer = OptimizerPlan(kind="sgd", lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay)
+    steps = total_steps(spec)
+    return RunPlan(
+        experiment=spec.experiment,
+        coords=dict(coords),
+        width=float(width),
+        seed=int(coords["seed"]),
+        scaling=str(spec.scaling),
+        layers=layer_plans(spec, int(width)) if math.isfinite(width) else limit_layer_plans(spec),
+        activation=str(spec.network.activation),
+        output=str(spec.network.output),
+        loss=spec.train.loss,
+        data=spec.data,
+        batch=int(spec.train.batch),
+        steps=steps,
+        optimizer=optimizer,
+        schedule=_schedule(spec.train.schedule),
+        record_steps=record_steps(spec.record, steps),
+        observables=_observables(spec),
+        options=backend_options(spec, backend),
+    )
+
+
+def limit_problem(spec: ir.Spec) -> SpecError | None:
+    """Why a concrete spec has no mean-field limit, or ``None`` when it has one.
+
+    ``mean_field`` has one at every depth.  ``mup`` coincides with it at two layers
+    (``hidden = 1``: μP's output weights ``v ~ law/n`` are the mean-field ``a = n·v``,
+    and its per-layer learning rates give the same flow) — but not beyond, and not
+    with weight decay or Langevin noise, which μP applies at its own per-layer rates.
+    ``ntk`` and ``standard`` have a kernel (lazy) limit at any depth, not this one.
+    A limit backend raises the error this returns (it points at the spec's ``scaling``).
+    """
+    is_expr = ir.is_expr
+    scaling, hidden = spec.scaling, spec.network.hidden
+    where = spec.where("scaling")
+    if is_expr(scaling):
+        return None
+    if scaling in ("ntk", "standard"):
+        return SpecError(
+            f"the jax backend computes the mean-field limit, and '{scaling}' scaling has none: "
+            "its infinite-width limit is a kernel (lazy-training) limit, at any depth",
+            where,
+            hint="use 'scaling mean_field' (or 'mup' for two layers), or drop jax from 'backends'",
+        )
+    if scaling == "mup" and not is_expr(hidden) and hidden > 1:
+        return SpecError(
+            "the jax backend computes the mean-field limit; 'mup' coincides with it only at two "
+            f"layers (hidden = 1), and this network has {hidden} hidden layers",
+            where,
+            hint="use 'scaling mean_field' for the mean-field limit of a deeper network, "
+            "or drop jax from 'backends' for this spec",
+        )
+    opt = spec.train.optimizer
+    decay = getattr(opt, "weight_decay", 0.0)
+    noisy = isinstance(opt, ir.Langevin)
+    if scaling == "mup" and ((not is_expr(decay) and decay > 0) or noisy):
+        return SpecError(
+            "under 'mup' weight decay and Langevin noise act at μP's per-layer rates, which "
+            "have no mean-field limit; the jax backend cannot compute this spec",
+            where,
+            hint="use 'scaling mean_field' (decay and noise at rate lr on every weight)",
+        )
+    return None
