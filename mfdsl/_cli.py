@@ -1,4 +1,4 @@
-"""The ``mfdsl`` command line: check, show, fmt, run, plot, report, verify.
+"""The ``mfdsl`` command line: check, show, fmt, run, plot, report, verify, lsp.
 
 Exit codes: 0 success, 1 a run failed (or ``fmt --check`` found changes, or ``verify``
 found problems), 2 a bad spec or bad usage.
@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from ._errors import SpecError, count
+from ._errors import SpecError, SpecErrors, count, errors_of
 from ._estimate import CONFIRM_RUNS, MEMORY_ENV
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -44,6 +44,18 @@ def print_error(error: SpecError, console: Console | None = None, *, level: str 
             console.print(Text(line, style="bold red"))
         else:
             console.print(Text(line, style="dim") if "|" in line[:8] else Text(line))
+
+
+def print_errors(error: SpecError, console: Console | None = None) -> None:
+    """Every error ``error`` stands for (several, for a :class:`SpecErrors`), then how
+    many there are when there is more than one."""
+    console = console or _console(stderr=True)
+    for one in errors_of(error):
+        print_error(one, console)
+    if isinstance(error, SpecErrors):
+        total = len(error.errors) + error.omitted
+        shown = f" (the first {len(error.errors)} shown)" if error.omitted else ""
+        console.print(Text(f"{count(total, 'error')}{shown}", style="bold red"))
 
 
 def _add_set(parser: argparse.ArgumentParser) -> None:
@@ -213,6 +225,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Check a results store: every cell's status agrees with its data (done runs complete and finite, pending cells empty), every chunk decodes, the stored spec parses and matches the store's shape, the attributes are complete. Exit 1 with a list of problems otherwise.",
     )
     verify.add_argument("store", help="the zarr store written by 'mfdsl run'")
+
+    sub.add_parser(
+        "lsp",
+        help="run the language server for editors (stdio)",
+        description="Serve the Language Server Protocol on stdin and stdout for an editor: the "
+        "diagnostics of 'mfdsl check' as you type, completion of blocks, keys and values, and hover "
+        "documentation. Needs pygls: pip install 'mfdsl[lsp]'. Setup for VS Code and Neovim: docs/editors.md.",
+    )
     return parser
 
 
@@ -229,10 +249,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             "plot": _plot,
             "report": _report,
             "verify": _verify,
+            "lsp": _lsp,
         }[args.command]
         return handler(args)
     except SpecError as error:
-        print_error(error)
+        print_errors(error)
         return EXIT_USAGE
     except KeyboardInterrupt:
         _console(stderr=True).print("[yellow]interrupted[/yellow]")
@@ -543,6 +564,21 @@ def _verify(args: argparse.Namespace) -> int:
         return _store_error(error)
     render(report, _console())
     return EXIT_OK if report.ok else EXIT_FAILED
+
+
+def _lsp(args: argparse.Namespace) -> int:
+    try:
+        import pygls  # noqa: F401
+    except ImportError:
+        _console(stderr=True).print(
+            Text("error: ", style="bold red")
+            + Text("'mfdsl lsp' needs pygls, which is not installed: pip install 'mfdsl[lsp]'")
+        )
+        return EXIT_USAGE
+    from ._lsp import serve
+
+    serve()
+    return EXIT_OK
 
 
 if __name__ == "__main__":  # pragma: no cover
