@@ -10,7 +10,7 @@ from typing import Any
 
 from . import _expr as ex
 from . import _ir as ir
-from ._errors import Span, SpecError, combined, did_you_mean, errors_of, one_of
+from ._errors import Span, SpecError, SpecErrors, combined, did_you_mean, errors_of, one_of
 from ._options import REQUIRED, Kind, ListOf, Nested, Option, Str, suggest_key
 from ._plugins import available_backends
 from ._syntax import KEYWORDS, Entry, Module, Rule, Statement
@@ -42,6 +42,7 @@ class _Errors:
 
     def __init__(self) -> None:
         self._found: list[tuple[tuple[int, int, int], int, SpecError]] = []
+        self.omitted = 0  # errors found beyond the limit, counted but not kept
 
     @property
     def found(self) -> list[SpecError]:
@@ -53,6 +54,8 @@ class _Errors:
     def add(self, error: SpecError, at: Span | None = None) -> None:
         """Keep ``error`` (each of a :class:`SpecErrors`), found in the part at ``at``
         (by default, where the error points)."""
+        if isinstance(error, SpecErrors):
+            self.omitted += error.omitted
         for one in errors_of(error):
             where = at or one.span
             key = (2, 0, 0) if where is None else (0 if where.path else 1, where.line, where.column)
@@ -69,7 +72,7 @@ class _Errors:
     def raise_any(self, spec_wide: Sequence[SpecError] = ()) -> None:
         """Raise what was found, local errors in source order before ``spec_wide`` ones."""
         if self._found or spec_wide:
-            raise combined([*self.found, *spec_wide])
+            raise combined([*self.found, *spec_wide], self.omitted)
 
 
 #: what :meth:`_Errors.attempt` returns for a check that failed

@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     fmt = sub.add_parser(
         "fmt",
         help="format a spec canonically (comments kept)",
-        description="Print a .mf spec in canonical format, keeping comments.",
+        description="Print a .mf spec in canonical format, keeping comments (--from-yaml: a YAML spec as .mf).",
     )
     fmt.add_argument("specs", nargs="+", metavar="spec", help="the .mf spec files")
     group = fmt.add_mutually_exclusive_group()
@@ -129,6 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--check", action="store_true", help="exit 1 if the file is not formatted; change nothing"
     )
     group.add_argument("--write", action="store_true", help="rewrite the file in place")
+    group.add_argument(
+        "--from-yaml",
+        action="store_true",
+        help="read YAML specs and print each as a .mf spec (YAML comments are not carried over), "
+        "e.g. mfdsl fmt --from-yaml spec.yaml > spec.mf",
+    )
 
     run = sub.add_parser(
         "run",
@@ -436,11 +442,22 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _fmt(args: argparse.Namespace) -> int:
-    from ._fmt import format_source, write_formatted
+    from ._api import YAML_SUFFIXES, yaml_to_module
+    from ._fmt import format_module, format_source, write_formatted
     from ._syntax import read_source
 
     status = EXIT_OK
     for path in args.specs:
+        if args.from_yaml:
+            sys.stdout.write(format_module(yaml_to_module(read_source(path), path)))
+            continue
+        if path.endswith(YAML_SUFFIXES):
+            raise SpecError(
+                "'mfdsl fmt' formats .mf specs, and this is a YAML spec",
+                path=path,
+                hint=f"'mfdsl fmt --from-yaml {path}' prints it as a .mf spec; a YAML spec is checked and "
+                "run as it is (mfdsl check, mfdsl run)",
+            )
         source = read_source(path)
         formatted = format_source(source, path)
         if args.check:

@@ -169,12 +169,13 @@ def errors_of(error: SpecError) -> list[SpecError]:
     return list(error.errors) if isinstance(error, SpecErrors) else [error]
 
 
-def combined(errors: Iterable[SpecError]) -> SpecError:
+def combined(errors: Iterable[SpecError], omitted: int = 0) -> SpecError:
     """One exception for ``errors`` (at least one), in the order given: the error itself
-    when there is one, else a :class:`SpecErrors` of the first :data:`MAX_ERRORS`."""
+    when there is one, else a :class:`SpecErrors` of the first :data:`MAX_ERRORS`
+    (``omitted``: how many were left out before, besides those ``errors`` left out)."""
     errors = list(errors)
     flat = [e for error in errors for e in errors_of(error)]
-    earlier = sum(e.omitted for e in errors if isinstance(e, SpecErrors))
+    earlier = omitted + sum(e.omitted for e in errors if isinstance(e, SpecErrors))
     if len(flat) == 1 and not earlier:
         return flat[0]
     return SpecErrors(flat[:MAX_ERRORS], omitted=earlier + max(0, len(flat) - MAX_ERRORS))

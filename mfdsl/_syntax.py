@@ -341,7 +341,9 @@ def parse_text(source: str, path: str | None = None) -> Module:
         statements = _statements(source)
     except SpecError as error:
         _comments.clear()
-        more = _later_syntax_errors(source, error) if len(source) <= RECOVER_MAX else []
+        # (YAML is wrong on every line, for one reason)
+        recover = len(source) <= RECOVER_MAX and error.hint != _YAML_HINT
+        more = _later_syntax_errors(source, error) if recover else []
         raise combined([error, *more]).located(path, source) from None
     lines = source.split("\n")
     comments = tuple(
@@ -680,6 +682,12 @@ def _starts_line(source: str, pos: int) -> bool:
 
 
 _NAME_CHAR = re.compile(r"[A-Za-z0-9_]")
+# ``experiment: demo`` at the top level: a line of YAML
+_YAML_LINE = re.compile(r"[ \t]*[A-Za-z_][A-Za-z0-9_]*[ \t]*:")
+_YAML_HINT = (
+    "this looks like YAML: a .mf statement reads e.g. 'experiment demo' or 'train { steps = 100 }'; "
+    "a YAML spec is read from a file named .yaml or .yml (mfdsl fmt --from-yaml prints it as .mf)"
+)
 _WORD = re.compile(r"[A-Za-z0-9_]+(?:[-.][A-Za-z0-9_]+)*")
 
 
@@ -749,6 +757,8 @@ def _translate(error: UnexpectedInput, source: str, start: str) -> SpecError:
             hint = "numbers need a digit on both sides of the point, e.g. 0.5"
         elif char == ":" and "EQUAL" in allowed:
             hint = "use '=' between a key and its value"
+        elif char == ":" and start == "start" and _YAML_LINE.match(source, source.rfind("\n", 0, pos) + 1):
+            hint = _YAML_HINT
         elif char.isalpha() and not char.isascii():
             hint = "names use ASCII letters, digits and '_' (other characters are fine inside strings)"
         return SpecError(
