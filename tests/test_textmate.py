@@ -88,3 +88,21 @@ def test_textmate_scopes() -> None:
         "train_loss": "support.constant",
     }
     assert _scopes("  layer 1..2 ~ normal(0, 0.5)")["~"] == "keyword.operator"
+
+
+def test_editor_setup_in_the_docs_fits() -> None:
+    """docs/editors.md's VS Code files are valid JSON naming the grammar's scope, and
+    every editor starts a command that exists."""
+    from mfdsl._cli import build_parser
+
+    doc = (GRAMMARS.parent / "docs" / "editors.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```json\n(.*?)```", doc, flags=re.DOTALL)
+    package, configuration = (json.loads(b) for b in blocks)
+    (grammar,) = package["contributes"]["grammars"]
+    assert grammar["scopeName"] == textmate()["scopeName"]
+    assert grammar["path"] == "./mfdsl.tmLanguage.json"
+    assert package["contributes"]["languages"][0]["extensions"] == [f".{t}" for t in textmate()["fileTypes"]]
+    assert configuration["comments"]["lineComment"] == "#"
+    assert build_parser().parse_args(["lsp"]).command == "lsp"
+    for start in ('{ command: "mfdsl", args: ["lsp"] }', 'cmd = { "mfdsl", "lsp" }', 'args = ["lsp"]'):
+        assert start in doc
