@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 # Lines longer than this are cut around the caret so a 1 MB line stays readable.
 _MAX_SHOWN = 100
@@ -151,6 +152,10 @@ class SpecErrors(SpecError):
     source = property(
         lambda self: self.errors[0].source, lambda self, v: setattr(self.errors[0], "source", v)
     )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # (an exception pickles as its class called with ``args``, here the message)
+        return (SpecErrors, (self.errors, self.omitted))
 
     def located(self, path: str | None, source: str | None) -> SpecError:
         for error in self.errors:

@@ -561,6 +561,20 @@ def serve() -> None:
     server().start_io()
 
 
+def _lsp_diagnostic(types: Any, found: Diagnostic) -> Any:
+    """A :class:`Diagnostic` as lsprotocol's."""
+    severities = {"error": types.DiagnosticSeverity.Error, "warning": types.DiagnosticSeverity.Warning}
+    return types.Diagnostic(
+        range=types.Range(
+            start=types.Position(line=found.start[0], character=found.start[1]),
+            end=types.Position(line=found.end[0], character=found.end[1]),
+        ),
+        message=found.message,
+        severity=severities[found.severity],
+        source="mfdsl",
+    )
+
+
 def server() -> Any:
     """The pygls language server (raises ImportError without pygls)."""
     from lsprotocol import types
@@ -578,39 +592,36 @@ def server() -> Any:
         "observable": types.CompletionItemKind.Value,
         "backend": types.CompletionItemKind.Module,
     }
-    severities = {"error": types.DiagnosticSeverity.Error, "warning": types.DiagnosticSeverity.Warning}
 
-    def publish(uri: str, version: int | None) -> None:
-        document = ls.workspace.get_text_document(uri)
-        path = to_fs_path(uri) or uri
-        found = [
-            types.Diagnostic(
-                range=types.Range(
-                    start=types.Position(line=d.start[0], character=d.start[1]),
-                    end=types.Position(line=d.end[0], character=d.end[1]),
-                ),
-                message=d.message,
-                severity=severities[d.severity],
-                source="mfdsl",
-            )
-            for d in diagnostics(document.source, os.fspath(path))
-        ]
+    # One check at a time, off the event loop: the science checks of a large spec take a
+    # second or two, and completion and hover must answer meanwhile.
+    checking = asyncio.Lock()
+
+    async def publish(uri: str, version: int | None) -> None:
+        async with checking:
+            document = ls.workspace.get_text_document(uri)
+            if document.version != version:
+                return  # replaced while waiting: the newer version is checked instead
+            path = os.fspath(to_fs_path(uri) or uri)
+            found = await asyncio.to_thread(diagnostics, document.source, path)
+        if ls.workspace.get_text_document(uri).version != version:
+            return
         ls.text_document_publish_diagnostics(
-            types.PublishDiagnosticsParams(uri=uri, diagnostics=found, version=version)
+            types.PublishDiagnosticsParams(
+                uri=uri, diagnostics=[_lsp_diagnostic(types, d) for d in found], version=version
+            )
         )
 
     @ls.feature(types.TEXT_DOCUMENT_DID_OPEN)
-    def did_open(params: types.DidOpenTextDocumentParams) -> None:
-        publish(params.text_document.uri, params.text_document.version)
+    async def did_open(params: types.DidOpenTextDocumentParams) -> None:
+        await publish(params.text_document.uri, params.text_document.version)
 
     @ls.feature(types.TEXT_DOCUMENT_DID_CHANGE)
     async def did_change(params: types.DidChangeTextDocumentParams) -> None:
-        # Checked once typing pauses: the science checks take a few tenths of a second,
-        # and a check of text already replaced is wasted.
+        # Checked once typing pauses: a check of text already replaced is wasted.
         uri, version = params.text_document.uri, params.text_document.version
         await asyncio.sleep(CHANGE_DELAY)
-        if ls.workspace.get_text_document(uri).version == version:
-            publish(uri, version)
+        await publish(uri, version)
 
     @ls.feature(types.TEXT_DOCUMENT_DID_CLOSE)
     def did_close(params: types.DidCloseTextDocumentParams) -> None:

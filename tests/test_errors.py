@@ -4,6 +4,7 @@ one helps; and no input at all, however broken, ends in a Python traceback."""
 
 from __future__ import annotations
 
+import pickle
 import re
 from pathlib import Path
 
@@ -1045,6 +1046,9 @@ def test_at_most_twenty_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert len(info.value.errors) == 20 and info.value.omitted == 5
     assert [e.message for e in info.value.errors] == [f"unknown key 'bad{i}' in train" for i in range(20)]
     assert str(info.value).endswith("… and 5 more errors (only the first 20 are shown)")
+    # (to a worker process and back, as every exception may travel)
+    again = pickle.loads(pickle.dumps(info.value))
+    assert str(again) == str(info.value) and again.omitted == 5
     path = tmp_path / "t.mf"
     path.write_text(text, encoding="utf-8")
     assert main(["check", str(path)]) == 2

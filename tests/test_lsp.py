@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import mfdsl
 from mfdsl import _lsp
@@ -223,3 +225,61 @@ def test_diagnostic_ranges_count_utf16() -> None:
     assert (missing.start, missing.end) == ((0, 0), (0, 1))
     text = "experiment d  # 𝜑 x\n"
     assert _lsp._position(text.split("\n"), 1, 19) == (0, 19)  # 18 characters, 19 units
+
+
+SPECS = sorted((ROOT / "specs").glob("*.mf"))
+PIECES = [
+    "{",
+    "}",
+    "(",
+    ")",
+    "[",
+    "]",
+    "=",
+    ",",
+    "~",
+    "..",
+    '"',
+    "#",
+    "\n",
+    "layer",
+    "sgd(",
+    "data ",
+    "é",
+    "𝜑",
+]
+
+
+@st.composite
+def edited_specs(draw: st.DrawFn) -> str:
+    """A spec of specs/ with a few cuts, insertions and repeats, as while typing."""
+    text = draw(st.sampled_from(SPECS)).read_text(encoding="utf-8")
+    for _ in range(draw(st.integers(1, 4))):
+        i = draw(st.integers(0, len(text)))
+        j = draw(st.integers(i, min(len(text), i + 30)))
+        action = draw(st.sampled_from(["cut", "insert", "repeat"]))
+        if action == "cut":
+            text = text[:i] + text[j:]
+        elif action == "insert":
+            text = text[:i] + draw(st.sampled_from(PIECES) | st.text(max_size=4)) + text[i:]
+        else:
+            text = text[:j] + text[i:j] + text[j:]
+    return text
+
+
+@settings(max_examples=12, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(text=edited_specs(), data=st.data())
+def test_any_text_any_position(text: str, data: st.DataObject) -> None:
+    """Whatever is being typed, the server answers: diagnostics within the text,
+    completions and hover at every kind of position, never an exception."""
+    lines = text.split("\n")
+    for d in _lsp.diagnostics(text, "edited.mf"):
+        assert d.severity in ("error", "warning") and d.message
+        assert 0 <= d.start[0] <= d.end[0] < len(lines)
+    for _ in range(10):
+        line = data.draw(st.integers(0, len(lines) - 1))
+        character = data.draw(st.integers(0, len(lines[line]) + 2))
+        for item in _lsp.completions(text, line, character):
+            assert item.label
+        shown = _lsp.hover(text, line, character)
+        assert shown is None or shown.strip()
