@@ -39,9 +39,6 @@ from ._options import (
 )
 from ._syntax import KEYWORDS
 
-#: the words of a statement's head that take a name from a table (``data teacher``)
-_HEAD_TABLES = ("data", "network", "scaling", "backends", "record")
-
 # A token of the text before the cursor, near enough for completion: strings (perhaps
 # unclosed), comments, names, numbers, newlines and single symbols.
 _TOKEN = re.compile(
@@ -159,6 +156,8 @@ def _block_options(head: Sequence[str]) -> tuple[Option, ...]:
         return ir.Train.options()
     if keyword == "sweep":
         return _sweep_options()
+    if keyword in KEYWORDS:  # init and record hold rules and observables, not keys
+        return ()
     backend = _backends().get(keyword)
     return tuple(backend.options) if backend is not None else ()
 
@@ -205,7 +204,12 @@ def _doc(obj: Any) -> str:
 
 
 def _option_doc(opt: Option, where: str = "") -> str:
-    default = "required" if opt.default is REQUIRED else f"default `{_shown(opt.default)}`"
+    if opt.default is REQUIRED:
+        default = "required"
+    elif opt.default is None:
+        default = "optional"  # (None: not given, and the option's help says what then)
+    else:
+        default = f"default `{_shown(opt.default)}`"
     head = f"**{opt.name}**" + (f" ({where})" if where else "")
     text = f"{head}: {opt.kind.describe()}, {default}"
     return text + (f"\n\n{opt.help}" if opt.help else "")
@@ -265,7 +269,7 @@ def _context(before: str) -> _Context:
             elif not stack and not (top and top[-1] == ","):
                 top.clear()
             continue
-        if token in "{([":
+        if token in ("{", "(", "["):
             if token == "{":
                 head = tuple(t for t in pending if _WORD_AT.fullmatch(t))
                 frame = _Frame("{", head, None)
@@ -274,7 +278,7 @@ def _context(before: str) -> _Context:
                 frame = _Frame(token, (func,), _key_of(stack, pending))
             stack.append(frame)
             continue
-        if token in "})]":
+        if token in ("}", ")", "]"):
             if stack:
                 stack.pop()
             if not stack:
@@ -282,7 +286,7 @@ def _context(before: str) -> _Context:
             elif token != "}":
                 stack[-1].pending.append("<value>")
             continue
-        if token in ",;":
+        if token in (",", ";"):
             if (stack and stack[-1].bracket == "{") or (stack and token == ","):
                 pending.clear()
             elif not stack:
@@ -386,13 +390,21 @@ def _in_block(frame: _Frame) -> list[Completion]:
     return []
 
 
+def _options_of(frame: _Frame) -> tuple[Option, ...]:
+    """The keys a block or a call takes (none for a list, ``init`` or ``record``)."""
+    if frame.bracket == "{":
+        return _block_options(frame.head)
+    if frame.bracket == "(":
+        if frame.key == "observable":
+            return _observable_options(frame.head[0])
+        cls = _constructors(frame.key).get(frame.head[0])
+        return tuple(cls.options()) if cls is not None else ()
+    return ()
+
+
 def _in_call(frame: _Frame) -> list[Completion]:
     func, pending = frame.head[0], frame.pending
-    if frame.key == "observable":
-        options = _observable_options(func)
-    else:
-        cls = _constructors(frame.key).get(func)
-        options = cls.options() if cls is not None else ()
+    options = _options_of(frame)
     if not pending:
         return [
             Completion(
@@ -405,11 +417,16 @@ def _in_call(frame: _Frame) -> list[Completion]:
     return []
 
 
+def _list_owner(stack: Sequence[_Frame]) -> _Frame | None:
+    """The block or call whose key's value the innermost list is."""
+    return next((f for f in reversed(stack[:-1]) if f.bracket != "["), None)
+
+
 def _in_list(frame: _Frame, stack: Sequence[_Frame]) -> list[Completion]:
-    outer = next((f for f in reversed(stack) if f.bracket == "{"), None)
-    if outer is None or frame.key is None:
+    owner = _list_owner(stack)
+    if owner is None or frame.key is None:
         return []
-    return _value_completions(frame.key, _block_options(outer.head))
+    return _value_completions(frame.key, _options_of(owner))
 
 
 def _value_completions(key: str, options: Sequence[Option]) -> list[Completion]:
@@ -498,23 +515,14 @@ def hover(source: str, line: int, character: int) -> str | None:
         if frame.head[:1] == ("init",):
             if word in ir.DISTRIBUTIONS and "~" in frame.pending:
                 return _class_doc(word, ir.DISTRIBUTIONS[word])
-            return _doc_or_none(ir.InitRule, word == "layer")
+            return f"**layer** SELECTOR ~ DISTRIBUTION: {_doc(ir.InitRule)}" if word == "layer" else None
         return _hover_entry(word, after, frame.pending, _block_options(frame.head), " ".join(frame.head))
     if frame.bracket == "(":
-        if frame.key == "observable":
-            options = _observable_options(frame.head[0])
-        else:
-            cls = _constructors(frame.key).get(frame.head[0])
-            options = cls.options() if cls is not None else ()
-        return _hover_entry(word, after, frame.pending, options, f"{frame.head[0]}(...)")
-    outer = next((f for f in reversed(ctx.stack) if f.bracket == "{"), None)
-    options = _block_options(outer.head) if outer is not None else ()
+        return _hover_entry(word, after, frame.pending, _options_of(frame), f"{frame.head[0]}(...)")
+    owner = _list_owner(ctx.stack)
+    options = _options_of(owner) if owner is not None else ()
     opt = next((o for o in options if o.name == frame.key), None)
     return _option_doc(opt) if opt is not None and word in dict(_values(opt.kind)) else None
-
-
-def _doc_or_none(cls: type[Any], shown: bool) -> str | None:
-    return f"**layer** SELECTOR ~ DISTRIBUTION: {_doc(cls)}" if shown else None
 
 
 def _hover_top(word: str, words: Sequence[str]) -> str | None:

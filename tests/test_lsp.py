@@ -38,12 +38,15 @@ backends torch
 class _Client:
     """A minimal LSP client: JSON-RPC messages framed by Content-Length over pipes."""
 
-    def __init__(self) -> None:
+    def __init__(self, log: Path) -> None:
+        # the server's stderr goes to a file: a pipe nobody reads could fill and stall it
+        self.log = log
+        self.stderr = log.open("wb")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "mfdsl", "lsp"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+            stderr=self.stderr,
             cwd=ROOT,
             env={**os.environ, "PYTHONWARNINGS": "ignore"},
         )
@@ -90,8 +93,8 @@ class _Client:
             try:
                 message = self.messages.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
-                stderr = self.process.stderr.read().decode() if self.process.poll() is not None else ""
-                raise AssertionError(f"no such message from the server; stderr: {stderr}") from None
+                stderr = self.log.read_text(errors="replace")[-2000:]
+                raise AssertionError(f"no such message from the server; its stderr: {stderr}") from None
             if matches(message):
                 return message
 
@@ -109,7 +112,7 @@ class _Client:
 def test_lsp_session(tmp_path: Path) -> None:
     pytest.importorskip("pygls")
     uri = (tmp_path / "demo.mf").as_uri()
-    client = _Client()
+    client = _Client(tmp_path / "server.log")
     try:
         init = client.request("initialize", {"processId": None, "rootUri": None, "capabilities": {}})
         capabilities = init["capabilities"]
@@ -159,6 +162,7 @@ def test_lsp_session(tmp_path: Path) -> None:
         if client.process.poll() is None:
             client.process.kill()
         client.process.wait()
+        client.stderr.close()
 
 
 def test_lsp_without_pygls(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
