@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from . import _expr as ex
 from . import _ir as ir
-from ._errors import SpecError, SpecWarning
+from ._errors import SpecError, SpecWarning, combined
 from ._plugins import available_backends
 
 
@@ -70,7 +70,9 @@ def expand(spec: ir.Spec) -> Iterator[Point]:
     return _points(spec)
 
 
-def _points(spec: ir.Spec) -> Iterator[Point]:
+def _points(spec: ir.Spec, on_error: Callable[[SpecError], None] | None = None) -> Iterator[Point]:
+    """The points; an invalid one raises, or with ``on_error`` is handed to it and
+    left out."""
     variables = spec.sweep.variables
     names = [v.name for v in variables]
     for combo in itertools.product(*(list(enumerate(v.values)) for v in variables)):
@@ -81,7 +83,10 @@ def _points(spec: ir.Spec) -> Iterator[Point]:
         except SpecError as error:
             shown = ", ".join(f"{k} = {ex.describe(v)}" for k, v in coords.items())
             error.message = f"{error.message} (at sweep point {shown})"
-            raise error.located(spec.path, spec.source) from None
+            if on_error is None:
+                raise error.located(spec.path, spec.source) from None
+            on_error(error)
+            continue
         yield Point(index=index, coords=dict(coords), spec=concrete)
 
 
@@ -140,8 +145,20 @@ def _options(block: ir.BackendOptions, env: Mapping[str, Any]) -> ir.BackendOpti
 
 
 def check_all(spec: ir.Spec) -> list[Point]:
-    """Expand every point (validating each) and let each listed backend check the spec."""
-    points = list(expand(spec))
+    """Expand every point (validating each) and let each listed backend check the spec.
+
+    Every independent error is raised (a :class:`~mfdsl._errors.SpecErrors` when there
+    are several, in source order): each place of the spec that is wrong at some sweep
+    points is reported once, at the first point where it is."""
+    check_size(spec)
+    found: dict[tuple[Any, ...], SpecError] = {}
+
+    def keep(error: SpecError) -> None:
+        span = error.span
+        where = (span.path or "", span.line, span.column) if span is not None else ("~", 0, 0)
+        found.setdefault(where, error)
+
+    points = list(_points(spec, keep))
     backends = available_backends()
     for name in spec.backends:
         backend = backends[name]()
@@ -149,7 +166,11 @@ def check_all(spec: ir.Spec) -> list[Point]:
             try:
                 backend.check(point.spec)
             except SpecError as error:
-                raise error.located(spec.path, spec.source) from None
+                keep(error)
+    if found:
+        # (``--set`` arguments first, then the file by line and column, errors of no place last)
+        ordered = [found[k] for k in sorted(found, key=lambda k: (k[0] != "--set", k[0] == "~", k[1], k[2]))]
+        raise combined(ordered).located(spec.path, spec.source)
     return points
 
 

@@ -989,6 +989,16 @@ def test_errors_across_blocks_and_inside_calls() -> None:
     ]
 
 
+def test_errors_at_sweep_points_each_once() -> None:
+    # 'hidden' is wrong at n = 1, 'batch' at both points: each place is reported once,
+    # at the first point where it is wrong, in source order
+    text = sweeping("n = [1, 2]", with_("hidden = 1", "hidden = n - 1", with_("batch = 8", "batch = n - 2")))
+    errors = all_errors(text)
+    assert places(errors) == [(3, 24), (12, 11)]
+    assert errors[0].message.endswith("got 0 (at sweep point width = 64, seed = 0, n = 1)")
+    assert errors[1].message.endswith("got 0 (at sweep point width = 64, seed = 0, n = 2)")
+
+
 def test_spec_wide_errors_come_after_local_ones() -> None:
     # today's report of a half-written spec: the typo on line 4 first, then what is missing
     text = BASE[: BASE.index("sweep {")].replace("scaling mean_field", "scaling mean_feld")
