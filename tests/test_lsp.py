@@ -271,7 +271,7 @@ def edited_specs(draw: st.DrawFn) -> str:
     return text
 
 
-@settings(max_examples=12, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=8, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(text=edited_specs(), data=st.data())
 def test_any_text_any_position(text: str, data: st.DataObject) -> None:
     """Whatever is being typed, the server answers: diagnostics within the text,
