@@ -1,4 +1,4 @@
-"""The ``mfdsl`` command line: check, show, fmt, run, plot, report, verify.
+"""The ``mfdsl`` command line: check, show, fmt, run, plot, report, verify, lsp.
 
 Exit codes: 0 success, 1 a run failed (or ``fmt --check`` found changes, or ``verify``
 found problems), 2 a bad spec or bad usage.
@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from mfdsl.core.errors import SpecError, count
+from mfdsl.core.errors import SpecError, SpecErrors, count, errors_of
 from mfdsl.core.resources import MEMORY_ENV
 from mfdsl.plan.estimate import CONFIRM_RUNS
 
@@ -45,6 +45,18 @@ def print_error(error: SpecError, console: Console | None = None, *, level: str 
             console.print(Text(line, style="bold red"))
         else:
             console.print(Text(line, style="dim") if "|" in line[:8] else Text(line))
+
+
+def print_errors(error: SpecError, console: Console | None = None) -> None:
+    """Every error ``error`` stands for (several, for a :class:`SpecErrors`), then how
+    many there are when there is more than one."""
+    console = console or _console(stderr=True)
+    for one in errors_of(error):
+        print_error(one, console)
+    if isinstance(error, SpecErrors):
+        total = len(error.errors) + error.omitted
+        shown = f" (the first {len(error.errors)} shown)" if error.omitted else ""
+        console.print(Text(f"{count(total, 'error')}{shown}", style="bold red"))
 
 
 def _add_set(parser: argparse.ArgumentParser) -> None:
@@ -110,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     fmt = sub.add_parser(
         "fmt",
         help="format a spec canonically (comments kept)",
-        description="Print a .mf spec in canonical format, keeping comments.",
+        description="Print a .mf spec in canonical format, keeping comments (--from-yaml: a YAML spec as .mf).",
     )
     fmt.add_argument("specs", nargs="+", metavar="spec", help="the .mf spec files")
     group = fmt.add_mutually_exclusive_group()
@@ -118,6 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--check", action="store_true", help="exit 1 if the file is not formatted; change nothing"
     )
     group.add_argument("--write", action="store_true", help="rewrite the file in place")
+    group.add_argument(
+        "--from-yaml",
+        action="store_true",
+        help="read YAML specs and print each as a .mf spec (YAML comments are not carried over), "
+        "e.g. mfdsl fmt --from-yaml spec.yaml > spec.mf",
+    )
 
     run = sub.add_parser(
         "run",
@@ -214,6 +232,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Check a results store: every cell's status agrees with its data (done runs complete and finite, pending cells empty), every chunk decodes, the stored spec parses and matches the store's shape, the attributes are complete. Exit 1 with a list of problems otherwise.",
     )
     verify.add_argument("store", help="the zarr store written by 'mfdsl run'")
+
+    sub.add_parser(
+        "lsp",
+        help="run the language server for editors (stdio)",
+        description="Serve the Language Server Protocol on stdin and stdout for an editor: the "
+        "diagnostics of 'mfdsl check' as you type, completion of blocks, keys and values, and hover "
+        "documentation. Needs pygls: pip install 'mfdsl[lsp]'. Setup for VS Code and Neovim: docs/editors.md.",
+    )
     return parser
 
 
@@ -230,10 +256,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             "plot": _plot,
             "report": _report,
             "verify": _verify,
+            "lsp": _lsp,
         }[args.command]
         return handler(args)
     except SpecError as error:
-        print_error(error)
+        print_errors(error)
         return EXIT_USAGE
     except KeyboardInterrupt:
         _console(stderr=True).print("[yellow]interrupted[/yellow]")
@@ -351,11 +378,22 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _fmt(args: argparse.Namespace) -> int:
-    from mfdsl.language.fmt import format_source, write_formatted
+    from mfdsl.language.fmt import format_module, format_source, write_formatted
+    from mfdsl.language.load import YAML_SUFFIXES, yaml_to_module
     from mfdsl.language.syntax import read_source
 
     status = EXIT_OK
     for path in args.specs:
+        if args.from_yaml:
+            sys.stdout.write(format_module(yaml_to_module(read_source(path), path)))
+            continue
+        if path.endswith(YAML_SUFFIXES):
+            raise SpecError(
+                "'mfdsl fmt' formats .mf specs, and this is a YAML spec",
+                path=path,
+                hint=f"'mfdsl fmt --from-yaml {path}' prints it as a .mf spec; a YAML spec is checked and "
+                "run as it is (mfdsl check, mfdsl run)",
+            )
         source = read_source(path)
         formatted = format_source(source, path)
         if args.check:
@@ -480,6 +518,21 @@ def _verify(args: argparse.Namespace) -> int:
         return _store_error(error)
     render(report, _console())
     return EXIT_OK if report.ok else EXIT_FAILED
+
+
+def _lsp(args: argparse.Namespace) -> int:
+    try:
+        import pygls  # noqa: F401
+    except ImportError:
+        _console(stderr=True).print(
+            Text("error: ", style="bold red")
+            + Text("'mfdsl lsp' needs pygls, which is not installed: pip install 'mfdsl[lsp]'")
+        )
+        return EXIT_USAGE
+    from mfdsl.lsp import serve
+
+    serve()
+    return EXIT_OK
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -13,15 +13,17 @@
 
 from __future__ import annotations
 
+import io
 import re
 import shlex
 from pathlib import Path
 from typing import Any
 
 import pytest
+from rich.console import Console
 
 import mfdsl
-from mfdsl.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, build_parser
+from mfdsl.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, build_parser, print_errors
 from mfdsl.language import ir as ir
 from mfdsl.language.build import BUILTIN_VARIABLES
 from mfdsl.language.expr import FUNCTIONS, format_number
@@ -368,9 +370,9 @@ def _check_error(argv: list[str]) -> str:
     try:
         mfdsl.check_all(mfdsl.load(args.spec, overrides=args.overrides))
     except mfdsl.SpecError as error:
-        head, _, rest = error.render().partition("\n")
-        location, _, message = head.partition(": ")
-        return f"{location}: error: {message}\n{rest}\n" if rest else f"{location}: error: {message}\n"
+        out = io.StringIO()
+        print_errors(error, Console(file=out, color_system=None, highlight=False, soft_wrap=True))
+        return out.getvalue()
     raise AssertionError(f"{' '.join(argv)} did not fail")
 
 

@@ -4,6 +4,7 @@ one helps; and no input at all, however broken, ends in a Python traceback."""
 
 from __future__ import annotations
 
+import pickle
 import re
 from pathlib import Path
 
@@ -938,3 +939,185 @@ def test_mutated_yaml(
         report = str(error)
         assert report.startswith(str(path))
         assert not TERMINALS.search(f"{error.message}\n{error.hint}"), report
+
+
+# ---- every independent error, in source order --------------------------------------------
+
+
+def all_errors(text: str) -> list[mfdsl.SpecError]:
+    """Every error one check of ``text`` reports."""
+    from mfdsl.core.errors import errors_of
+
+    with pytest.raises(mfdsl.SpecError) as info:
+        check(text)
+    return errors_of(info.value)
+
+
+def places(errors: list[mfdsl.SpecError]) -> list[tuple[int | None, int | None]]:
+    return [(e.line, e.column) for e in errors]
+
+
+def test_two_errors_in_source_order() -> None:
+    # a bad width on line 17 and a misspelt key on line 10: one check reports both, the
+    # one written first first, each as it is reported alone
+    text = with_("width = [64, 256]", "width = [64, 0]", with_("lr = 0.05", "lrr = 0.05"))
+    errors = all_errors(text)
+    assert places(errors) == [(10, 25), (17, 16)]
+    alone = [
+        all_errors(with_("lr = 0.05", "lrr = 0.05")),
+        all_errors(with_("width = [64, 256]", "width = [64, 0]")),
+    ]
+    assert [e.message for e in errors] == [alone[0][0].message, alone[1][0].message]
+    # the exception is the first error, for code that handles one
+    with pytest.raises(mfdsl.SpecError) as info:
+        check(text)
+    assert (info.value.line, info.value.column, info.value.message) == (10, 25, errors[0].message)
+    assert_report(info.value, "t.mf", text, 10, 25)
+    assert str(info.value).count("t.mf:") == 2
+
+
+def test_errors_across_blocks_and_inside_calls() -> None:
+    text = with_("dim = 20", "dim = 0", with_("sgd(lr = 0.05)", "sgd(lr = -1, momentum = 2)"))
+    text = with_("test_loss,", "test_los,", text)
+    errors = all_errors(text)
+    assert places(errors) == [(2, 33), (10, 24), (10, 39), (15, 31)]
+    assert [e.message.split(",")[0] for e in errors] == [
+        "'dim' must be a positive integer",
+        "'lr' must be a positive number",
+        "'momentum' must be a number ≥ 0 and < 1",
+        "unknown observable 'test_los'",
+    ]
+
+
+def test_errors_at_sweep_points_each_once() -> None:
+    # 'hidden' is wrong at n = 1, 'batch' at both points: each place is reported once,
+    # at the first point where it is wrong, in source order
+    text = sweeping("n = [1, 2]", with_("hidden = 1", "hidden = n - 1", with_("batch = 8", "batch = n - 2")))
+    errors = all_errors(text)
+    assert places(errors) == [(3, 24), (12, 11)]
+    assert errors[0].message.endswith("got 0 (at sweep point width = 64, seed = 0, n = 1)")
+    assert errors[1].message.endswith("got 0 (at sweep point width = 64, seed = 0, n = 2)")
+
+
+def test_spec_wide_errors_come_after_local_ones() -> None:
+    # today's report of a half-written spec: the typo on line 4 first, then what is missing
+    text = BASE[: BASE.index("sweep {")].replace("scaling mean_field", "scaling mean_feld")
+    errors = all_errors(text)
+    assert [e.message.split(";")[0] for e in errors] == [
+        "unknown scaling 'mean_feld'",
+        "the spec has no 'sweep' block, so no widths to train",
+    ]
+    assert errors[0].hint == "did you mean 'mean_field'?"
+    # a spec-wide error alone is reported as before
+    (alone,) = all_errors(BASE[: BASE.index("sweep {")])
+    assert (alone.line, alone.column) == (1, 1)
+
+
+def test_dependent_errors_are_not_reported() -> None:
+    # a misspelt required key is one error, not also "train needs 'optimizer'"
+    (error,) = all_errors(with_("optimizer = sgd", "optimzer = sgd"))
+    assert error.message == "unknown key 'optimzer' in train"
+    # a bad sweep value does not make every use of the variable an unknown name
+    text = sweeping("s = [1, 2, 2]", with_("lr = 0.05", "lr = 0.05 * s"))
+    (error,) = all_errors(text)
+    assert error.message == "'s' lists 2 twice"
+    # checks across blocks wait for every block to be right
+    (error,) = all_errors(with_("hidden = 1", "hidden = 0", with_("layer 2 ~", "layer 3 ~")))
+    assert error.message.startswith("'hidden' must be an integer from 1 to 64")
+
+
+def test_syntax_errors_resume_at_the_next_statement() -> None:
+    text = with_(
+        "dim = 20,",
+        "dim: 20,",
+        with_("steps = 2000", "steps 2000", with_("width = [64, 256]", "width = [64 256]")),
+    )
+    errors = all_errors(text)
+    assert places(errors) == [(2, 30), (13, 9), (17, 15)]
+    assert [e.hint for e in errors] == [
+        "use '=' between a key and its value",
+        "use '=' between a key and its value",
+        "items of a list are separated by commas",
+    ]
+    # an unclosed block is one error, not one for every statement after it
+    (error,) = all_errors(with_("  steps = 2000\n}", "  steps = 2000\n"))
+    assert error.line == 15
+
+
+def test_at_most_twenty_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from mfdsl.cli import main
+    from mfdsl.core.errors import MAX_ERRORS, SpecErrors
+
+    keys = ", ".join(f"bad{i} = 1" for i in range(25))
+    text = with_("  batch = 8\n", f"  batch = 8, {keys}\n")
+    with pytest.raises(SpecErrors) as info:
+        check(text)
+    assert MAX_ERRORS == 20
+    assert len(info.value.errors) == 20 and info.value.omitted == 5
+    assert [e.message for e in info.value.errors] == [f"unknown key 'bad{i}' in train" for i in range(20)]
+    assert str(info.value).endswith("… and 5 more errors (only the first 20 are shown)")
+    # (to a worker process and back, as every exception may travel)
+    again = pickle.loads(pickle.dumps(info.value))
+    assert str(again) == str(info.value) and again.omitted == 5
+    path = tmp_path / "t.mf"
+    path.write_text(text, encoding="utf-8")
+    assert main(["check", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count(": error: unknown key 'bad") == 20
+    assert err.rstrip().endswith("25 errors (the first 20 shown)")
+
+
+def test_cli_prints_every_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from mfdsl.cli import main
+
+    path = tmp_path / "t.mf"
+    path.write_text(
+        with_("width = [64, 256]", "width = [64, 0]", with_("lr = 0.05", "lrr = 0.05")), encoding="utf-8"
+    )
+    assert main(["check", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}:10:25: error: unknown key 'lrr' in sgd" in err
+    assert f"{path}:17:16: error: 'width' must be a positive integer, got 0" in err
+    assert err.index(":10:25:") < err.index(":17:16:")
+    assert err.rstrip().endswith("2 errors")
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "column", "word", "fixed"),
+    [
+        ("experiment demo", "experiment my-exp", 12, "my-exp", "did you mean 'my_exp'?"),
+        ("experiment demo", "experiment run.2", 12, "run.2", "did you mean 'run_2'?"),
+        ("experiment demo", "experiment 2nd", 12, "2nd", "e.g. '_2nd'"),
+        ("  batch = 8", "  batch-size = 8", 3, "batch-size", "did you mean 'batch_size'?"),
+        ("backends torch", "backends torch, my-backend", 17, "my-backend", "did you mean 'my_backend'?"),
+    ],
+)
+def test_names_that_are_not_identifiers(old: str, new: str, column: int, word: str, fixed: str) -> None:
+    text = with_(old, new)
+    (error,) = all_errors(text)
+    line = next(i for i, written in enumerate(text.split("\n"), start=1) if new.strip() in written)
+    assert (error.line, error.column) == (line, column)
+    assert error.message.startswith(f"'{word}' is not a name: ")
+    assert error.hint == fixed
+    assert error.span is not None and error.span.end_column - error.span.column == len(word)
+    assert_in_words(error, (word,))
+
+
+def test_fmt_on_yaml_says_how_to_convert(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from mfdsl.cli import main
+
+    path = tmp_path / "t.yaml"
+    path.write_text(YAML, encoding="utf-8")
+    assert main(["fmt", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "'mfdsl fmt' formats .mf specs, and this is a YAML spec" in err
+    assert f"mfdsl fmt --from-yaml {path}" in err
+    # ... and the conversion gives the same spec as a .mf file
+    assert main(["fmt", "--from-yaml", str(path)]) == 0
+    converted = capsys.readouterr().out
+    assert mfdsl.parse(converted, "t.mf") == mfdsl.load(path)
+    # YAML in a .mf file: one error that says so, not one per line
+    mf = tmp_path / "y.mf"
+    mf.write_text(YAML, encoding="utf-8")
+    (error,) = all_errors(YAML)
+    assert "this looks like YAML" in str(error.hint)

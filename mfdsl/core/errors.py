@@ -5,9 +5,13 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 # Lines longer than this are cut around the caret so a 1 MB line stays readable.
 _MAX_SHOWN = 100
+#: the most errors one check of a spec reports; the others are counted, not shown (a
+#: spec with more is usually the wrong file, and the first screenful is what helps)
+MAX_ERRORS = 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +121,69 @@ class SpecError(Exception):
         if self.hint:
             lines.append(f"hint: {self.hint}")
         return "\n".join(lines)
+
+
+class SpecErrors(SpecError):
+    """Several independent errors of one spec: local ones in source order, then
+    spec-wide ones (a missing block).
+
+    Its ``message``, ``span``, ``hint``, ``path`` and ``source`` are the first error's,
+    so code that handles one :class:`SpecError` handles this unchanged; ``errors`` holds
+    them all and :meth:`render` shows them all.  ``omitted`` counts the errors found
+    beyond :data:`MAX_ERRORS`, which are not kept.
+    """
+
+    def __init__(self, errors: Iterable[SpecError], omitted: int = 0) -> None:
+        self.errors: list[SpecError] = list(errors)
+        if not self.errors:
+            raise ValueError("SpecErrors needs at least one error")
+        self.omitted = omitted
+        first = self.errors[0]
+        super().__init__(first.message, first.span, hint=first.hint, path=first.path, source=first.source)
+
+    # The first error's fields, read and written through, so that a caller adding to
+    # ``error.message`` (as the expansion does) changes what is shown.
+    message = property(
+        lambda self: self.errors[0].message, lambda self, v: setattr(self.errors[0], "message", v)
+    )
+    span = property(lambda self: self.errors[0].span, lambda self, v: setattr(self.errors[0], "span", v))
+    hint = property(lambda self: self.errors[0].hint, lambda self, v: setattr(self.errors[0], "hint", v))
+    path = property(lambda self: self.errors[0].path, lambda self, v: setattr(self.errors[0], "path", v))
+    source = property(
+        lambda self: self.errors[0].source, lambda self, v: setattr(self.errors[0], "source", v)
+    )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # (an exception pickles as its class called with ``args``, here the message)
+        return (SpecErrors, (self.errors, self.omitted))
+
+    def located(self, path: str | None, source: str | None) -> SpecError:
+        for error in self.errors:
+            error.located(path, source)
+        return self
+
+    def render(self) -> str:
+        text = "\n".join(error.render() for error in self.errors)
+        if self.omitted:
+            text += f"\n… and {count(self.omitted, 'more error')} (only the first {MAX_ERRORS} are shown)"
+        return text
+
+
+def errors_of(error: SpecError) -> list[SpecError]:
+    """The single errors ``error`` stands for (itself, or each of a :class:`SpecErrors`)."""
+    return list(error.errors) if isinstance(error, SpecErrors) else [error]
+
+
+def combined(errors: Iterable[SpecError], omitted: int = 0) -> SpecError:
+    """One exception for ``errors`` (at least one), in the order given: the error itself
+    when there is one, else a :class:`SpecErrors` of the first :data:`MAX_ERRORS`
+    (``omitted``: how many were left out before, besides those ``errors`` left out)."""
+    errors = list(errors)
+    flat = [e for error in errors for e in errors_of(error)]
+    earlier = omitted + sum(e.omitted for e in errors if isinstance(e, SpecErrors))
+    if len(flat) == 1 and not earlier:
+        return flat[0]
+    return SpecErrors(flat[:MAX_ERRORS], omitted=earlier + max(0, len(flat) - MAX_ERRORS))
 
 
 class SpecWarning(SpecError):

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import difflib
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from mfdsl.core.errors import Span, SpecError, did_you_mean, one_of
+from mfdsl.core.errors import Span, SpecError, SpecErrors, combined, did_you_mean, errors_of, one_of
 from mfdsl.core.plugins import available_backends
 from mfdsl.language import expr as ex
 from mfdsl.language import ir as ir
@@ -34,27 +35,85 @@ def build(module: Module) -> ir.Spec:
         raise error.located(module.path, module.source) from None
 
 
+class _Errors:
+    """The errors found so far while building a spec: each independent part (a
+    statement, a key, an init rule, an observable) is checked on its own, so one check
+    reports every independent error rather than the first."""
+
+    def __init__(self) -> None:
+        self._found: list[tuple[tuple[int, int, int], int, SpecError]] = []
+        self.omitted = 0  # errors found beyond the limit, counted but not kept
+
+    @property
+    def found(self) -> list[SpecError]:
+        """The errors in source order: by the place of the part each was found in
+        (``--set`` arguments first, then the file by line and column), errors of one
+        part in the order found; errors of no place last."""
+        return [error for _, _, error in sorted(self._found, key=lambda t: t[:2])]
+
+    def add(self, error: SpecError, at: Span | None = None) -> None:
+        """Keep ``error`` (each of a :class:`SpecErrors`), found in the part at ``at``
+        (by default, where the error points)."""
+        if isinstance(error, SpecErrors):
+            self.omitted += error.omitted
+        for one in errors_of(error):
+            where = at or one.span
+            key = (2, 0, 0) if where is None else (0 if where.path else 1, where.line, where.column)
+            self._found.append((key, len(self._found), one))
+
+    def attempt(self, check: Callable[..., Any], *args: Any, at: Span | None = None) -> Any:
+        """``check(*args)``, or :data:`_FAILED` with its errors kept (found at ``at``)."""
+        try:
+            return check(*args)
+        except SpecError as error:
+            self.add(error, at)
+            return _FAILED
+
+    def raise_any(self, spec_wide: Sequence[SpecError] = ()) -> None:
+        """Raise what was found, local errors in source order before ``spec_wide`` ones."""
+        if self._found or spec_wide:
+            raise combined([*self.found, *spec_wide], self.omitted)
+
+
+#: what :meth:`_Errors.attempt` returns for a check that failed
+_FAILED: Any = type("Failed", (), {"__repr__": lambda self: "FAILED"})()
+
+
 def _build(module: Module) -> ir.Spec:
-    by_keyword = _group(module.statements)
+    errors = _Errors()
+    by_keyword = _group(module.statements, errors)
     backends = available_backends()
 
     sweep_stmt = by_keyword.get("sweep")
-    sweep = _sweep(sweep_stmt) if sweep_stmt else None
-    variables = frozenset(BUILTIN_VARIABLES) | frozenset(sweep.names if sweep else ())
+    sweep = errors.attempt(_sweep, sweep_stmt, at=sweep_stmt.span) if sweep_stmt else None
+    if sweep is _FAILED:
+        # The names the sweep writes are its variables even when their values are wrong,
+        # so an error there does not make every use of them an error too.
+        assert sweep_stmt is not None
+        written = {entry.key for entry in _entries(sweep_stmt)} | {"seed"}
+        variables = frozenset(BUILTIN_VARIABLES) | frozenset(written)
+    else:
+        variables = frozenset(BUILTIN_VARIABLES) | frozenset(sweep.names if sweep else ())
     ctx = _Context(variables)
-    if sweep is None:
-        raise SpecError(
-            "the spec has no 'sweep' block, so no widths to train",
-            Span(line=1, column=1, end_line=1, end_column=2),
-            hint="add e.g. sweep { width = [64, 256, 1024], seed = 0..2 }",
+    # Errors about what the spec lacks come after the errors in what it has: on a
+    # half-written spec, the typo on line 4 is the more useful message.
+    spec_wide: list[SpecError] = []
+    if sweep_stmt is None:
+        spec_wide.append(
+            SpecError(
+                "the spec has no 'sweep' block, so no widths to train",
+                Span(line=1, column=1, end_line=1, end_column=2),
+                hint="add e.g. sweep { width = [64, 256, 1024], seed = 0..2 }",
+            )
         )
-
     for required in ("data", "train"):
         if required not in by_keyword:
-            raise SpecError(
-                f"the spec has no '{required}' block",
-                Span(line=1, column=1, end_line=1, end_column=2),
-                hint="see docs/language.md for an example",
+            spec_wide.append(
+                SpecError(
+                    f"the spec has no '{required}' block",
+                    Span(line=1, column=1, end_line=1, end_column=2),
+                    hint="see docs/language.md for an example",
+                )
             )
 
     fields: dict[str, Any] = {"sweep": sweep}
@@ -66,45 +125,52 @@ def _build(module: Module) -> ir.Spec:
         stem = os.path.splitext(os.path.basename(module.path))[0] if module.path else ""
         fields["experiment"] = stem if stem.isidentifier() else "experiment"
 
-    stmt = by_keyword["data"]
-    fields["data"] = _data(stmt, ctx)
+    if "data" in by_keyword:
+        stmt = by_keyword["data"]
+        fields["data"] = errors.attempt(_data, stmt, ctx, at=stmt.span)
     if "network" in by_keyword:
         stmt = by_keyword["network"]
-        if stmt.names[0] != "mlp":
-            raise SpecError(
-                f"unknown network '{stmt.names[0]}'; the only network is 'mlp'",
-                stmt.name_spans[0],
-                hint=did_you_mean(stmt.names[0], ["mlp"]),
-            )
-        fields["network"] = construct(ir.Network, _entries(stmt), ctx, stmt.span, "network")
+        fields["network"] = errors.attempt(_network, stmt, ctx, at=stmt.span)
     if "scaling" in by_keyword:
         stmt = by_keyword["scaling"]
-        fields["scaling"], spans["scaling"] = _scaling(stmt, ctx)
+        scaling = errors.attempt(_scaling, stmt, ctx, at=stmt.span)
+        if scaling is not _FAILED:
+            fields["scaling"], spans["scaling"] = scaling
     if "init" in by_keyword:
-        fields["init"] = _init(by_keyword["init"], ctx)
-    stmt = by_keyword["train"]
-    fields["train"] = construct(ir.Train, _entries(stmt), ctx, stmt.span, "train")
+        stmt = by_keyword["init"]
+        fields["init"] = errors.attempt(_init, stmt, ctx, at=stmt.span)
+    if "train" in by_keyword:
+        stmt = by_keyword["train"]
+        fields["train"] = errors.attempt(
+            construct, ir.Train, _entries(stmt), ctx, stmt.span, "train", at=stmt.span
+        )
     if "record" in by_keyword:
-        fields["record"] = _record(by_keyword["record"], ctx)
+        stmt = by_keyword["record"]
+        fields["record"] = errors.attempt(_record, stmt, ctx, at=stmt.span)
     if "backends" in by_keyword:
         stmt = by_keyword["backends"]
         seen: set[str] = set()
         for name, span in zip(stmt.names, stmt.name_spans, strict=True):
             if name not in backends:
-                raise SpecError(
-                    f"unknown backend '{name}'",
-                    span,
-                    hint=did_you_mean(name, backends) or f"installed backends: {', '.join(sorted(backends))}",
+                errors.add(
+                    SpecError(
+                        f"unknown backend '{name}'",
+                        span,
+                        hint=did_you_mean(name, backends)
+                        or f"installed backends: {', '.join(sorted(backends))}",
+                    )
                 )
-            if name in seen:
-                raise SpecError(f"backend '{name}' is listed twice", span)
+            elif name in seen:
+                errors.add(SpecError(f"backend '{name}' is listed twice", span))
             seen.add(name)
         fields["backends"] = stmt.names
     options = []
     for stmt in module.statements:
-        if stmt.keyword == "options":
-            options.append(_backend_options(stmt, ctx, backends))
+        if stmt.keyword == "options" and by_keyword.get(f"options:{stmt.names[0]}") is stmt:
+            options.append(errors.attempt(_backend_options, stmt, ctx, backends, at=stmt.span))
     fields["backend_options"] = tuple(options)
+    # The checks across blocks need every block: they run once each block is right.
+    errors.raise_any(spec_wide)
     return ir.Spec(
         **fields,
         source=module.source,
@@ -113,7 +179,20 @@ def _build(module: Module) -> ir.Spec:
     )
 
 
-def _group(statements: Sequence[Statement]) -> dict[str, Statement]:
+def _network(stmt: Statement, ctx: _Context) -> ir.Network:
+    if stmt.names[0] != "mlp":
+        raise SpecError(
+            f"unknown network '{stmt.names[0]}'; the only network is 'mlp'",
+            stmt.name_spans[0],
+            hint=did_you_mean(stmt.names[0], ["mlp"]),
+        )
+    network: ir.Network = construct(ir.Network, _entries(stmt), ctx, stmt.span, "network")
+    return network
+
+
+def _group(statements: Sequence[Statement], errors: _Errors) -> dict[str, Statement]:
+    """The statements by keyword (a backend's options by ``options:NAME``); a repeated
+    one is an error, and the first is the one checked."""
     seen: dict[str, Statement] = {}
     for stmt in statements:
         key = stmt.keyword if stmt.keyword != "options" else f"options:{stmt.names[0]}"
@@ -121,7 +200,10 @@ def _group(statements: Sequence[Statement]) -> dict[str, Statement]:
             first = seen[key].span
             what = f"'{stmt.names[0]}' options" if stmt.keyword == "options" else f"'{stmt.keyword}'"
             at = f" (first at line {first.line})" if first else ""
-            raise SpecError(f"duplicate {what} statement{at}", stmt.span, hint="each statement appears once")
+            errors.add(
+                SpecError(f"duplicate {what} statement{at}", stmt.span, hint="each statement appears once")
+            )
+            continue
         seen[key] = stmt
     return seen
 
@@ -172,29 +254,50 @@ def convert_items(
     items = [(declared[i].name, expr, expr.span) for i, expr in enumerate(positional)]
     items += [(e.key, e.value, e.key_span) for e in entries]
     first_at: dict[str, Span | None] = {}
+    # in the order written; a missing key (the block's error) after its entries' errors
+    problems: list[SpecError] = []
+    meant: set[str] = set()  # the known keys that unknown keys are probably misspellings of
     for key, expr, key_span in items:
         if key not in by_name:
-            raise SpecError(f"unknown key '{key}' in {what}", key_span, hint=suggest_key(key, names))
+            meant.update(difflib.get_close_matches(key, names, n=1, cutoff=0.6))
+            problems.append(
+                SpecError(f"unknown key '{key}' in {what}", key_span, hint=suggest_key(key, names))
+            )
+            continue
         if key in first_at:
             first = first_at[key]
             at = f" (first at line {first.line})" if first else ""
-            raise SpecError(f"duplicate key '{key}' in {what}{at}", key_span)
+            problems.append(SpecError(f"duplicate key '{key}' in {what}{at}", key_span))
+            continue
         first_at[key] = key_span
-        kind = by_name[key].kind
-        value = convert(expr, kind, ctx, key)
-        if not ir.is_expr(value) and not isinstance(value, ir.Node):
-            value = _check_value(kind, value, expr, key)
+        try:
+            value = _convert_item(by_name[key].kind, expr, ctx, key)
+        except SpecError as error:
+            problems.extend(errors_of(error))
+            continue
         values[key] = value
         if expr.span is not None:
             spans[key] = expr.span
     for opt in declared:
-        if opt.name not in values and opt.required:
-            raise SpecError(
-                f"{what} needs '{opt.name}' ({opt.help or opt.kind.describe()})",
-                span,
-                hint=f"add '{opt.name} = ...'",
+        # a key missing because it is misspelt is one error, reported at the misspelling
+        if opt.name not in first_at and opt.required and opt.name not in meant:
+            problems.append(
+                SpecError(
+                    f"{what} needs '{opt.name}' ({opt.help or opt.kind.describe()})",
+                    span,
+                    hint=f"add '{opt.name} = ...'",
+                )
             )
+    if problems:
+        raise combined(problems)
     return values, spans
+
+
+def _convert_item(kind: Kind, expr: ex.Expr, ctx: _Context, key: str) -> Any:
+    value = convert(expr, kind, ctx, key)
+    if not ir.is_expr(value) and not isinstance(value, ir.Node):
+        value = _check_value(kind, value, expr, key)
+    return value
 
 
 def _check_value(kind: Kind, value: Any, expr: ex.Expr, key: str) -> Any:
@@ -315,54 +418,63 @@ def _sweep(stmt: Statement) -> ir.Sweep:
     seen: dict[str, Span | None] = {}
     entries = list(_entries(stmt))
     swept = {entry.key for entry in entries}
+    problems = _Errors()
     for entry in entries:
         if entry.key in seen:
-            raise SpecError(f"duplicate sweep variable '{entry.key}'", entry.key_span)
-        if entry.key in ("dim",):
-            raise SpecError(
-                "'dim' is the data's input dimension and cannot be swept here",
-                entry.key_span,
-                hint="sweep a variable of your own and use it in the data block: dim = d",
-            )
-        if entry.key in KEYWORDS:
-            raise SpecError(f"'{entry.key}' is a keyword and cannot name a sweep variable", entry.key_span)
+            problems.add(SpecError(f"duplicate sweep variable '{entry.key}'", entry.key_span))
+            continue
         seen[entry.key] = entry.key_span
-        # A name may be a value (a symbol: ``act = [relu, tanh]``), not part of an expression.
-        written = entry.value
-        symbols = (written, *ex.children(written)) if isinstance(written, (ex.List, ex.Range)) else (written,)
-        # by identity: equal Name nodes compare equal whatever their position
-        for name in ex.names(written):
-            bare = any(name is sym for sym in symbols)
-            if name.id in swept:
-                raise SpecError(
-                    f"sweep values must be constants, but '{name.id}' is a sweep variable: "
-                    "one variable's values cannot depend on another's",
-                    name.span,
-                    hint="sweep one of them and write the other as an expression of it where it "
-                    "is used, e.g. lr = 0.1 * width in the train block",
-                )
-            if not bare:
-                raise SpecError(
-                    f"sweep values must be constants, but '{name.id}' is a name inside an expression",
-                    name.span,
-                )
-        value = ex.evaluate(entry.value, {}, symbols=True)
-        values = value if isinstance(value, tuple) else (value,)
-        flat = []
-        for v in values:
-            if isinstance(v, tuple):
-                raise SpecError(f"'{entry.key}' must be a flat list of values", entry.value.span)
-            flat.append(v)
-        spans = {"values": entry.value.span} if entry.value.span else {}
-        if entry.key_span is not None:
-            spans["name"] = entry.key_span
-        if isinstance(entry.value, ex.List):
-            spans.update({f"values[{i}]": item.span for i, item in enumerate(entry.value.items) if item.span})
-        variables.append(ir.SweepVar(name=entry.key, values=tuple(flat), span=entry.span, spans=dict(spans)))
+        variable = problems.attempt(_sweep_var, entry, swept)
+        if variable is not _FAILED:
+            variables.append(variable)
+    problems.raise_any()
     order = sorted(variables, key=lambda v: {"width": 0, "seed": 1}.get(v.name, 2))
     if not any(v.name == "seed" for v in order):
         order.insert(1 if order and order[0].name == "width" else 0, ir.SweepVar(name="seed", values=(0,)))
     return ir.Sweep(variables=tuple(order), span=stmt.span)
+
+
+def _sweep_var(entry: Entry, swept: set[str]) -> ir.SweepVar:
+    if entry.key in ("dim",):
+        raise SpecError(
+            "'dim' is the data's input dimension and cannot be swept here",
+            entry.key_span,
+            hint="sweep a variable of your own and use it in the data block: dim = d",
+        )
+    if entry.key in KEYWORDS:
+        raise SpecError(f"'{entry.key}' is a keyword and cannot name a sweep variable", entry.key_span)
+    # A name may be a value (a symbol: ``act = [relu, tanh]``), not part of an expression.
+    written = entry.value
+    symbols = (written, *ex.children(written)) if isinstance(written, (ex.List, ex.Range)) else (written,)
+    # by identity: equal Name nodes compare equal whatever their position
+    for name in ex.names(written):
+        bare = any(name is sym for sym in symbols)
+        if name.id in swept:
+            raise SpecError(
+                f"sweep values must be constants, but '{name.id}' is a sweep variable: "
+                "one variable's values cannot depend on another's",
+                name.span,
+                hint="sweep one of them and write the other as an expression of it where it "
+                "is used, e.g. lr = 0.1 * width in the train block",
+            )
+        if not bare:
+            raise SpecError(
+                f"sweep values must be constants, but '{name.id}' is a name inside an expression",
+                name.span,
+            )
+    value = ex.evaluate(entry.value, {}, symbols=True)
+    values = value if isinstance(value, tuple) else (value,)
+    flat = []
+    for v in values:
+        if isinstance(v, tuple):
+            raise SpecError(f"'{entry.key}' must be a flat list of values", entry.value.span)
+        flat.append(v)
+    spans = {"values": entry.value.span} if entry.value.span else {}
+    if entry.key_span is not None:
+        spans["name"] = entry.key_span
+    if isinstance(entry.value, ex.List):
+        spans.update({f"values[{i}]": item.span for i, item in enumerate(entry.value.items) if item.span})
+    return ir.SweepVar(name=entry.key, values=tuple(flat), span=entry.span, spans=dict(spans))
 
 
 def _data(stmt: Statement, ctx: _Context) -> ir.Data:
@@ -397,52 +509,39 @@ def _scaling(stmt: Statement, ctx: _Context) -> tuple[Any, Span]:
 def _init(stmt: Statement, ctx: _Context) -> ir.Init:
     rules = []
     layers_kind = ir.InitRule.options()[0].kind
+    problems = _Errors()
     for item in stmt.body or ():
         assert isinstance(item, Rule)
-        layers = convert(item.selector, layers_kind, ctx, "layer")
-        if not isinstance(item.dist, (ex.Call, ex.Name)):
-            raise SpecError(
-                "expected a distribution: normal(mean, std), uniform(low, high) or constant(value)",
-                item.dist.span,
-            )
-        dist = _nested(item.dist, Nested(tuple(ir.DISTRIBUTIONS)), ctx, "dist")
-        spans = {"layers": item.selector.span} if item.selector.span else {}
-        rules.append(ir.InitRule(layers=layers, dist=dist, span=item.span, spans=dict(spans)))
+        rule = problems.attempt(_init_rule, item, layers_kind, ctx)
+        if rule is not _FAILED:
+            rules.append(rule)
+    problems.raise_any()
     return ir.Init(rules=tuple(rules), span=stmt.span)
+
+
+def _init_rule(item: Rule, layers_kind: Kind, ctx: _Context) -> ir.InitRule:
+    layers = convert(item.selector, layers_kind, ctx, "layer")
+    if not isinstance(item.dist, (ex.Call, ex.Name)):
+        raise SpecError(
+            "expected a distribution: normal(mean, std), uniform(low, high) or constant(value)",
+            item.dist.span,
+        )
+    dist = _nested(item.dist, Nested(tuple(ir.DISTRIBUTIONS)), ctx, "dist")
+    spans = {"layers": item.selector.span} if item.selector.span else {}
+    return ir.InitRule(layers=layers, dist=dist, span=item.span, spans=dict(spans))
 
 
 def _record(stmt: Statement, ctx: _Context) -> ir.Record:
     mode = stmt.names[0]
     assert stmt.arg is not None
-    count = convert(stmt.arg, ir.Record.options()[1].kind, ctx, mode)
+    problems = _Errors()
+    count = problems.attempt(convert, stmt.arg, ir.Record.options()[1].kind, ctx, mode)
     observables = []
     for item in stmt.body or ():
-        if not isinstance(item, (ex.Name, ex.Call)):  # YAML: observables: [1]
-            raise SpecError(
-                "expected an observable: a name, or a call such as output(probes = 32)",
-                item.span,
-                hint=f"observables: {', '.join(ir.OBSERVABLES)}",
-            )
-        name = item.id if isinstance(item, ex.Name) else item.func
-        span = item.span if isinstance(item, ex.Name) else item.func_span
-        if name not in ir.OBSERVABLES:
-            raise SpecError(
-                f"unknown observable '{name}'",
-                span,
-                hint=did_you_mean(name, ir.OBSERVABLES) or f"observables: {', '.join(ir.OBSERVABLES)}",
-            )
-        # positional arguments in the order the observable lists them (``neuron_spread(2, 8)``
-        # is layer 2, 8 probes), the order of the reference's table of observables
-        by_name = {o.name: o for o in ir.Observable.options()}
-        declared = [by_name[arg] for arg in ir.Observable.accepted(name)]
-        if isinstance(item, ex.Call):
-            if not declared and (item.args or item.kwargs):
-                raise SpecError(f"{name} takes no arguments", item.span, hint=f"write just '{name}'")
-            entries = [Entry(key=k, value=v, span=v.span, key_span=v.span) for k, v in item.kwargs]
-            values, spans = convert_items(declared, entries, ctx, item.span, name, positional=item.args)
-        else:
-            values, spans = {}, {}
-        observables.append(ir.Observable(name=name, **values, span=item.span, spans=dict(spans)))
+        observable = problems.attempt(_observable, item, ctx)
+        if observable is not _FAILED:
+            observables.append(observable)
+    problems.raise_any()
     return ir.Record(
         mode=mode,
         count=count,
@@ -450,6 +549,35 @@ def _record(stmt: Statement, ctx: _Context) -> ir.Record:
         span=stmt.span,
         spans=dict({"count": stmt.arg.span} if stmt.arg.span else {}),
     )
+
+
+def _observable(item: Any, ctx: _Context) -> ir.Observable:
+    if not isinstance(item, (ex.Name, ex.Call)):  # YAML: observables: [1]
+        raise SpecError(
+            "expected an observable: a name, or a call such as output(probes = 32)",
+            item.span,
+            hint=f"observables: {', '.join(ir.OBSERVABLES)}",
+        )
+    name = item.id if isinstance(item, ex.Name) else item.func
+    span = item.span if isinstance(item, ex.Name) else item.func_span
+    if name not in ir.OBSERVABLES:
+        raise SpecError(
+            f"unknown observable '{name}'",
+            span,
+            hint=did_you_mean(name, ir.OBSERVABLES) or f"observables: {', '.join(ir.OBSERVABLES)}",
+        )
+    # positional arguments in the order the observable lists them (``neuron_spread(2, 8)``
+    # is layer 2, 8 probes), the order of the reference's table of observables
+    by_name = {o.name: o for o in ir.Observable.options()}
+    declared = [by_name[arg] for arg in ir.Observable.accepted(name)]
+    if isinstance(item, ex.Call):
+        if not declared and (item.args or item.kwargs):
+            raise SpecError(f"{name} takes no arguments", item.span, hint=f"write just '{name}'")
+        entries = [Entry(key=k, value=v, span=v.span, key_span=v.span) for k, v in item.kwargs]
+        values, spans = convert_items(declared, entries, ctx, item.span, name, positional=item.args)
+    else:
+        values, spans = {}, {}
+    return ir.Observable(name=name, **values, span=item.span, spans=dict(spans))
 
 
 def _backend_options(stmt: Statement, ctx: _Context, backends: Mapping[str, Any]) -> ir.BackendOptions:

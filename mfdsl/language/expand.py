@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,7 +70,9 @@ def expand(spec: ir.Spec) -> Iterator[Point]:
     return _points(spec)
 
 
-def _points(spec: ir.Spec) -> Iterator[Point]:
+def _points(spec: ir.Spec, on_error: Callable[[SpecError], None] | None = None) -> Iterator[Point]:
+    """The points; an invalid one raises, or with ``on_error`` is handed to it and
+    left out."""
     variables = spec.sweep.variables
     names = [v.name for v in variables]
     for combo in itertools.product(*(list(enumerate(v.values)) for v in variables)):
@@ -81,7 +83,10 @@ def _points(spec: ir.Spec) -> Iterator[Point]:
         except SpecError as error:
             shown = ", ".join(f"{k} = {ex.describe(v)}" for k, v in coords.items())
             error.message = f"{error.message} (at sweep point {shown})"
-            raise error.located(spec.path, spec.source) from None
+            if on_error is None:
+                raise error.located(spec.path, spec.source) from None
+            on_error(error)
+            continue
         yield Point(index=index, coords=dict(coords), spec=concrete)
 
 

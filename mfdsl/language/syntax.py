@@ -22,7 +22,7 @@ from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedTok
 from lark.parsers.lalr_interactive_parser import InteractiveParser
 from lark.visitors import Transformer_NonRecursive
 
-from mfdsl.core.errors import Span, SpecError, did_you_mean
+from mfdsl.core.errors import MAX_ERRORS, Span, SpecError, combined, did_you_mean
 from mfdsl.core.resources import grammar_path
 from mfdsl.language import expr as ex
 
@@ -333,19 +333,18 @@ def check_size(source: str, path: str | None = None) -> None:
 
 
 def parse_text(source: str, path: str | None = None) -> Module:
-    """Parse spec text into a :class:`Module`; raise :class:`SpecError` if malformed."""
+    """Parse spec text into a :class:`Module`; raise :class:`SpecError` if malformed
+    (a :class:`~mfdsl.core.errors.SpecErrors` when later statements hold errors of their own)."""
     check_size(source, path)
     _comments.clear()
     try:
-        statements = _ToSyntax().transform(parser().parse(source, start="start"))
-    except UnexpectedInput as error:
-        raise _translate(error, source, "start").located(path, source) from None
+        statements = _statements(source)
     except SpecError as error:
-        raise error.located(path, source) from None
-    except VisitError as error:  # a check inside the transformer; lark wraps it
-        raise _unwrap(error).located(path, source) from None
-    except RecursionError:
-        raise SpecError("spec nested too deeply", path=path) from None
+        _comments.clear()
+        # (YAML is wrong on every line, for one reason)
+        recover = len(source) <= RECOVER_MAX and error.hint != _YAML_HINT
+        more = _later_syntax_errors(source, error) if recover else []
+        raise combined([error, *more]).located(path, source) from None
     lines = source.split("\n")
     comments = tuple(
         Comment(
@@ -358,6 +357,61 @@ def parse_text(source: str, path: str | None = None) -> Module:
     )
     _comments.clear()
     return Module(statements=statements, comments=comments, source=source, path=path)
+
+
+def _statements(source: str) -> tuple[Statement, ...]:
+    """The statements of ``source``; the first syntax error raises (not located)."""
+    try:
+        statements: tuple[Statement, ...] = _ToSyntax().transform(parser().parse(source, start="start"))
+    except UnexpectedInput as error:
+        raise _translate(error, source, "start") from None
+    except VisitError as error:  # a check inside the transformer; lark wraps it
+        raise _unwrap(error) from None
+    except RecursionError:
+        raise SpecError("spec nested too deeply") from None
+    return statements
+
+
+#: specs longer than this (in characters) report their first syntax error only: each
+#: further one costs a parse of the rest of the text (a spec is a few hundred characters)
+RECOVER_MAX = 100_000
+
+# Where a statement starts: a keyword at the start of a line (not a key such as
+# ``train = 100`` inside a data block), or a backend's name and its '{'.
+_STATEMENT_START = re.compile(
+    r"^(?:(?:" + "|".join(KEYWORDS) + r")\b(?![ \t]*=)|[A-Za-z_][A-Za-z0-9_]*[ \t]*\{)", re.MULTILINE
+)
+
+
+def _later_syntax_errors(source: str, first: SpecError) -> list[SpecError]:
+    """The syntax errors after ``first``, each in a statement of its own.
+
+    Parsing resumes at the next statement that starts at the beginning of a line after
+    the line of the previous error (the text before is blanked, so lines and columns
+    stay the file's); a statement broken by an error is skipped whole, so one mistake
+    is reported once, not again for each token after it.
+    """
+    found: list[SpecError] = []
+    error = first
+    while len(found) < MAX_ERRORS and error.span is not None:
+        lines = source.split("\n", error.span.line)
+        if len(lines) <= error.span.line:
+            break  # the error is on the last line
+        after = len(source) - len(lines[-1])
+        match = _STATEMENT_START.search(source, after)
+        if match is None:
+            break
+        rest = re.sub(r"[^\n]", " ", source[: match.start()]) + source[match.start() :]
+        try:
+            _statements(rest)
+        except SpecError as later:
+            found.append(later)
+            error = later
+            continue
+        finally:
+            _comments.clear()
+        break
+    return found
 
 
 def parse_value(source: str, path: str | None = None) -> ex.Expr:
@@ -627,6 +681,57 @@ def _starts_line(source: str, pos: int) -> bool:
     return not source[source.rfind("\n", 0, pos) + 1 : pos].strip()
 
 
+_NAME_CHAR = re.compile(r"[A-Za-z0-9_]")
+# ``experiment: demo`` at the top level: a line of YAML
+_YAML_LINE = re.compile(r"[ \t]*[A-Za-z_][A-Za-z0-9_]*[ \t]*:")
+_YAML_HINT = (
+    "this looks like YAML: a .mf statement reads e.g. 'experiment demo' or 'train { steps = 100 }'; "
+    "a YAML spec is read from a file named .yaml or .yml (mfdsl fmt --from-yaml prints it as .mf)"
+)
+_WORD = re.compile(r"[A-Za-z0-9_]+(?:[-.][A-Za-z0-9_]+)*")
+
+
+def _not_a_name(source: str, pos: int, expects_name: bool) -> SpecError | None:
+    """The error for a name written with characters names cannot hold (``my-exp``,
+    ``run.2``) or starting with a digit (``1st``), when the parser stopped at ``pos``
+    inside it; ``None`` when the text there is not such a word."""
+    if not 0 <= pos < len(source):
+        return None
+    char = source[pos]
+    begin = pos
+    # (a bounded search: a 1 MB word is no name anyone meant)
+    while begin > max(0, pos - _WINDOW) and (
+        _NAME_CHAR.match(source[begin - 1]) or source[begin - 1] in "-."
+    ):
+        begin -= 1
+    match = _WORD.match(source, begin)
+    if match is None or match.end() <= pos:
+        return None
+    word = match.group()
+    if begin > 0 and not source[begin - 1].isspace() and source[begin - 1] not in ",;{([":
+        return None
+    if char in "-." and (word[0].isalpha() or word[0] == "_"):
+        fixed = re.sub(r"[-.]", "_", word)
+        problem = "names are letters, digits and '_'"
+        hint = f"did you mean '{fixed}'?"
+    elif char.isdigit() and pos == begin and expects_name and re.fullmatch(r"[0-9]+[A-Za-z_]\w*", word):
+        problem = "names start with a letter or '_'"
+        hint = f"e.g. '_{word}'"
+    else:
+        return None
+    line = source.count("\n", 0, begin) + 1
+    column = begin - (source.rfind("\n", 0, begin) + 1) + 1
+    span = Span(
+        line=line,
+        column=column,
+        end_line=line,
+        end_column=column + len(word),
+        start_pos=begin,
+        end_pos=match.end(),
+    )
+    return SpecError(f"'{word}' is not a name: {problem}", span, hint=hint)
+
+
 def _translate(error: UnexpectedInput, source: str, start: str) -> SpecError:
     p = parser()
     line, column = error.line, error.column
@@ -645,11 +750,15 @@ def _translate(error: UnexpectedInput, source: str, start: str) -> SpecError:
         allowed = _accepts(error.state) if error.state is not None else None
         if allowed is None:
             allowed = set(error.allowed or ())
+        if start == "start" and (not_a_name := _not_a_name(source, pos, "NAME" in allowed)):
+            return not_a_name
         hint = _HINTS.get(char)
         if char == ".":
             hint = "numbers need a digit on both sides of the point, e.g. 0.5"
         elif char == ":" and "EQUAL" in allowed:
             hint = "use '=' between a key and its value"
+        elif char == ":" and start == "start" and _YAML_LINE.match(source, source.rfind("\n", 0, pos) + 1):
+            hint = _YAML_HINT
         elif char.isalpha() and not char.isascii():
             hint = "names use ASCII letters, digits and '_' (other characters are fine inside strings)"
         return SpecError(
@@ -678,6 +787,8 @@ def _translate(error: UnexpectedInput, source: str, start: str) -> SpecError:
             label = _BACKENDS_HINT
         end_of = "the value" if start == "value" else "file"
         return SpecError(f"unexpected end of {end_of}; expected {expected}", span, hint=label)
+    if start == "start" and (not_a_name := _not_a_name(source, token.start_pos or 0, "NAME" in acceptable)):
+        return not_a_name
     # Only the text just before the token is searched: a regex over a 1 MB line is slow.
     window = max(0, (token.start_pos or 0) - _WINDOW)
     before = re.search(r"([A-Za-z_][A-Za-z0-9_]*)[ \t]*$", source[window : token.start_pos or 0])

@@ -9,16 +9,28 @@ import dataclasses
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from mfdsl.core.errors import SpecError, SpecWarning
+from mfdsl.core.errors import SpecError, SpecWarning, combined
 from mfdsl.core.plugins import available_backends
 from mfdsl.language import expr as ex
 from mfdsl.language import ir
-from mfdsl.language.expand import Point, expand
+from mfdsl.language.expand import Point, _points, check_size, expand
 
 
 def check_all(spec: ir.Spec) -> list[Point]:
-    """Expand every point (validating each) and let each listed backend check the spec."""
-    points = list(expand(spec))
+    """Expand every point (validating each) and let each listed backend check the spec.
+
+    Every independent error is raised (a :class:`~mfdsl.core.errors.SpecErrors` when there
+    are several, in source order): each place of the spec that is wrong at some sweep
+    points is reported once, at the first point where it is."""
+    check_size(spec)
+    found: dict[tuple[Any, ...], SpecError] = {}
+
+    def keep(error: SpecError) -> None:
+        span = error.span
+        where = (span.path or "", span.line, span.column) if span is not None else ("~", 0, 0)
+        found.setdefault(where, error)
+
+    points = list(_points(spec, keep))
     backends = available_backends()
     for name in spec.backends:
         backend = backends[name]()
@@ -26,7 +38,11 @@ def check_all(spec: ir.Spec) -> list[Point]:
             try:
                 backend.check(point.spec)
             except SpecError as error:
-                raise error.located(spec.path, spec.source) from None
+                keep(error)
+    if found:
+        # (``--set`` arguments first, then the file by line and column, errors of no place last)
+        ordered = [found[k] for k in sorted(found, key=lambda k: (k[0] != "--set", k[0] == "~", k[1], k[2]))]
+        raise combined(ordered).located(spec.path, spec.source)
     return points
 
 
