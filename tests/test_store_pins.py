@@ -34,13 +34,17 @@ them deliberately:
 reruns the specs and rewrites the ``PINS`` table of this file; say in the commit why the
 numbers moved.
 
-Bit-stability: the digests came out the same over repeated runs, on a busy machine,
-with the worker confined to one core or given two (its BLAS thread count follows the
-cores it may use), with ``OMP_NUM_THREADS`` 1 or 2, and with the specs run one after
-another or at once.  They are tied to the machine class they were taken on (x86-64 with
-AVX-512, the pinned torch and jax; the native loop is compiled with ``-march=native``):
-on a CPU with other vector units, MKL and XLA may choose other kernels and round
-differently, and the pins would then have to be retaken there.
+Bit-stability: on the machine they were taken on the digests came out the same over
+repeated runs, on a busy machine (two extra processes spinning), with the worker
+confined to one core or given two (its BLAS thread count follows the cores it may use),
+with ``OMP_NUM_THREADS`` 1 or 2, with the specs run one after another or at once, and
+with the native loop rebuilt for AVX2 + FMA instead of AVX-512.  They do depend on the
+platform: MKL's AVX2 kernels round otherwise than its AVX-512 ones (torch's products,
+the native gemm loop, the probes' evaluation), XLA's do below AVX-512, the native loop
+without FMA; and a new numpy, torch or jax release may change them.  So the pins record
+where they were taken (``PINNED_ON``: the CPU's vendor and vector units, the numeric
+libraries' versions), and elsewhere the comparison is skipped with the difference named
+— a platform that should be the reference retakes them with ``--update``.
 """
 
 from __future__ import annotations
@@ -49,11 +53,13 @@ import contextlib
 import hashlib
 import json
 import math
+import platform
 import re
 import subprocess
 import sys
 import tempfile
 from collections.abc import Mapping
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -143,6 +149,14 @@ jax { particles = 64, data_samples = 32, dtype = float64 }
 }
 
 # --- pins: begin (written by `python tests/test_store_pins.py --update`)
+PINNED_ON: dict[str, str] = {
+    "machine": "x86_64",
+    "cpu": "GenuineIntel avx2 avx512f fma",
+    "numpy": "2.4.6",
+    "torch": "2.13.0+cpu",
+    "jax": "0.10.2",
+    "jaxlib": "0.10.2",
+}
 PINS: dict[str, dict[str, str]] = {
     "batch1": {
         "@attrs": "5e6cb304be70a8b22bb8f299e420c1c6daf1697619a1f05f7d28eac60b06f07c",
@@ -205,6 +219,55 @@ PINS: dict[str, dict[str, str]] = {
     },
 }
 # --- pins: end
+
+
+# ---- where the pins hold ---------------------------------------------------------------
+
+#: the libraries whose kernels compute the stored numbers
+NUMERIC_LIBRARIES = ("numpy", "torch", "jax", "jaxlib")
+
+
+def platform_fingerprint() -> dict[str, str]:
+    """What, besides mfdsl's code, decides the stored bits: the CPU's architecture, vendor
+    and vector units, and the numeric libraries' versions.  Measured where the pins were
+    taken: MKL's AVX-512 and AVX2 kernels (torch's products, the native gemm loop's BLAS)
+    round differently, so do XLA's; the native loop is the same with AVX-512 and with
+    AVX2 + FMA, not without FMA.  Another CPU with the same vendor and flags is taken to
+    run the same kernels."""
+    out = {"machine": platform.machine()}
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        out["cpu"] = platform.processor()
+    else:
+        first = cpuinfo.split("\n\n", 1)[0]  # the first processor's block
+        fields = {k.strip(): v.strip() for k, _, v in (ln.partition(":") for ln in first.splitlines())}
+        vendor = fields.get("vendor_id") or fields.get("CPU implementer", "")
+        flags = set((fields.get("flags") or fields.get("Features", "")).split())
+        out["cpu"] = " ".join([vendor, *sorted(flags & {"avx2", "avx512f", "fma"})])
+    for name in NUMERIC_LIBRARIES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "none"
+    return out
+
+
+def pins_do_not_hold_here() -> str | None:
+    """Why the pins cannot be compared on this machine (another CPU class or other
+    library versions: the same code gives other bits there), or ``None``."""
+    here = platform_fingerprint()
+    if here == PINNED_ON:
+        return None
+    diff = ", ".join(
+        f"{key} {PINNED_ON.get(key, '?')!r} there, {here.get(key, '?')!r} here"
+        for key in sorted(here.keys() | PINNED_ON.keys())
+        if here.get(key) != PINNED_ON.get(key)
+    )
+    return (
+        f"the pins were taken on another platform ({diff}); where this platform is the "
+        "reference, retake them with `python tests/test_store_pins.py --update`"
+    )
 
 
 # ---- digests ---------------------------------------------------------------------------
@@ -325,17 +388,35 @@ def describe_mismatch(name: str, got: Mapping[str, str], pinned: Mapping[str, st
 
 @pytest.fixture(scope="module")
 def pinned_stores(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    reason = pins_do_not_hold_here()
+    if reason is not None:
+        pytest.skip(reason)
     return run_specs(tmp_path_factory.mktemp("pins"), list(SPECS))
 
 
 def test_every_spec_is_pinned() -> None:
     assert sorted(PINS) == sorted(SPECS)
+    assert sorted(PINNED_ON) == sorted(["machine", "cpu", *NUMERIC_LIBRARIES])
 
 
 @pytest.mark.parametrize("name", list(SPECS))
 def test_store_matches_pins(name: str, pinned_stores: dict[str, Path]) -> None:
     got = store_digests(pinned_stores[name])
     assert got == PINS[name], describe_mismatch(name, got, PINS[name])
+
+
+def test_other_platform_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another torch (or CPU, …) than the pins were taken with skips the comparison, and
+    the reason names what differs, and only that."""
+    here = platform_fingerprint()
+    module = sys.modules[__name__]
+    monkeypatch.setattr(module, "PINNED_ON", dict(here))
+    assert pins_do_not_hold_here() is None
+    monkeypatch.setattr(module, "PINNED_ON", {**here, "torch": "0.0.1"})
+    reason = pins_do_not_hold_here()
+    assert reason is not None
+    assert f"torch '0.0.1' there, {here['torch']!r} here" in reason
+    assert "numpy '" not in reason and "cpu '" not in reason and "--update" in reason
 
 
 def test_digest_names_the_change() -> None:
@@ -373,7 +454,12 @@ def _update() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         stores = run_specs(Path(tmp), list(SPECS))
         pins = {name: store_digests(store) for name, store in stores.items()}
-    lines = ["PINS: dict[str, dict[str, str]] = {"]
+    lines = ["PINNED_ON: dict[str, str] = {"]
+    lines.extend(
+        f"    {json.dumps(key)}: {json.dumps(value)}," for key, value in platform_fingerprint().items()
+    )
+    lines.append("}")
+    lines.append("PINS: dict[str, dict[str, str]] = {")
     for name, digests in pins.items():
         lines.append(f"    {json.dumps(name)}: {{")
         lines.extend(f"        {json.dumps(var)}: {json.dumps(digest)}," for var, digest in digests.items())
