@@ -11,6 +11,7 @@ from ._errors import Span, SpecError
 from ._expand import Point, check_all, expand, size
 from ._ir import (
     SGD,
+    Adam,
     BackendOptions,
     Constant,
     ImageData,
@@ -37,6 +38,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "SGD",
+    "Adam",
     "Backend",
     "BackendOptions",
     "BackendUnavailable",

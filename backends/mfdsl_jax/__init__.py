@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, final
 
 from mfdsl import Backend, BackendUnavailable, Option, SpecError
-from mfdsl._ir import Langevin, Spec
+from mfdsl._ir import Adam, Langevin, Spec
 from mfdsl._options import Choice, Float, Int
 from mfdsl._plan import RunPlan
 
@@ -83,8 +83,20 @@ class JaxBackend(Backend):
         and its per-layer learning rates give the same flow) — but not beyond, and not
         with weight decay or Langevin noise, which μP applies at its own per-layer rates.
         ``ntk`` and ``standard`` have a kernel (lazy) limit at any depth, not this one.
+        Adam has no mean-field limit here: the limit's flow is SGD's (gradient flow), and
+        Adam's per-entry normalisation of the particles' gradients is not implemented.
         """
         from mfdsl._ir import is_expr
+
+        opt = spec.train.optimizer
+        if isinstance(opt, Adam):
+            raise SpecError(
+                "the jax backend computes the mean-field limit of SGD (gradient flow); no mean-field "
+                "limit of Adam is implemented, so it cannot compute this spec",
+                opt.span or spec.train.where("optimizer"),
+                hint="drop jax from 'backends' to train Adam at finite widths with torch, "
+                "or use optimizer = sgd(...) for a spec with a limit",
+            )
 
         scaling, hidden = spec.scaling, spec.network.hidden
         where = spec.where("scaling")
@@ -104,7 +116,6 @@ class JaxBackend(Backend):
                     hint="use 'scaling mean_field' for the mean-field limit of a deeper network, "
                     "or drop jax from 'backends' for this spec",
                 )
-            opt = spec.train.optimizer
             decay = getattr(opt, "weight_decay", 0.0)
             noisy = isinstance(opt, Langevin)
             if scaling == "mup" and ((not is_expr(decay) and decay > 0) or noisy):

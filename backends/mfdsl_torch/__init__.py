@@ -59,7 +59,7 @@ class TorchBackend(Backend):
             help="run SGD and Langevin steps on the CPU in a compiled loop, built with the system's C compiler "
             "on first use (`auto`: where a compiler is at hand, each layer by row loops or by BLAS matrix "
             "products, whichever a cost model says is faster for its shape and the batch; `rows`, `gemm`: every "
-            "layer that way; `off`: always ATen ops)",
+            "layer that way; `off`: always ATen ops; Adam always runs on ATen ops)",
         ),
     )
 
@@ -98,6 +98,22 @@ class TorchBackend(Backend):
                 block.where("device"),
                 hint="install a CUDA build of torch (https://pytorch.org/get-started/locally/), "
                 "or set torch.device = cpu (on the command line: --set torch.device=cpu)",
+            )
+
+    def check(self, spec: Spec) -> None:
+        """Reject a ``native`` mode that forces the compiled loop on an optimizer it does
+        not run (Adam: ATen ops only)."""
+        from mfdsl._ir import Adam, is_expr
+
+        block = spec.options_for(self.name)
+        native = block.get("native", "auto") if block is not None else "auto"
+        forced = not is_expr(native) and native in ("rows", "gemm")
+        if block is not None and isinstance(spec.train.optimizer, Adam) and forced:
+            raise SpecError(
+                f"native = {native} forces the compiled step loop, which runs SGD and Langevin steps "
+                "but not Adam: Adam trains on ATen ops",
+                block.where("native"),
+                hint="drop 'native' (auto picks ATen ops for Adam) or set native = off",
             )
 
     def run(
