@@ -163,14 +163,16 @@ def _function_change(tmp_path: Path, scaling: str, width: int) -> float:
 def test_the_rates_keep_a_step_of_the_function_o1_where_the_scaling_says(tmp_path: Path) -> None:
     # Adam's first step moves each entry by lr·sign(g), whatever the gradient's scale.
     # Under mup and mean_field the rates make the output's change per step width-
-    # independent (it converges as n → ∞, with O(n^-1/2) fluctuations between widths);
-    # under standard (one global rate) a hidden layer's n coherent entries move the
-    # output ∝ n: 16× from width 64 to 1024
+    # independent: it converges as n → ∞, the width-64 value within O(64^-1/2) of it
+    # (bound: 3/√64; measured ratios 0.83 and 0.90).  With one global rate a hidden
+    # layer's n aligned entries move the output ∝ n under standard (≥ 16× from width 64
+    # to 1024; measured 22×) and ∝ √n under ntk (≥ 4×; measured 8×).
     for scaling in ("mup", "mean_field"):
         small, large = _function_change(tmp_path, scaling, 64), _function_change(tmp_path, scaling, 1024)
-        assert 0.5 < large / small < 2.0, (scaling, small, large)
-    small, large = _function_change(tmp_path, "standard", 64), _function_change(tmp_path, "standard", 1024)
-    assert large / small > 4.0, (small, large)
+        assert abs(large / small - 1.0) < 3.0 / math.sqrt(64), (scaling, small, large)
+    for scaling, least in (("standard", 16.0), ("ntk", 4.0)):
+        small, large = _function_change(tmp_path, scaling, 64), _function_change(tmp_path, scaling, 1024)
+        assert large / small > least, (scaling, small, large)
 
 
 def test_an_adam_ensemble_is_its_members_alone(tmp_path: Path) -> None:
