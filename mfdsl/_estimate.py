@@ -636,9 +636,9 @@ def _finite_unit(point: Any, facts: _Facts, backend: str) -> Unit:
     if kind != "sgd":
         what = {
             "momentum": "the optimizer state (momentum: a velocity per parameter)",
-            "adam": "the optimizer state (Adam: two running means and a gradient per parameter)",
+            "adam": "the optimizer state (Adam: two running means, the gradient and a scratch per parameter)",
         }.get(kind, "Langevin noise")
-        copies = 3 if kind == "adam" else 1
+        copies = 4 if kind == "adam" else 1
         parts.append(Part(f"{what}: {_n(params)} parameters", copies * params * item, where))
     units = depth * n + k
     parts.append(
