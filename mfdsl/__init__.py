@@ -19,6 +19,7 @@ from mfdsl.core.version import __version__
 from mfdsl.language.expand import Point, expand, size
 from mfdsl.language.ir import (
     SGD,
+    Adam,
     BackendOptions,
     Constant,
     ImageData,
@@ -44,6 +45,7 @@ from mfdsl.plan.check import check_all
 
 __all__ = [
     "SGD",
+    "Adam",
     "Backend",
     "BackendOptions",
     "BackendUnavailable",

@@ -34,7 +34,7 @@ from mfdsl.core.errors import Span, SpecError
 from mfdsl.core.plugins import Backend, BackendUnavailable
 from mfdsl.core.streams import Stream
 from mfdsl.data.make import Dataset, make_dataset
-from mfdsl.language.ir import Data, Langevin, Spec, is_expr
+from mfdsl.language.ir import Adam, Data, Langevin, Spec, is_expr
 from mfdsl.language.options import Bool, Choice, Float, Int, Option, Str
 from mfdsl.plan.compile import limit_problem
 from mfdsl.plan.types import (
@@ -53,6 +53,7 @@ __all__ = [
     "PL_SLOPE",
     "PL_T1",
     "PL_T2",
+    "Adam",
     "Backend",
     "BackendUnavailable",
     "Bool",

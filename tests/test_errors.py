@@ -229,11 +229,11 @@ VALIDATION_ERRORS = [
     case("unknown-function", with_("sqrt(dim)", "sqr(dim)"), 6, 27, "'sqr(...)'", "did you mean 'sqrt'"),
     case(
         "unknown-optimizer",
-        with_("sgd(lr", "adam(lr"),
+        with_("sgd(lr", "rmsprop(lr"),
         10,
         15,
-        "unknown optimizer 'adam'",
-        "'sgd' or 'langevin'",
+        "unknown optimizer 'rmsprop'",
+        "'sgd', 'langevin' or 'adam'",
     ),
     case(
         "misspelt-loss",

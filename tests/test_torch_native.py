@@ -7,7 +7,10 @@ without a compiler (or a BLAS) training falls back to ATen ops."""
 
 from __future__ import annotations
 
+import ctypes
 import os
+import shutil
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,6 +20,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from mfdsl_torch import _native
+from mfdsl_torch import _native_abi as abi
 from mfdsl_torch._ensemble import Ensemble, EnsembleTrainer, train_ensemble
 from mfdsl_torch._single import train
 from test_torch_engine import FakeData, make_plan
@@ -438,6 +442,127 @@ def test_an_unusable_cache_directory_builds_for_the_process(
     monkeypatch.setenv("MFDSL_CACHE_DIR", str(blocker / "cache"))  # cannot be made
     assert _native.library() is not None
     assert _native.unavailable_reason() is None
+
+
+# --------------------------------------------------------------------------- the interface
+
+#: quick builds for the interface tests (the code's speed is beside the point there)
+QUICK = ("-O0", "-fPIC", "-std=c11")
+
+
+def _swapped() -> tuple[tuple[str, str, str], ...]:
+    """The declaration with two fields of the same type swapped: it compiles, but a
+    caller of the other layout would pass the step count as the batch size."""
+    fields = list(abi.FIELDS)
+    i, j = [k for k, (name, _, _) in enumerate(fields) if name in ("B", "n")]
+    fields[i], fields[j] = fields[j], fields[i]
+    return tuple(fields)
+
+
+@pytest.fixture(scope="module")
+def stale_build(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``_native.c`` built against another version of the declaration."""
+    path = tmp_path_factory.mktemp("stale") / "native-stale.so"
+    _native._build(_native._compiler() or "cc", path, header=abi.header(_swapped()), flags=QUICK)
+    return path
+
+
+def test_one_declaration_makes_both_sides_of_the_interface() -> None:
+    # the header and ctypes' struct come from abi.FIELDS; the built library agrees
+    text = abi.header()
+    for name, c_type, _ in abi.FIELDS:
+        assert f"{c_type}{'' if c_type.endswith('*') else ' '}{name};" in text
+        assert getattr(abi.MfArgs, name).size == ctypes.sizeof(abi.ctype(c_type))
+    assert [f[0] for f in abi.MfArgs._fields_] == [f[0] for f in abi.FIELDS]
+    for prefix, members in abi.ENUMS:
+        for key, value in members.items():
+            assert f"{prefix}_{key.upper()} = {value}" in text
+    assert f"#define MF_ABI_FINGERPRINT {abi.FINGERPRINT}ULL" in text
+    lib = _native.library()
+    assert lib is not None
+    abi.check(lib)  # the loaded library was compiled from this declaration
+    # every field and code counts; the comments do not
+    assert abi.fingerprint(_swapped()) != abi.FINGERPRINT
+    assert abi.fingerprint(enums=((*abi.ENUMS[:-1], ("MF", {"ncoef": 11})))) != abi.FINGERPRINT
+    reworded = tuple((n, t, doc + " (reworded)") for n, t, doc in abi.FIELDS)
+    assert abi.fingerprint(reworded) == abi.FINGERPRINT
+    with pytest.raises(ValueError, match="no ctypes type for the C type 'float'"):
+        abi.ctype("float")
+
+
+def test_a_build_of_another_layout_is_refused(stale_build: Path) -> None:
+    lib = ctypes.CDLL(str(stale_build))
+    want = f"{abi.FINGERPRINT:#x}"
+    with pytest.raises(
+        abi.AbiMismatch, match=f"is stale: its interface fingerprint 0x[0-9a-f]+ is not this mfdsl's {want}"
+    ):
+        abi.check(lib, stale_build)
+
+
+def test_a_build_without_a_fingerprint_is_refused(tmp_path: Path) -> None:
+    # a library from before the fingerprint (it exported the step functions only)
+    src = tmp_path / "old.c"
+    src.write_text("int mf_sgd_f64(void) { return 0; }\nint mf_sgd_f32(void) { return 0; }\n")
+    lib = tmp_path / "old.so"
+    _native._cc([_native._compiler() or "cc", "-shared", "-fPIC", str(src), "-o", str(lib)])
+    with pytest.raises(abi.AbiMismatch, match="exports no ABI fingerprint"):
+        abi.check(ctypes.CDLL(str(lib)), lib)
+
+
+def test_a_layout_the_compiler_and_ctypes_disagree_on_is_refused(tmp_path: Path) -> None:
+    # this mfdsl's fingerprint over a struct with a wider field, which moves the fields
+    # after it: what a compiler laying the struct out unlike ctypes would give
+    wide = tuple((n, "int64_t" if n == "acc_kind" else t, doc) for n, t, doc in abi.FIELDS)
+    forged = abi.header(wide).replace(
+        f"#define MF_ABI_FINGERPRINT {abi.fingerprint(wide)}ULL",
+        f"#define MF_ABI_FINGERPRINT {abi.FINGERPRINT}ULL",
+    )
+    path = tmp_path / "native-forged.so"
+    _native._build(_native._compiler() or "cc", path, header=forged, flags=QUICK)
+    with pytest.raises(abi.AbiMismatch, match=r"lays out struct mf_args \(size, offsets .*\) unlike ctypes"):
+        abi.check(ctypes.CDLL(str(path)), path)
+
+
+def test_a_stale_cached_build_is_rebuilt_transparently(
+    fresh_state: Path, stale_build: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a stale file under this build's key (a damaged cache, a hand-copied library): the
+    # loader builds afresh, uses that, and puts it in the stale file's place
+    monkeypatch.setattr(_native, "_FLAGS", QUICK)
+    cached = fresh_state / f"native-{_native._key(_native._compiler() or 'cc')}.so"
+    shutil.copyfile(stale_build, cached)
+    stale = cached.read_bytes()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lib = _native.library()
+    assert lib is not None and _native.unavailable_reason() is None
+    abi.check(lib)
+    assert cached.read_bytes() != stale
+    assert [p.name for p in fresh_state.iterdir()] == [cached.name]  # no leftovers
+    # the cached file now passes the check (loaded from another name: the loader keeps
+    # one library per path)
+    other = fresh_state / "copy.so"
+    shutil.copyfile(cached, other)
+    abi.check(ctypes.CDLL(str(other)))
+
+
+def test_a_build_that_stays_stale_is_refused_and_training_falls_back(
+    fresh_state: Path, stale_build: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # every build comes out of another layout: the library is refused with the reason,
+    # never called, and training runs on ATen's ops
+    monkeypatch.setattr(_native, "_build", lambda cc, out, **kw: shutil.copyfile(stale_build, out))
+    with pytest.warns(
+        RuntimeWarning, match="is stale: its interface fingerprint .* a fresh build disagrees too"
+    ):
+        assert _native.library() is None
+    assert "fingerprint" in str(_native.unavailable_reason())
+    plan = plan_of(steps=10, record_steps=np.array([0, 10]))
+    assert not trainer_of(plan).native
+    fallback = train(plan, FakeData())
+    aten = train(plan, FakeData(), native=False)
+    for name, arr in aten.records.items():
+        assert fallback.records[name].tobytes() == arr.tobytes(), name
 
 
 @pytest.mark.parametrize(

@@ -71,6 +71,22 @@ class TorchBackend(Backend):
                 "or set torch.device = cpu (on the command line: --set torch.device=cpu)",
             )
 
+    def check(self, spec: Spec) -> None:
+        """Reject a ``native`` mode that forces the compiled loop on an optimizer it does
+        not run (Adam: ATen ops only)."""
+        from mfdsl.plugin import Adam, is_expr
+
+        block = spec.options_for(self.name)
+        native = block.get("native", "auto") if block is not None else "auto"
+        forced = not is_expr(native) and native in ("rows", "gemm")
+        if block is not None and isinstance(spec.train.optimizer, Adam) and forced:
+            raise SpecError(
+                f"native = {native} forces the compiled step loop, which runs SGD and Langevin steps "
+                "but not Adam: Adam trains on ATen ops",
+                block.where("native"),
+                hint="drop 'native' (auto picks ATen ops for Adam) or set native = off",
+            )
+
     def run(
         self,
         plan: RunPlan,

@@ -51,6 +51,10 @@ Conventions that are this engine's choices (the plan leaves them open):
   with ``d`` the layer's ``decay_mult`` (``bias_decay_mult``), ``r`` when unset: decay
   and noise act per entry at the rate lr · ξ · d.
 
+  ``adam`` is ``torch.optim.AdamW`` per weight matrix and bias, at the learning rate
+  ``η`` (the scaling's Adam rates ``r``) with ε ``eps · eps_mult`` (``bias_eps_mult``)
+  and the decoupled decay ``p ← (1 − η · weight_decay) p``; it runs on ATen ops only.
+
   Weight decay applies to biases too, and noise to the hidden layers' biases at the
   rate ``LayerPlan.bias_noise_rate``, which the compiler sets to 0 for the output bias
   (one coordinate shared by all neurons, whose noise would have no mean-field limit).

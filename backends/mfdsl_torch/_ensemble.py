@@ -263,7 +263,7 @@ def ensemble_key(plan: RunPlan) -> tuple[Any, ...]:
     """What members of one ensemble must share: layer shapes, multipliers of the
     forward pass, biases, frozen layers, activation, output map, loss, batch, steps,
     record steps, and which optional update terms are on (momentum, weight decay per
-    layer, Langevin noise).  Seeds, initial laws, learning rates, schedules, the
+    layer, Langevin noise, Adam).  Seeds, initial laws, learning rates, schedules, the
     optimiser's numbers, data and observables may differ."""
     opt = plan.optimizer
     wd_layers = tuple(
@@ -281,6 +281,7 @@ def ensemble_key(plan: RunPlan) -> tuple[Any, ...]:
         opt.momentum != 0.0,
         wd_layers,
         opt.kind == "langevin" and opt.temperature > 0,
+        opt.kind == "adam",
     )
 
 
@@ -449,7 +450,7 @@ class _Coef:
 
 
 class EnsembleTrainer:
-    """SGD / Langevin steps on an :class:`Ensemble` (the optimiser of the engine's
+    """SGD / Langevin / Adam steps on an :class:`Ensemble` (the optimiser of the engine's
     docstring, for every member at once), with the backward pass derived by hand."""
 
     def __init__(
@@ -485,8 +486,10 @@ class EnsembleTrainer:
         self.lowest = min(trainable) if trainable else self.nl
         opts = [p.optimizer for p in plans]
         for opt in opts:
-            if opt.kind not in ("sgd", "langevin"):
+            if opt.kind not in ("sgd", "langevin", "adam"):
                 raise ValueError(f"unknown optimizer {opt.kind!r}")
+            if opt.kind == "adam" and not (0 <= opt.beta1 < 1 and 0 <= opt.beta2 < 1 and opt.eps > 0):
+                raise ValueError("Adam needs 0 ≤ beta1, beta2 < 1 and eps > 0")
             if opt.momentum < 0 or opt.weight_decay < 0:
                 raise ValueError("momentum and weight decay must be ≥ 0")
             if opt.kind == "langevin" and opt.temperature < 0:
@@ -506,6 +509,16 @@ class EnsembleTrainer:
         self.bias_lr_mult = per_layer(lambda p, i: p.layers[i].bias_lr_mult)
         self.noise_rate = per_layer(lambda p, i: p.layers[i].noise_rate)
         self.noise_rate_b = per_layer(lambda p, i: p.layers[i].bias_noise_rate if layers[i].bias else 0.0)
+        # Adam (torch.optim.AdamW per parameter tensor): decoupled decay λ at the layer's
+        # rate, the running means' decay rates, and ε scaled per layer
+        self.adam = opts[0].kind == "adam"
+        if self.adam:
+            self.wd = per_layer(lambda p, i: p.optimizer.weight_decay)
+            self.wd_b = per_layer(lambda p, i: p.optimizer.weight_decay if layers[i].bias else 0.0)
+        self.beta1 = np.array([o.beta1 for o in opts], np.float64)
+        self.beta2 = np.array([o.beta2 for o in opts], np.float64)
+        self.eps = per_layer(lambda p, i: p.optimizer.eps * p.layers[i].eps_mult)
+        self.eps_b = per_layer(lambda p, i: p.optimizer.eps * p.layers[i].bias_eps_mult)
         self.decay_on = [bool(np.any(self.wd[i] != 0)) for i in range(self.nl)]
         self.decay_b_on = [bool(np.any(self.wd_b[i] != 0)) for i in range(self.nl)]
         self.temperature = np.array(
@@ -525,6 +538,23 @@ class EnsembleTrainer:
                 for i, v in enumerate(state.get(name, ())):
                     if v is not None and vs[i] is not None:
                         vs[i][:E].copy_(v)  # type: ignore[index]
+        # Adam's running means of the gradient and of its square, per weight and bias
+        self.adam_m: list[Tensor | None] = [None] * self.nl
+        self.adam_v: list[Tensor | None] = [None] * self.nl
+        self.adam_mb: list[Tensor | None] = [None] * self.nl
+        self.adam_vb: list[Tensor | None] = [None] * self.nl
+        if self.adam:
+            for i in trainable:
+                self.adam_m[i] = ens.out_buffer(*ens.W[i].shape[1:])
+                self.adam_v[i] = ens.out_buffer(*ens.W[i].shape[1:])
+                if ens.b[i] is not None:
+                    self.adam_mb[i] = padded(Ea, (1, layers[i].fan_out), device=dev, dtype=dt)
+                    self.adam_vb[i] = padded(Ea, (1, layers[i].fan_out), device=dev, dtype=dt)
+            for name in ("adam_m", "adam_v", "adam_mb", "adam_vb"):
+                mine = getattr(self, name)
+                for i, v in enumerate(state.get(name, ())):
+                    if v is not None and mine[i] is not None:
+                        mine[i][:E].copy_(v)
         self.generators: list[torch.Generator | None] = list(state.get("generators", ()))
         if not self.generators:
             for plan, temp in zip(ens.plans, self.temperature, strict=False):
@@ -576,9 +606,12 @@ class EnsembleTrainer:
         self._native = self._native_args() if self.allow_native != "off" else None
         self.TW: list[Tensor | None] = [None] * self.nl  # weight-sized scratch
         self.NZ: list[Tensor | None] = [None] * self.nl  # noise
+        self.TW2: list[Tensor | None] = [None] * self.nl  # Adam: its denominator
         for i in trainable if self._native is None else ():
-            if self.momentum:
+            if self.momentum or self.adam:
                 self.TW[i] = out(*ens.W[i].shape[1:])
+            if self.adam:
+                self.TW2[i] = out(*ens.W[i].shape[1:])
             if self.noisy:
                 self.NZ[i] = out(*ens.W[i].shape[1:])
         self.NZb = [
@@ -600,6 +633,10 @@ class EnsembleTrainer:
                 v = self.vW[i]
                 assert v is not None
                 self.mom[i] = _Gemm(v, self.AT[i], self.G[i], beta=1.0)
+            elif self.adam:
+                grad = self.TW[i]
+                assert grad is not None
+                self.mom[i] = _Gemm(grad, self.AT[i], self.G[i], beta=0.0)  # the gradient m·AᵀG
             else:
                 self.upd[i] = _Gemm(ens.W[i], self.AT[i], self.GS[i], beta=1.0)
         # Large layers (member mode) without momentum: lazy updates where the layer
@@ -618,6 +655,7 @@ class EnsembleTrainer:
                 ens.batched
                 or not self.trainable[i]
                 or self.momentum
+                or self.adam
                 or fan_in * fan_out * item <= _BLOCK_MIN_BYTES
             ):
                 continue
@@ -667,6 +705,11 @@ class EnsembleTrainer:
         self._c, self._factor, self._neg_eta, self._wd = (list(none), list(none), list(none), list(none))
         self._cb, self._wd_b = list(none), list(none)
         self._mu: _Coef | None = None
+        # Adam: −η/(1 − β₁ᵗ), ε per layer (weights and biases), the bias's decay factor,
+        # and per step β₁, 1 − β₁, β₂, 1 − β₂ and √(1 − β₂ᵗ)
+        self._step_size, self._eps, self._step_size_b = list(none), list(none), list(none)
+        self._eps_b, self._factor_b = list(none), list(none)
+        self._adam_c: tuple[_Coef, _Coef, _Coef, _Coef, _Coef] | None = None
 
     def _native_args(self) -> list[Any] | None:
         """Per member, the native step loop's fixed arguments, or ``None`` where it does
@@ -677,6 +720,13 @@ class EnsembleTrainer:
         from . import _native
 
         ens = self.ens
+        if self.adam:
+            if self.allow_native in ("rows", "gemm"):
+                raise ValueError(
+                    f"torch {{ native = {self.allow_native} }}: the native step loop runs SGD and Langevin "
+                    "steps, not Adam; use native = auto or off (Adam trains on ATen ops)"
+                )
+            return None  # Adam trains on ATen ops
         if (
             ens.device.type != "cpu"
             or self.loss not in _native.LOSSES
@@ -959,6 +1009,9 @@ class EnsembleTrainer:
         def coef(values: np.ndarray) -> _Coef:
             return _Coef(np.ascontiguousarray(np.broadcast_to(values, (n, Ea))), dev, dt)
 
+        if self.adam:
+            self._prepare_adam(steps, lrxi, coef)
+            return
         for i in range(self.nl):
             if not self.trainable[i]:
                 continue
@@ -976,6 +1029,32 @@ class EnsembleTrainer:
                 if self.decay_b_on[i]:
                     self._wd_b[i] = coef(self.wd_b[i])
         self._mu = coef(self.mu) if self.momentum else None
+
+    def _prepare_adam(self, steps: np.ndarray, lrxi: np.ndarray, coef: Callable[[np.ndarray], _Coef]) -> None:
+        """Adam's factors of the chunk's steps (``t = step + 1``), as ``torch.optim.AdamW``
+        computes them from the layer's learning rate ``η = lr · ξ · r``."""
+        t = (steps + 1).astype(np.float64)[:, None]
+        bc1 = 1.0 - self.beta1[None, :] ** t
+        bc2 = 1.0 - self.beta2[None, :] ** t
+        self._adam_c = (
+            coef(self.beta1),
+            coef(1.0 - self.beta1),
+            coef(self.beta2),
+            coef(1.0 - self.beta2),
+            coef(bc2**0.5),
+        )
+        for i in range(self.nl):
+            if not self.trainable[i]:
+                continue
+            eta = lrxi * self.lr_mult[i]
+            self._step_size[i] = coef(-(eta / bc1))
+            self._eps[i] = coef(self.eps[i])
+            self._factor[i] = coef(1.0 - eta * self.wd[i]) if self.decay_on[i] else None
+            if self.ens.b[i] is not None:
+                eta_b = lrxi * self.bias_lr_mult[i]
+                self._step_size_b[i] = coef(-(eta_b / bc1))
+                self._eps_b[i] = coef(self.eps_b[i])
+                self._factor_b[i] = coef(1.0 - eta_b * self.wd_b[i]) if self.decay_b_on[i] else None
 
     # ---- steps
 
@@ -1247,7 +1326,13 @@ class EnsembleTrainer:
                 if below:
                     self.bwd[i](self.mult[i])  # type: ignore[misc]
                 if self.trainable[i]:
-                    self._momentum_update(i, k)
+                    if self.adam:
+                        mom = self.mom[i]
+                        assert mom is not None
+                        mom(self.mult[i])  # the gradient, into TW[i]
+                        self._adam(i, k, ens.W[i], self.TW[i], self.TW2[i], bias=False)
+                    else:
+                        self._momentum_update(i, k)
             if self.trainable[i]:
                 if self.noisy:
                     self._noise(W, self.NZ[i], k, self.noise_rate[i])
@@ -1274,15 +1359,48 @@ class EnsembleTrainer:
         torch.mul(v, self._neg_eta[i].at(k), out=t)  # type: ignore[union-attr]
         W.add_(t)
 
+    def _adam(self, i: int, k: int, p: Tensor, g: Tensor | None, t: Tensor | None, *, bias: bool) -> None:
+        """One Adam step of parameter ``p`` (layer ``i``'s weights or bias) from its
+        gradient ``g``, as ``torch.optim.AdamW`` takes it (decay, running means, bias
+        corrections); ``t`` is scratch.  Only correctly rounded element-wise ops (no
+        lerp or fused ones): a member's numbers do not depend on how ATen splits an op."""
+        assert g is not None and t is not None and self._adam_c is not None
+        m, v = (self.adam_mb[i], self.adam_vb[i]) if bias else (self.adam_m[i], self.adam_v[i])
+        factor = self._factor_b[i] if bias else self._factor[i]
+        size = self._step_size_b[i] if bias else self._step_size[i]
+        eps = self._eps_b[i] if bias else self._eps[i]
+        assert m is not None and v is not None and size is not None and eps is not None
+        b1, one_minus_b1, b2, one_minus_b2, bc2_sqrt = self._adam_c
+        if factor is not None:
+            p.mul_(factor.at(k))
+        # m ← β₁ m + (1 − β₁) g,  v ← β₂ v + (1 − β₂) g²
+        torch.mul(g, one_minus_b1.at(k), out=t)
+        m.mul_(b1.at(k))
+        m.add_(t)
+        torch.mul(g, g, out=t)
+        t.mul_(one_minus_b2.at(k))
+        v.mul_(b2.at(k))
+        v.add_(t)
+        torch.sqrt(v, out=t)  # denominator √v / √(1 − β₂ᵗ) + ε
+        t.div_(bc2_sqrt.at(k))
+        t.add_(eps.at(k))
+        torch.div(m, t, out=t)
+        t.mul_(size.at(k))
+        p.add_(t)
+
     def _bias_update(self, i: int, k: int, g: Tensor) -> None:
         bias = self.ens.b[i]
         gb, t, cb, wd_b = self.GBias[i], self.TBias[i], self._cb[i], self._wd_b[i]
-        assert bias is not None and gb is not None and t is not None and cb is not None
+        assert bias is not None and gb is not None and t is not None
         if _split(g):
             for e in range(g.shape[0]):
                 torch.sum(g[e], dim=0, keepdim=True, out=gb[e])
         else:
             torch.sum(g, dim=1, keepdim=True, out=gb)
+        if self.adam:
+            self._adam(i, k, bias, gb, t, bias=True)
+            return
+        assert cb is not None
         vb = self.vb[i]
         if vb is None:
             if wd_b is not None:
@@ -1329,7 +1447,7 @@ def _reduce(src: Tensor, out: Tensor) -> None:
 
 def _subset(trainer: EnsembleTrainer, keep: Sequence[int]) -> EnsembleTrainer:
     """The trainer of the members ``keep`` (indices into the current ensemble), their
-    weights, momenta and generators carried over."""
+    weights, momenta, Adam's running means and generators carried over."""
     ens = trainer.ens
     idx = torch.as_tensor(list(keep), device=ens.device)
     sub = Ensemble(
@@ -1343,6 +1461,10 @@ def _subset(trainer: EnsembleTrainer, keep: Sequence[int]) -> EnsembleTrainer:
         "vW": [None if v is None else v.index_select(0, idx) for v in trainer.vW],
         "vb": [None if v is None else v.index_select(0, idx) for v in trainer.vb],
         "generators": [trainer.generators[j] for j in keep],
+        **{
+            name: [None if v is None else v.index_select(0, idx) for v in getattr(trainer, name)]
+            for name in ("adam_m", "adam_v", "adam_mb", "adam_vb")
+        },
         # lazy layers' pending updates go along unapplied: a member's fold schedule does
         # not depend on the others
         "lazy": [

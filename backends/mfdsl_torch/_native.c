@@ -2,7 +2,9 @@
  * multilayer network, batch B.
  *
  * Compiled twice by _native.py, with -DREAL=double -DSFX=_f64 and -DREAL=float
- * -DSFX=_f32, into one shared library loaded with ctypes.  It runs a whole chunk of
+ * -DSFX=_f32, into one shared library loaded with ctypes; its interface (the enums and
+ * the struct its entry points take) is generated from _native_abi.py, and checked by
+ * the fingerprint and layout it exports (at the end of this file) when it is loaded.  It runs a whole chunk of
  * steps of one network in one call, so a step costs no dispatch at all: the ATen path
  * spends ~45 small calls a step, which dominate below width ~400.
  *
@@ -62,23 +64,10 @@
 /* independent partial sums of a dot product: two vectors' worth of 64-byte lanes */
 #define LANES (128 / (int)sizeof(REAL))
 
-enum { ACT_IDENTITY = 0, ACT_RELU = 1, ACT_PL = 2, ACT_TANH = 3, ACT_SIGMOID = 4, ACT_ERF = 5, ACT_GELU = 6 };
-enum { LOSS_MSE = 0, LOSS_LOGISTIC = 1, LOSS_CROSS_ENTROPY = 2 };
-/* a step's coefficients for one layer: c = −η m and the decay factor 1 − η wd (without
-   momentum), the bias's −η_b and decay wd_b, with momentum −η, wd and μ, and the noise
-   scales of the weights and the bias (0: no noise this step) */
-enum {
-    C_W = 0,
-    C_FACTOR = 1,
-    C_B = 2,
-    C_WDB = 3,
-    C_NEG_ETA = 4,
-    C_WD = 5,
-    C_MU = 6,
-    C_NOISE = 7,
-    C_NOISE_B = 8,
-    NCOEF = 10
-};
+/* the enums (ACT_…, LOSS_…, ACC_…, the coefficients C_… and MF_NCOEF) and struct mf_args,
+   the one argument of the entry points: generated from _native_abi.py, their single
+   declaration, into the build directory */
+#include "_native_abi.h"
 
 /* Fortran BLAS gemm (column-major), as MKL's sgemm_ / dgemm_ */
 typedef void (*NAME(gemm_fn))(const char *, const char *, const int *, const int *, const int *, const REAL *,
@@ -199,7 +188,7 @@ static REAL NAME(act1)(int act, REAL h, const double *pl) {
     switch (act) {
     case ACT_RELU:
         return h <= 0 ? (REAL)0 : h; /* NaN passes, as ATen's clamp_min */
-    case ACT_PL: {
+    case ACT_PIECEWISE_LINEAR: {
         REAL c = h < (REAL)pl[0] ? (REAL)pl[0] : (h > (REAL)pl[1] ? (REAL)pl[1] : h);
         return (c - (REAL)pl[0]) * (REAL)pl[3] + (REAL)pl[2];
     }
@@ -232,7 +221,7 @@ static void NAME(apply_act)(int act, const REAL *h, REAL *a, int64_t n, const do
         for (int64_t j = 0; j < n; j++)
             a[j] = NAME(fsigmoid)(h[j]);
         return;
-    case ACT_PL: {
+    case ACT_PIECEWISE_LINEAR: {
         const REAL t1 = (REAL)pl[0], t2 = (REAL)pl[1], s1 = (REAL)pl[2], slope = (REAL)pl[3];
         for (int64_t j = 0; j < n; j++) {
             const REAL x = h[j];
@@ -260,7 +249,7 @@ static void NAME(apply_act_grad)(int act, REAL *restrict g, const REAL *restrict
         for (int64_t j = 0; j < n; j++)
             g[j] = h[j] <= 0 ? (REAL)0 : g[j];
         return;
-    case ACT_PL: {
+    case ACT_PIECEWISE_LINEAR: {
         const REAL t1 = (REAL)pl[0], t2 = (REAL)pl[1], slope = (REAL)pl[3];
         for (int64_t j = 0; j < n; j++)
             g[j] = (h[j] <= t1 || h[j] >= t2) ? (REAL)0 : g[j] * slope;
@@ -453,9 +442,9 @@ static inline void NAME(add_noise)(REAL *restrict w, const REAL *restrict z, REA
 /* ------------------------------------------------------------------ the step loop */
 
 /*
- * n SGD (or Langevin) steps of one network.
+ * n SGD (or Langevin) steps of one network; the fields of args (struct mf_args):
  *   nl layers; fin[i], fout[i] their shapes; W[i] (fin × fout), b[i] (fout) or NULL;
- *   mult[i] the forward multipliers; coef[(k·nl + i)·NCOEF + C_…] step k's coefficients
+ *   mult[i] the forward multipliers; coef[(k·nl + i)·MF_NCOEF + C_…] step k's coefficients
  *   for layer i (unused where frozen); VW[i], VB[i] the momentum buffers (shaped as W[i],
  *   b[i]), VW = VB = NULL without momentum;
  *   trainable[i]; lowest the lowest trainable layer (nl if none);
@@ -467,13 +456,20 @@ static inline void NAME(add_noise)(REAL *restrict w, const REAL *restrict z, REA
  *   Z (n × zstride) the noise, zoff[2i] and zoff[2i+1] the offsets of layer i's weight
  *   and bias noise in a step's row of Z (−1: none); Z = NULL without noise;
  *   loss[k] ← step k's loss sum (see above), taken before its update.
- * Returns 0, or −1 when scratch memory could not be allocated.
+ * Returns 0, −1 when scratch memory could not be allocated, −2 with gemm layers but no BLAS.
  */
-int NAME(mf_sgd)(int nl, const int64_t *fin, const int64_t *fout, REAL **W, REAL **b, const double *mult,
-                 const int32_t *trainable, int lowest, int act, int out, int loss_kind, const double *pl,
-                 int64_t B, int64_t n, const REAL *X, const void *Y, const REAL *coef, REAL **VW, REAL **VB,
-                 const int32_t *gemm, void *blas, const REAL *Z, const int64_t *zoff, int64_t zstride,
-                 double *loss) {
+int NAME(mf_sgd)(const struct mf_args *args) {
+    const int nl = args->nl, lowest = args->lowest, act = args->act, out = args->out;
+    const int loss_kind = args->loss_kind;
+    const int64_t *fin = args->fin, *fout = args->fout, *zoff = args->zoff;
+    REAL **W = args->W, **b = args->b, **VW = args->VW, **VB = args->VB;
+    const double *mult = args->mult, *pl = args->pl;
+    const int32_t *trainable = args->trainable, *gemm = args->gemm;
+    const int64_t B = args->B, n = args->n, zstride = args->zstride;
+    const REAL *X = args->X, *coef = args->coef, *Z = args->Z;
+    const void *Y = args->Y;
+    void *blas = args->blas;
+    double *loss = args->loss;
     NAME(gemm_fn) mm = (NAME(gemm_fn))blas;
     for (int i = 0; i < nl; i++)
         if (gemm[i] && !mm)
@@ -601,7 +597,7 @@ int NAME(mf_sgd)(int nl, const int64_t *fin, const int64_t *fout, REAL **W, REAL
         for (int i = last; i >= lowest; i--) {
             const int64_t fi = fin[i], fo = fout[i];
             const int below = i > lowest, upd = trainable[i];
-            const REAL *cf = coef + (k * nl + i) * NCOEF;
+            const REAL *cf = coef + (k * nl + i) * MF_NCOEF;
             const REAL mi = (REAL)mult[i];
             REAL *vw = VW ? VW[i] : NULL;
             const REAL zs = upd && zk && zoff[2 * i] >= 0 ? cf[C_NOISE] : (REAL)0;
@@ -610,7 +606,7 @@ int NAME(mf_sgd)(int nl, const int64_t *fin, const int64_t *fout, REAL **W, REAL
             const int plain = !vw && cf[C_FACTOR] == 1 && !zw;
             if (upd && !vw)
                 for (int64_t j = 0; j < B * fo; j++)
-                    GS[i][j] = cf[C_W] * G[i][j];
+                    GS[i][j] = cf[C_C] * G[i][j];
             if (upd && b[i]) {
                 REAL *vb = VB ? VB[i] : NULL;
                 for (int64_t o = 0; o < fo; o++) {
@@ -619,12 +615,12 @@ int NAME(mf_sgd)(int nl, const int64_t *fin, const int64_t *fout, REAL **W, REAL
                         s += G[i][bb * fo + o];
                     if (vb) {
                         REAL v = vb[o] * cf[C_MU] + s;
-                        v += b[i][o] * cf[C_WDB];
+                        v += b[i][o] * cf[C_WD_B];
                         vb[o] = v;
-                        b[i][o] += v * cf[C_B];
+                        b[i][o] += v * cf[C_CB];
                     } else {
-                        s += b[i][o] * cf[C_WDB];
-                        b[i][o] += cf[C_B] * s;
+                        s += b[i][o] * cf[C_WD_B];
+                        b[i][o] += cf[C_CB] * s;
                     }
                 }
                 const REAL zsb = zk && zoff[2 * i + 1] >= 0 ? cf[C_NOISE_B] : (REAL)0;
@@ -761,7 +757,8 @@ int NAME(mf_sgd)(int nl, const int64_t *fin, const int64_t *fout, REAL **W, REAL
 }
 
 /*
- * The test set's loss sum and correct predictions, as the observer computes them.
+ * The test set's loss sum and correct predictions, as the observer computes them; the
+ * fields of args (struct mf_args):
  *   the network as for mf_sgd (every layer's products in the BLAS gemm `blas`);
  *   X (n × fin[0]); Y the targets (n × K, REAL), or for cross-entropy labels (n, int64);
  *   acc_kind 0: no accuracy, 1: binary (labels ±1, REAL: sign(z) = label), 2: multiclass
@@ -771,9 +768,17 @@ int NAME(mf_sgd)(int nl, const int64_t *fin, const int64_t *fout, REAL **W, REAL
  *   result[1] ← the number of correct predictions.
  * Returns 0, −1 when scratch memory could not be allocated, −2 without a BLAS.
  */
-int NAME(mf_eval)(int nl, const int64_t *fin, const int64_t *fout, REAL **W, REAL **b, const double *mult,
-                  int act, int out, int loss_kind, const double *pl, int64_t n, int64_t rows, const REAL *X,
-                  const void *Y, int acc_kind, const void *labels, void *blas, double *result) {
+int NAME(mf_eval)(const struct mf_args *args) {
+    const int nl = args->nl, act = args->act, out = args->out, loss_kind = args->loss_kind;
+    const int acc_kind = args->acc_kind;
+    const int64_t *fin = args->fin, *fout = args->fout;
+    REAL **W = args->W, **b = args->b;
+    const double *mult = args->mult, *pl = args->pl;
+    const int64_t n = args->n, rows = args->rows;
+    const REAL *X = args->X;
+    const void *Y = args->Y, *labels = args->labels;
+    void *blas = args->blas;
+    double *result = args->result;
     NAME(gemm_fn) mm = (NAME(gemm_fn))blas;
     if (!mm)
         return -2;
@@ -810,11 +815,11 @@ int NAME(mf_eval)(int nl, const int64_t *fin, const int64_t *fout, REAL **W, REA
         for (int64_t r = 0; r < m; r++) {
             const REAL *z = h + r * K;
             const int64_t e = s0 + r;
-            if (acc_kind == 1) {
+            if (acc_kind == ACC_BINARY) {
                 const REAL label = ((const REAL *)labels)[e];
                 const REAL sgn = z[0] > 0 ? (REAL)1 : (z[0] < 0 ? (REAL)-1 : (REAL)0);
                 correct += sgn == label;
-            } else if (acc_kind == 2) {
+            } else if (acc_kind == ACC_MULTICLASS) {
                 int64_t best = 0;
                 for (int64_t o = 1; o < K; o++)
                     if (z[o] > z[best])
@@ -857,4 +862,20 @@ int NAME(mf_eval)(int nl, const int64_t *fin, const int64_t *fout, REAL **W, REA
     result[0] = loss_sum;
     result[1] = correct;
     return 0;
+}
+
+/* ------------------------------------------------------------------ the interface's check */
+
+/* the fingerprint of the declaration this file was compiled with (_native_abi.py) */
+uint64_t NAME(mf_abi_fingerprint)(void) { return MF_ABI_FINGERPRINT; }
+
+/* out[0] ← sizeof(struct mf_args), out[1 + f] ← field f's offset, as this compiler lays
+   them out (up to cap entries); returns the number of entries (1 + the fields) */
+int64_t NAME(mf_abi_layout)(int64_t *out, int64_t cap) {
+    static const size_t offsets[MF_ABI_NFIELDS] = MF_ABI_OFFSETS;
+    if (cap > 0)
+        out[0] = (int64_t)sizeof(struct mf_args);
+    for (int64_t f = 0; f < MF_ABI_NFIELDS && f + 1 < cap; f++)
+        out[f + 1] = (int64_t)offsets[f];
+    return 1 + MF_ABI_NFIELDS;
 }

@@ -17,7 +17,11 @@ library by :func:`blas`).
 The library is compiled once per source, compiler and CPU into the cache directory
 (``$MFDSL_CACHE_DIR``, else ``$XDG_CACHE_HOME/mfdsl``, else ``~/.cache/mfdsl``), with
 ``-O3 -march=native``, and renamed into place atomically, so concurrent workers may
-race to build it.  Without a working compiler :func:`library` returns ``None`` and
+race to build it.  Its interface is declared once, in :mod:`._native_abi` (the C header
+is generated from it at build time and is part of the cache key); a loaded library must
+report that declaration's fingerprint and struct layout (:func:`._native_abi.check`).  A
+cached build that does not (a stale or damaged file under the right key) is rebuilt
+transparently, once; a fresh build that still disagrees is refused with the reason.  Without a working compiler :func:`library` returns ``None`` and
 says why once (a warning); the ATen path then runs, only slower.
 """
 
@@ -40,7 +44,11 @@ import torch
 
 from mfdsl.plugin import PL_S1, PL_SLOPE, PL_T1, PL_T2
 
+from . import _native_abi as abi
+from ._native_abi import ACCURACY, ACTIVATIONS, COEFS, LOSSES, NCOEF, MfArgs
+
 __all__ = [
+    "ACCURACY",
     "ACTIVATIONS",
     "COEFS",
     "LOSSES",
@@ -62,10 +70,6 @@ _FLAGS = ("-O3", "-fPIC", "-std=c11")
 #: tried in order: the host's vector units where the compiler knows the flag
 _ARCH_FLAGS = (("-march=native",), ())
 
-#: a step's coefficients per layer (the C_… fields of _native.c)
-COEFS = ("c", "factor", "cb", "wd_b", "neg_eta", "wd", "mu", "noise", "noise_b")
-NCOEF = 10
-
 #: the values of the ``native`` option: ``auto`` (rows or gemm per layer, by
 #: :func:`choose_gemm`), ``rows``, ``gemm`` (every layer one way), ``off`` (ATen ops)
 MODES = ("auto", "rows", "gemm", "off")
@@ -73,20 +77,8 @@ MODES = ("auto", "rows", "gemm", "off")
 #: the piecewise-linear activation's (t1, t2, s1, slope)
 _PL = (PL_T1, PL_T2, PL_S1, PL_SLOPE)
 
-#: the losses and output maps of _native.c
-LOSSES = {"mse": 0, "logistic": 1, "cross_entropy": 2}
+#: the output maps of _native.c (they take the activations' codes)
 OUTPUTS = ("identity", "tanh", "sigmoid")
-
-#: activation codes of _native.c (the output maps take the same codes)
-ACTIVATIONS = {
-    "identity": 0,
-    "relu": 1,
-    "piecewise_linear": 2,
-    "tanh": 3,
-    "sigmoid": 4,
-    "erf": 5,
-    "gelu": 6,
-}
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -118,8 +110,12 @@ def _compiler() -> str | None:
     return None
 
 
-def _build(cc: str, out: Path) -> None:
+def _build(cc: str, out: Path, header: str | None = None, flags: tuple[str, ...] | None = None) -> None:
+    """Compile ``_native.c`` with the interface ``header`` (:func:`._native_abi.header`'s
+    by default) and ``flags`` (:data:`_FLAGS`) into ``out``, atomically."""
+    flags = _FLAGS if flags is None else flags
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        Path(tmp, "_native_abi.h").write_text(abi.header() if header is None else header)
         for arch in _ARCH_FLAGS:
             try:
                 objs = []
@@ -128,8 +124,9 @@ def _build(cc: str, out: Path) -> None:
                     _cc(
                         [
                             cc,
-                            *_FLAGS,
+                            *flags,
                             *arch,
+                            f"-I{tmp}",
                             f"-DREAL={real}",
                             f"-DSFX={sfx}",
                             "-c",
@@ -153,15 +150,30 @@ def _cc(cmd: list[str]) -> None:
     subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=120)
 
 
+def _key(cc: str) -> str:
+    """The cache key of a build: everything the library's code depends on."""
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    parts = [_SOURCE.read_text(), abi.header(), version, " ".join(_FLAGS), _cpu_id()]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
+
+
+def _open(path: Path) -> ctypes.CDLL:
+    """Load a build and check its interface (:class:`._native_abi.AbiMismatch` if stale)."""
+    lib = ctypes.CDLL(str(path))
+    abi.check(lib, path)
+    for sfx in ("_f64", "_f32"):
+        for name in ("mf_sgd", "mf_eval"):
+            fn = getattr(lib, name + sfx)
+            fn.restype = ctypes.c_int
+            fn.argtypes = [ctypes.POINTER(MfArgs)]
+    return lib
+
+
 def _load() -> ctypes.CDLL:
     cc = _compiler()
     if cc is None:
         raise RuntimeError("no C compiler found (cc, gcc or clang; or set CC)")
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
-    key = hashlib.sha256(
-        "\0".join([_SOURCE.read_text(), version, " ".join(_FLAGS), _cpu_id()]).encode()
-    ).hexdigest()[:16]
-    path = _cache_dir() / f"native-{key}.so"
+    path = _cache_dir() / f"native-{_key(cc)}.so"
     if not path.exists():
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -170,59 +182,26 @@ def _load() -> ctypes.CDLL:
             # an unwritable cache directory: build for this process alone
             path = Path(tempfile.mkdtemp(prefix="mfdsl-native-")) / path.name
             _build(cc, path)
-    lib = ctypes.CDLL(str(path))
-    for sfx in ("_f64", "_f32"):
-        fn = getattr(lib, "mf_sgd" + sfx)
-        fn.restype = ctypes.c_int
-        fn.argtypes = [
-            ctypes.c_int,  # nl
-            ctypes.c_void_p,  # fin
-            ctypes.c_void_p,  # fout
-            ctypes.c_void_p,  # W
-            ctypes.c_void_p,  # b
-            ctypes.c_void_p,  # mult
-            ctypes.c_void_p,  # trainable
-            ctypes.c_int,  # lowest
-            ctypes.c_int,  # act
-            ctypes.c_int,  # out
-            ctypes.c_int,  # loss_kind
-            ctypes.c_void_p,  # pl
-            ctypes.c_int64,  # B
-            ctypes.c_int64,  # n
-            ctypes.c_void_p,  # X
-            ctypes.c_void_p,  # Y
-            ctypes.c_void_p,  # coef
-            ctypes.c_void_p,  # VW
-            ctypes.c_void_p,  # VB
-            ctypes.c_void_p,  # gemm
-            ctypes.c_void_p,  # blas
-            ctypes.c_void_p,  # Z
-            ctypes.c_void_p,  # zoff
-            ctypes.c_int64,  # zstride
-            ctypes.c_void_p,  # loss
-        ]
-        ev = getattr(lib, "mf_eval" + sfx)
-        ev.restype = ctypes.c_int
-        ev.argtypes = [
-            ctypes.c_int,  # nl
-            ctypes.c_void_p,  # fin
-            ctypes.c_void_p,  # fout
-            ctypes.c_void_p,  # W
-            ctypes.c_void_p,  # b
-            ctypes.c_void_p,  # mult
-            ctypes.c_int,  # act
-            ctypes.c_int,  # out
-            ctypes.c_int,  # loss_kind
-            ctypes.c_void_p,  # pl
-            ctypes.c_int64,  # n
-            ctypes.c_int64,  # rows
-            ctypes.c_void_p,  # X
-            ctypes.c_void_p,  # Y
-            ctypes.c_int,  # acc_kind
-            ctypes.c_void_p,  # labels
-            ctypes.c_void_p,  # blas
-            ctypes.c_void_p,  # result
-        ]
+    try:
+        return _open(path)
+    except abi.AbiMismatch:
+        pass
+    # A stale build under this key: rebuild it.  The fresh one is loaded from a name of
+    # its own (the loader would hand back the stale library for the old path), then
+    # replaces the stale file for later processes where the cache is writable.
+    fresh = Path(tempfile.mkdtemp(prefix="mfdsl-native-")) / path.name
+    _build(cc, fresh)
+    try:
+        lib = _open(fresh)
+    except abi.AbiMismatch as exc:
+        raise RuntimeError(f"{exc}; a fresh build disagrees too, so it is not used") from None
+    try:
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        shutil.copyfile(fresh, tmp)
+        os.replace(tmp, path)
+    except OSError:
+        pass
+    shutil.rmtree(fresh.parent, ignore_errors=True)
     return lib
 
 
@@ -362,7 +341,9 @@ def choose_gemm(shapes: list[tuple[int, int]], batch: int, f64: bool, activation
 class MemberArgs:
     """The fixed arguments of one member's calls: shapes and pointers into the
     ensemble's tensors (which stay put: the trainer allocates them once), the layers'
-    modes and the layout of the noise in a step's row of ``Z``."""
+    modes and the layout of the noise in a step's row of ``Z``, in the ``struct
+    mf_args`` the calls pass (:attr:`struct`; :func:`run_member` sets a chunk's fields,
+    so one member's calls run one at a time, as its in-place updates require anyway)."""
 
     __slots__ = (
         "B",
@@ -382,6 +363,7 @@ class MemberArgs:
         "nl",
         "out",
         "pl",
+        "struct",
         "trainable",
         "zoff",
         "zstride",
@@ -440,6 +422,27 @@ class MemberArgs:
             self.VW = np.array([0 if v is None else v.data_ptr() for v in vW], np.uintp)
             self.VB = np.array([0 if v is None else v.data_ptr() for v in vb], np.uintp)
         self.keep = (W, b, vW, vb)  # the tensors must outlive the pointers
+        self.struct = MfArgs(
+            nl=self.nl,
+            lowest=self.lowest,
+            act=self.act,
+            out=self.out,
+            loss_kind=self.loss,
+            fin=self.fin.ctypes.data,
+            fout=self.fout.ctypes.data,
+            W=self.W.ctypes.data,
+            b=self.b.ctypes.data,
+            mult=self.mult.ctypes.data,
+            trainable=self.trainable.ctypes.data,
+            pl=self.pl.ctypes.data,
+            B=self.B,
+            VW=None if self.VW is None else self.VW.ctypes.data,
+            VB=None if self.VB is None else self.VB.ctypes.data,
+            gemm=self.gemm.ctypes.data,
+            blas=self.blas,
+            zoff=self.zoff.ctypes.data,
+            zstride=self.zstride,
+        )
 
 
 def run_member(
@@ -466,41 +469,18 @@ def run_member(
         raise ValueError("coef and loss must have one row per step")
     if z is not None and (not z.is_contiguous() or tuple(z.shape) != (n, args.zstride)):
         raise ValueError(f"the noise must be a contiguous ({n}, {args.zstride}) tensor")
-    rc = fn(
-        args.nl,
-        args.fin.ctypes.data,
-        args.fout.ctypes.data,
-        args.W.ctypes.data,
-        args.b.ctypes.data,
-        args.mult.ctypes.data,
-        args.trainable.ctypes.data,
-        args.lowest,
-        args.act,
-        args.out,
-        args.loss,
-        args.pl.ctypes.data,
-        args.B,
-        n,
-        x.data_ptr(),
-        y.data_ptr(),
-        coef.ctypes.data,
-        None if args.VW is None else args.VW.ctypes.data,
-        None if args.VB is None else args.VB.ctypes.data,
-        args.gemm.ctypes.data,
-        args.blas,
-        None if z is None else z.data_ptr(),
-        args.zoff.ctypes.data,
-        args.zstride,
-        loss.ctypes.data,
-    )
+    st = args.struct
+    st.n = n
+    st.X = x.data_ptr()
+    st.Y = y.data_ptr()
+    st.coef = coef.ctypes.data
+    st.Z = None if z is None else z.data_ptr()
+    st.loss = loss.ctypes.data
+    rc = fn(st)
     if rc == -2:
         raise ValueError("the native step loop got gemm layers but no BLAS gemm")
     if rc != 0:
         raise MemoryError("the native step loop could not allocate its scratch memory")
-
-
-#: the accuracy kinds of mf_eval
-ACCURACY = {None: 0, "binary": 1, "multiclass": 2}
 
 
 def evaluate(
@@ -543,26 +523,27 @@ def evaluate(
     pl = np.array(_PL, np.float64)
     result = np.zeros(2, np.float64)
     fn = lib.mf_eval_f64 if f64 else lib.mf_eval_f32
-    rc = fn(
-        len(W),
-        fin.ctypes.data,
-        fout.ctypes.data,
-        ptr_w.ctypes.data,
-        ptr_b.ctypes.data,
-        mults.ctypes.data,
-        ACTIVATIONS[act],
-        ACTIVATIONS[out],
-        LOSSES[loss],
-        pl.ctypes.data,
-        int(x.shape[0]),
-        int(rows),
-        x.data_ptr(),
-        y.data_ptr(),
-        kind,
-        None if labels is None else labels.data_ptr(),
-        gemm,
-        result.ctypes.data,
+    st = MfArgs(
+        nl=len(W),
+        act=ACTIVATIONS[act],
+        out=ACTIVATIONS[out],
+        loss_kind=LOSSES[loss],
+        acc_kind=kind,
+        fin=fin.ctypes.data,
+        fout=fout.ctypes.data,
+        W=ptr_w.ctypes.data,
+        b=ptr_b.ctypes.data,
+        mult=mults.ctypes.data,
+        pl=pl.ctypes.data,
+        n=int(x.shape[0]),
+        rows=int(rows),
+        X=x.data_ptr(),
+        Y=y.data_ptr(),
+        labels=None if labels is None else labels.data_ptr(),
+        blas=gemm,
+        result=result.ctypes.data,
     )
+    rc = fn(st)
     if rc != 0:
         raise MemoryError("the native evaluation could not allocate its scratch memory")
     return float(result[0]), float(result[1])

@@ -34,7 +34,7 @@ OPTIONS: tuple[Option, ...] = (
         help="run SGD and Langevin steps on the CPU in a compiled loop, built with the system's C compiler "
         "on first use (`auto`: where a compiler is at hand, each layer by row loops or by BLAS matrix "
         "products, whichever a cost model says is faster for its shape and the batch; `rows`, `gemm`: every "
-        "layer that way; `off`: always ATen ops)",
+        "layer that way; `off`: always ATen ops; Adam always runs on ATen ops)",
     ),
 )
 

@@ -330,7 +330,29 @@ class Langevin(Node):
     weight_decay: Value = option_field(Float(min=0), default=0.0, help="L2 penalty λ")
 
 
-OPTIMIZERS: dict[str, type[Node]] = {"sgd": SGD, "langevin": Langevin}
+@dataclass(frozen=True, kw_only=True)
+class Adam(Node):
+    """``adam(lr, beta1 = 0.9, beta2 = 0.999, eps = 1e-8, weight_decay = 0)``: Adam with
+    decoupled weight decay (AdamW), at each scaling's per-layer Adam rates (finite width
+    only: no mean-field limit of Adam is implemented)."""
+
+    constructor: ClassVar[str] = "adam"
+    lr: Value = option_field(Float(min=0, open_min=True), help="base learning rate α")
+    beta1: Value = option_field(
+        Float(min=0, max=1, open_max=True), default=0.9, help="decay rate of the gradient's running mean"
+    )
+    beta2: Value = option_field(
+        Float(min=0, max=1, open_max=True),
+        default=0.999,
+        help="decay rate of the squared gradient's running mean",
+    )
+    eps: Value = option_field(Float(min=0, open_min=True), default=1e-8, help="ε added to the denominator")
+    weight_decay: Value = option_field(
+        Float(min=0), default=0.0, help="decoupled weight decay λ (AdamW: p ← p − lr·λ·p)"
+    )
+
+
+OPTIMIZERS: dict[str, type[Node]] = {"sgd": SGD, "langevin": Langevin, "adam": Adam}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -384,7 +406,7 @@ SCHEDULES: dict[str, type[Node]] = {
 class Train(Node):
     """``train { ... }``: optimizer, loss, batch size, duration, frozen layers, schedule."""
 
-    optimizer: Any = option_field(Nested(tuple(OPTIMIZERS)), help="sgd(...) or langevin(...)")
+    optimizer: Any = option_field(Nested(tuple(OPTIMIZERS)), help="sgd(...), langevin(...) or adam(...)")
     loss: Value = option_field(Choice(LOSSES), default="mse", help="loss function")
     batch: Value = option_field(Int(min=1), default=1, help="minibatch size B")
     steps: Value = option_field(Int(min=1), default=None, help="number of SGD steps")

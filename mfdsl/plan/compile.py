@@ -24,6 +24,22 @@ different initial scales under different scalings (docs/language.md, "scaling", 
 per-layer table); a spec comparing scalings takes each one's default.  A bias starts at 0 and takes the learning-rate
 multiplier of the width it lives on (mean_field, mup) or 1.
 
+Under ``adam`` the learning-rate multipliers are Adam's own (Adam's step per entry is
+about ``lr`` whatever the gradient's scale, so SGD's rates, which undo the gradient's
+1/n factors, do not carry over), and under ``mean_field`` Adam's ε scales with the
+gradient (``eps_mult``); a bias takes ``bias_lr_mult`` and ``bias_eps_mult`` (r and ε of
+the input, hidden and output layers):
+
+* ``mean_field``: r = 1, 1, 1 (biases 1); ε × 1/n, 1/n², 1/n (biases 1/n on a hidden
+  layer, 1 on the output);
+* ``ntk``, ``standard``: r = 1 and ε × 1 everywhere (one global rate, as torch's Adam);
+* ``mup``: r = 1, 1/n, 1/n (biases 1); ε × 1.
+
+``mup`` is μP's Adam table (Yang et al. 2022, Tensor Programs V, Table 3; mup's
+``MuAdam``) with base width 1, as SGD's rates above.  ``mean_field``: each particle
+moves O(lr) a step, the ε of a layer is ε divided by SGD's rate there (the factor by
+which its gradients shrink), so the run is Adam on the width-free particle gradients.
+
 Langevin noise acts on the parameters indexed by neurons only: every weight and the
 hidden layers' biases.  The output bias ``b_{L+1}`` is one coordinate shared by all
 neurons at every width; noise on it would never average out, so it gets none, under
@@ -133,6 +149,19 @@ def _init_laws(spec: ir.Spec, depth: int, dim: int) -> dict[int, ir.Dist]:
     return laws
 
 
+def adam_rates(scaling: str, n: int, is_first: bool, is_last: bool) -> tuple[float, float, float, float]:
+    """A layer's Adam rates ``(lr_mult, bias_lr_mult, eps_mult, bias_eps_mult)`` under
+    ``scaling`` at width ``n`` (the table in this module's docstring)."""
+    if scaling == "mean_field":
+        # SGD's rates (n, n², n; biases n, 1) are the gradients' 1/… factors: Adam's
+        # step does not see them, its ε must
+        sgd = float(n if (is_first or is_last) else n * n)
+        return 1.0, 1.0, 1.0 / sgd, 1.0 if is_last else 1.0 / n
+    if scaling == "mup":
+        return (1.0 if is_first else 1.0 / n), 1.0, 1.0, 1.0
+    return 1.0, 1.0, 1.0, 1.0
+
+
 def layer_plans(spec: ir.Spec, width: int) -> tuple[LayerPlan, ...]:
     """Shapes, multipliers and initial laws of every weight layer."""
     depth = int(spec.network.hidden)
@@ -142,6 +171,7 @@ def layer_plans(spec: ir.Spec, width: int) -> tuple[LayerPlan, ...]:
     scaling = spec.scaling
     frozen = {depth + 1 if f == "last" else int(f) for f in spec.train.freeze}
     laws = _init_laws(spec, depth, dim)
+    adam = isinstance(spec.train.optimizer, ir.Adam)
     plans = []
     for layer in range(1, depth + 2):
         fan_in = dim if layer == 1 else n
@@ -162,6 +192,9 @@ def layer_plans(spec: ir.Spec, width: int) -> tuple[LayerPlan, ...]:
             init_scale = 1.0 / fan_in if is_last else 1.0 / math.sqrt(fan_in)
             lr_mult = float(n) if is_first else (1.0 / n if is_last else 1.0)
             bias_lr = float(1 if is_last else n)
+        eps_mult = bias_eps = 1.0
+        if adam:
+            lr_mult, bias_lr, eps_mult, bias_eps = adam_rates(scaling, n, is_first, is_last)
         plans.append(
             LayerPlan(
                 index=layer,
@@ -172,11 +205,14 @@ def layer_plans(spec: ir.Spec, width: int) -> tuple[LayerPlan, ...]:
                 init=_dist(laws[layer], init_scale),
                 bias=bool(spec.network.bias),
                 bias_lr_mult=bias_lr,
-                # mean-field decay and noise act on each weight at rate lr (see LayerPlan)
-                decay_mult=1.0 if scaling == "mean_field" else None,
-                bias_decay_mult=1.0 if scaling == "mean_field" else None,
+                # mean-field decay and noise act on each weight at rate lr (see LayerPlan);
+                # Adam's decoupled decay acts at the layer's Adam rate
+                decay_mult=1.0 if scaling == "mean_field" and not adam else None,
+                bias_decay_mult=1.0 if scaling == "mean_field" and not adam else None,
                 # the output bias is shared by all neurons: no Langevin noise (see LayerPlan)
                 bias_noise_mult=0.0 if is_last else None,
+                eps_mult=eps_mult,
+                bias_eps_mult=bias_eps,
                 frozen=layer in frozen,
             )
         )
@@ -290,6 +326,15 @@ def compile_point(spec: ir.Spec, coords: dict[str, Any], backend: str) -> RunPla
         optimizer = OptimizerPlan(
             kind="langevin", lr=opt.lr, weight_decay=opt.weight_decay, temperature=opt.temperature
         )
+    elif isinstance(opt, ir.Adam):
+        optimizer = OptimizerPlan(
+            kind="adam",
+            lr=opt.lr,
+            beta1=opt.beta1,
+            beta2=opt.beta2,
+            eps=opt.eps,
+            weight_decay=opt.weight_decay,
+        )
     else:
         optimizer = OptimizerPlan(kind="sgd", lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay)
     steps = total_steps(spec)
@@ -322,9 +367,19 @@ def limit_problem(spec: ir.Spec) -> SpecError | None:
     and its per-layer learning rates give the same flow) — but not beyond, and not
     with weight decay or Langevin noise, which μP applies at its own per-layer rates.
     ``ntk`` and ``standard`` have a kernel (lazy) limit at any depth, not this one.
-    A limit backend raises the error this returns (it points at the spec's ``scaling``).
+    Adam has none here: the limit's flow is SGD's (gradient flow), and Adam's per-entry
+    normalisation of the particles' gradients is not implemented.  A limit backend raises the error this returns (it points at the spec's ``scaling``).
     """
     is_expr = ir.is_expr
+    opt = spec.train.optimizer
+    if isinstance(opt, ir.Adam):
+        return SpecError(
+            "the jax backend computes the mean-field limit of SGD (gradient flow); no mean-field "
+            "limit of Adam is implemented, so it cannot compute this spec",
+            opt.span or spec.train.where("optimizer"),
+            hint="drop jax from 'backends' to train Adam at finite widths with torch, "
+            "or use optimizer = sgd(...) for a spec with a limit",
+        )
     scaling, hidden = spec.scaling, spec.network.hidden
     where = spec.where("scaling")
     if is_expr(scaling):
@@ -344,7 +399,6 @@ def limit_problem(spec: ir.Spec) -> SpecError | None:
             hint="use 'scaling mean_field' for the mean-field limit of a deeper network, "
             "or drop jax from 'backends' for this spec",
         )
-    opt = spec.train.optimizer
     decay = getattr(opt, "weight_decay", 0.0)
     noisy = isinstance(opt, ir.Langevin)
     if scaling == "mup" and ((not is_expr(decay) and decay > 0) or noisy):

@@ -418,6 +418,8 @@ def _optimizer_kind(spec: ir.Spec) -> str:
     opt = spec.train.optimizer
     if isinstance(opt, ir.Langevin):
         return "langevin"
+    if isinstance(opt, ir.Adam):
+        return "adam"
     return "momentum" if float(opt.momentum) != 0.0 else "sgd"
 
 
@@ -559,12 +561,12 @@ def _finite_unit(point: Any, facts: _Facts, backend: str) -> Unit:
     ]
     kind = _optimizer_kind(spec)
     if kind != "sgd":
-        what = (
-            "the optimizer state (momentum: a velocity per parameter)"
-            if kind == "momentum"
-            else "Langevin noise"
-        )
-        parts.append(Part(f"{what}: {_n(params)} parameters", params * item, where))
+        what = {
+            "momentum": "the optimizer state (momentum: a velocity per parameter)",
+            "adam": "the optimizer state (Adam: two running means, the gradient and a scratch per parameter)",
+        }.get(kind, "Langevin noise")
+        copies = 4 if kind == "adam" else 1
+        parts.append(Part(f"{what}: {_n(params)} parameters", copies * params * item, where))
     units = depth * n + k
     parts.append(
         Part(

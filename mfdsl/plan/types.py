@@ -68,6 +68,10 @@ class LayerPlan:
     mean-field scaling this is 1, not ``lr_mult``: ``lr_mult`` only undoes the 1/n factors
     of the gradient, and the limit's drift -λθ and noise β⁻¹Δρ do not depend on the width.
 
+    Under ``adam`` ``lr_mult`` and ``bias_lr_mult`` are the scaling's Adam rates (a
+    different table from SGD's, ``docs/language.md``), and ``eps_mult`` and
+    ``bias_eps_mult`` scale Adam's ε with the gradient's scale where the scaling says so.
+
     ``bias_noise_mult`` overrides the bias's noise rate (``None``: its decay rate).  The
     compiler sets it to 0 for the output bias: that bias is one coordinate shared by all
     neurons at every width, so noise on it never averages out and would leave the
@@ -86,6 +90,8 @@ class LayerPlan:
     decay_mult: float | None = None
     bias_decay_mult: float | None = None
     bias_noise_mult: float | None = None
+    eps_mult: float = 1.0
+    bias_eps_mult: float = 1.0
     frozen: bool = False
 
     @property
@@ -104,18 +110,26 @@ class LayerPlan:
 
 @dataclass(frozen=True, kw_only=True)
 class OptimizerPlan:
-    """``sgd`` (heavy-ball momentum, L2 weight decay) or ``langevin``.
+    """``sgd`` (heavy-ball momentum, L2 weight decay), ``langevin`` or ``adam``.
 
     ``langevin`` adds, per step and per entry, Gaussian noise of variance
     ``2 * lr * schedule * rate * temperature`` (the parameter's noise rate, see
     :class:`LayerPlan`; 0 for the shared output bias) to an SGD step with weight decay.
+
+    ``adam`` is ``torch.optim.AdamW`` per parameter tensor, with the learning rate
+    ``lr * schedule * lr_mult`` (the layer's Adam rate, see :class:`LayerPlan`), ε
+    ``eps * eps_mult`` and the decoupled weight decay ``p ← (1 − lr · schedule · lr_mult
+    · weight_decay) p`` before the step (with ``weight_decay = 0``, ``torch.optim.Adam``).
     """
 
-    kind: Literal["sgd", "langevin"]
+    kind: Literal["sgd", "langevin", "adam"]
     lr: float
     momentum: float = 0.0
     weight_decay: float = 0.0
     temperature: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
 
 
 @dataclass(frozen=True, kw_only=True)
