@@ -269,7 +269,7 @@ def estimate(
         extra = {
             "probe": "output" in stored,
             "unit": "output" in stored and outputs > 1,
-            "layer": "neuron_spread" in stored or "weight_change" in stored,
+            "layer": any(n in stored for n in ("neuron_spread", "preactivation_rms", "weight_change")),
             "particle": "particles" in stored,
             "component": "particles" in stored,
         }
@@ -421,8 +421,8 @@ def _facts(point: Any, backend: str, limit: bool) -> _Facts:
         elif obs.name == "output":
             probes = int(obs.probes) if obs.probes is not None else min(16, n_test)
             shapes.append(probes * outputs)
-        elif obs.name in ("neuron_spread", "weight_change"):
-            layers = len(obs.layer) if obs.layer is not None else depth + (obs.name == "weight_change")
+        elif obs.name in ("neuron_spread", "preactivation_rms", "weight_change"):
+            layers = len(obs.layer) if obs.layer is not None else depth + (obs.name != "neuron_spread")
             shapes.append(layers)
             stored[obs.name] = depth + 1
         elif obs.name == "particles":

@@ -317,7 +317,7 @@ def expected(
             own: tuple[int, ...] = ()
         elif obs.name == "output":
             own = (obs.probes, plan.layers[-1].fan_out) if len(store_shape) == 2 else (obs.probes,)
-        elif obs.name in ("neuron_spread", "weight_change"):
+        elif obs.name in ("neuron_spread", "preactivation_rms", "weight_change"):
             own = (len(obs.layers),)
         elif obs.name == "particles":
             extent = particle_extent(plan, obs)
