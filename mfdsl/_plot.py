@@ -23,6 +23,8 @@ Five kinds:
 * ``coord`` — mup's coordinate check: ``preactivation_rms`` of each layer against
   width at a few record steps, log–log, a panel per layer (the limit's value, where
   stored, as a dotted level): flat lines mean activations of a width-independent size.
+  A diverged run counts with the records it made before diverging: its blow-up is
+  what the check is for.
 
 Panels wrap into a near-square grid (:func:`wrap_shape`), or are faceted by sweep
 variables with ``row`` / ``col`` (:func:`layout`).
@@ -695,7 +697,7 @@ def _coord(
         )
     others = [str(d) for d in ds[STATUS].dims if d not in SWEEP_FIXED]
     check_facets(others, row, col, {"width": "the x axis", "seed": "the mean over seeds"})
-    parts = slices(ds, list(variables) if variables else [COORD_VARIABLE])
+    parts = slices(ds, list(variables) if variables else [COORD_VARIABLE], diverged=True)
     recorded = [int(s) for s in ds[STEP].values]
     chosen = coord_steps(recorded, steps)
     at = [recorded.index(s) for s in chosen]
@@ -739,7 +741,8 @@ def _coord(
     handles.append(Line2D([], [], color="grey", ls=":", label="the limit (width ∞), where stored"))
     _legend(fig, handles, cols)
     fig.suptitle(
-        "coordinate check: sqrt(mean over units and probes of H_ℓ²), seed mean; flat in n = width-independent",
+        "coordinate check: sqrt(mean over units and probes of H_ℓ²), seed mean (a diverged run up to its "
+        "divergence); flat in n = width-independent",
         fontsize=9,
     )
     return fig
