@@ -587,6 +587,12 @@ def _transfer(
     panels = [Panel(what, coords, curves) for coords, curves in data.panels]
     fig, placed, (_, cols) = layout(figure_cls, panels, row, col, size=(4.0, 3.2))
     positive = all(float(v) > 0 for v in np.asarray(data.panels[0][1][0].x))
+    means = np.concatenate([c.mean for _, curves in data.panels for c in curves])
+    means = means[np.isfinite(means)]
+    # Losses near a diverging learning rate can be orders of magnitude above the
+    # optimum; a linear axis would flatten every curve's bottom, where it matters.
+    # One choice for all panels: faceted panels share their y axis.
+    log_y = bool(means.size and means.min() > 0 and means.max() / means.min() > 10)
     for ax, panel in placed:
         for curve in panel.payload:
             ok = np.isfinite(curve.mean)
@@ -623,11 +629,7 @@ def _transfer(
                 )
         if positive:
             ax.set_xscale("log")
-        means = np.concatenate([c.mean for c in panel.payload])
-        means = means[np.isfinite(means)]
-        # Losses near a diverging learning rate can be orders of magnitude above the
-        # optimum; a linear axis would flatten every curve's bottom, where it matters.
-        if means.size and means.min() > 0 and means.max() / means.min() > 30:
+        if log_y:
             ax.set_yscale("log")
         ax.set_xlabel(f"{data.x} (learning rate)" if data.is_lr else data.x)
         ax.set_ylabel("seed mean ± 1 sample std", fontsize=8)
@@ -712,6 +714,7 @@ def _coord(
         raise StoreError(f"no layer has a {COORD_VARIABLE} record")
     fig, placed, (_, cols) = layout(figure_cls, panels, row, col, size=(3.6, 3.0))
     drawn = False
+    values: dict[str, list[float]] = {}  # the y values of each key's panels (they share y)
     for ax, panel in placed:
         finite = [c for c in panel.payload.curves if math.isfinite(c.width)]
         limit = [c for c in panel.payload.curves if math.isinf(c.width) and np.isfinite(c.mean).any()]
@@ -722,14 +725,16 @@ def _coord(
             if ok.any():
                 drawn = True
                 ax.plot(widths[ok], y[ok], "o-", color=colour[step], ms=3, lw=1.4, gid=f"step={step}")
+                values.setdefault(panel.key, []).extend(y[ok].tolist())
             if limit and np.isfinite(limit[0].mean[k]) and limit[0].mean[k] > 0:
+                values.setdefault(panel.key, []).append(float(limit[0].mean[k]))
                 ax.axhline(
                     float(limit[0].mean[k]), color=colour[step], ls=":", lw=1.0, gid=f"limit step={step}"
                 )
         ax.set_xscale("log")
         ax.set_yscale("log")
         _width_ticks(ax, widths)
-        _at_least_a_decade(ax)
+        _y_range(ax, values.get(panel.key, []))
         ax.set_xlabel("width n")
         ax.set_title(panel.title, fontsize=9)
         ax.grid(alpha=0.3, which="both")
@@ -758,13 +763,19 @@ def _width_ticks(ax: Any, widths: np.ndarray) -> None:
         ax.xaxis.set_minor_locator(NullLocator())
 
 
-def _at_least_a_decade(ax: Any) -> None:
-    """A log y axis spanning at least a factor 10 around the data: a flat line (what
-    the coordinate check hopes for) then reads as flat, not as noise blown up."""
-    lo, hi = ax.get_ylim()
-    if lo > 0 and hi / lo < 10:
+def _y_range(ax: Any, values: Sequence[float]) -> None:
+    """A log y range over ``values`` (every panel sharing this y axis), spanning at
+    least a factor 10, so that a flat line (what the coordinate check hopes for) reads
+    as flat, not as noise blown up; and at most 10⁴ × their median, so that a blow-up
+    (a line leaving the top) does not squash the panels that stay put."""
+    v = np.asarray([x for x in values if x > 0 and math.isfinite(x)], dtype=np.float64)
+    if not v.size:
+        return
+    lo, hi = float(v.min()), float(min(v.max(), 1e4 * np.median(v)))
+    if hi / lo < 10:
         mid = math.sqrt(lo * hi)
-        ax.set_ylim(mid / math.sqrt(10), mid * math.sqrt(10))
+        lo, hi = mid / math.sqrt(10), mid * math.sqrt(10)
+    ax.set_ylim(lo / 1.3, hi * 1.3)
 
 
 # ---- particles ---------------------------------------------------------------------------
