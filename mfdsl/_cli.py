@@ -176,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     plot = sub.add_parser(
         "plot",
-        help="draw a store's curves, width convergence or particles",
+        help="draw a store's curves, width convergence, particles, learning-rate transfer or coordinate check",
         description="Draw figures of a results store (needs matplotlib: pip install 'mfdsl[plot]').",
     )
     plot.add_argument("store", help="the zarr store written by 'mfdsl run'")

@@ -510,6 +510,11 @@ def transfer_data(
         raise PlotError(f"the transfer plot shows one variable; {variable!r} has {len(chosen)} layers")
     maximize = "accuracy" in variable
     xs = list(ds[x].values)
+    if not np.issubdtype(ds[x].dtype, np.number):
+        raise PlotError(
+            f"--x {x}: its values ({', '.join(map(str, xs))}) are not numbers; "
+            "the transfer plot puts a numeric sweep variable on its x axis"
+        )
     parts = slices(ds, [variable])
     groups: dict[tuple[Any, ...], dict[str, Any]] = {}
     cells: dict[tuple[Any, ...], dict[float, dict[int, Curve]]] = {}

@@ -321,6 +321,8 @@ def test_transfer_needs_a_swept_learning_rate(tmp_path: Path, capsys: pytest.Cap
 def test_transfer_x_is_checked(transfer_store: Path) -> None:
     with pytest.raises(PlotError, match=r"--x 'ac' is not a sweep variable .*did you mean 'act'\?"):
         make_figure(transfer_store, kind="transfer", x="ac")
+    with pytest.raises(PlotError, match=r"--x act: its values \(relu, tanh\) are not numbers"):
+        make_figure(transfer_store, kind="transfer", x="act")
     with pytest.raises(PlotError, match="one curve per width"):
         make_figure(transfer_store, kind="transfer", x="width")
     with pytest.raises(
