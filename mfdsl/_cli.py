@@ -195,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument(
         "--row",
         metavar="VAR",
-        help="a row of panels per value of this sweep variable (default: panels wrap into a near-square grid)",
+        help="a row of panels per value of this sweep variable, seed included (default: panels wrap into a near-square grid)",
     )
     plot.add_argument("--col", metavar="VAR", help="a column of panels per value of this sweep variable")
     plot.add_argument(

@@ -144,9 +144,9 @@ def make_figure(
             return _transfer(figure_cls, ds, variables[0] if variables else None, x, best, row, col)
         if kind == "coord":
             return _coord(figure_cls, ds, variables, steps, row, col)
-        others = [str(d) for d in ds[STATUS].dims if d not in SWEEP_FIXED]
-        check_facets(others, row, col, {"width": "one line per width", "seed": "the mean over seeds"})
-        parts = slices(ds, variables)
+        others = [*(str(d) for d in ds[STATUS].dims if d not in SWEEP_FIXED), "seed"]
+        check_facets(others, row, col, {"width": "one line per width"})
+        parts = seed_slices(ds, variables, by_seed="seed" in (row, col))
         if not parts or not parts[0].series:
             raise StoreError(f"{os.fspath(store)} has no scalar variable to plot")
         if not any(np.isfinite(c.mean).any() for p in parts for s in p.series for c in s.curves):
@@ -224,6 +224,21 @@ def wrap_shape(n: int) -> tuple[int, int]:
     as few rows as hold them (12 panels: 3 × 4; 5: 2 × 3)."""
     cols = max(1, math.ceil(math.sqrt(n)))
     return max(1, math.ceil(n / cols)), cols
+
+
+def seed_slices(
+    ds: Any, variables: Sequence[str] | None, *, by_seed: bool, diverged: bool = False
+) -> list[Slice]:
+    """:func:`~mfdsl._report.slices`, or with ``by_seed`` the slices of each seed
+    apart (``seed`` the last of their coordinates), for a facet by seed: each panel
+    then shows one seed's runs instead of the mean over seeds."""
+    if not by_seed:
+        return slices(ds, variables, diverged=diverged)
+    out = []
+    for i, seed in enumerate(ds["seed"].values):
+        for part in slices(ds.isel(seed=[i]), variables, diverged=diverged):
+            out.append(Slice(coords={**part.coords, "seed": int(seed)}, series=part.series))
+    return out
 
 
 def check_facets(
@@ -469,12 +484,18 @@ def learning_rate_variable(ds: Any) -> str | None:
 
 
 def transfer_data(
-    ds: Any, *, variable: str | None = None, x: str | None = None, best: bool = False
+    ds: Any,
+    *,
+    variable: str | None = None,
+    x: str | None = None,
+    best: bool = False,
+    by_seed: bool = False,
 ) -> Transfer:
     """The transfer figure's numbers from an open store: each done run's final value of
     ``variable`` (default ``test_loss``, else ``train_loss``), or with ``best`` its
-    lowest (an accuracy: highest) over the records, averaged over seeds, against the
-    sweep variable ``x`` (default: :func:`learning_rate_variable`)."""
+    lowest (an accuracy: highest) over the records, averaged over seeds (with
+    ``by_seed``, each seed apart: its panels' coordinates name it), against the sweep
+    variable ``x`` (default: :func:`learning_rate_variable`)."""
     sweep = [str(d) for d in ds[STATUS].dims]
     others = [d for d in sweep if d not in SWEEP_FIXED]
     lr_var = learning_rate_variable(ds)
@@ -515,7 +536,7 @@ def transfer_data(
             f"--x {x}: its values ({', '.join(map(str, xs))}) are not numbers; "
             "the transfer plot puts a numeric sweep variable on its x axis"
         )
-    parts = slices(ds, [variable])
+    parts = seed_slices(ds, [variable], by_seed=by_seed)
     groups: dict[tuple[Any, ...], dict[str, Any]] = {}
     cells: dict[tuple[Any, ...], dict[float, dict[int, Curve]]] = {}
     for part in parts:
@@ -576,16 +597,11 @@ def _transfer(
 ) -> Any:
     from matplotlib.lines import Line2D
 
-    data = transfer_data(ds, variable=variable, x=x, best=best)
+    data = transfer_data(ds, variable=variable, x=x, best=best, by_seed="seed" in (row, col))
     if not any(np.isfinite(c.mean).any() for _, curves in data.panels for c in curves):
         raise StoreError("no finished run to plot")
-    others = [str(d) for d in ds[STATUS].dims if d not in (*SWEEP_FIXED, data.x)]
-    check_facets(
-        others,
-        row,
-        col,
-        {"width": "one curve per width", "seed": "the mean over seeds", data.x: "the x axis"},
-    )
+    others = [*(str(d) for d in ds[STATUS].dims if d not in (*SWEEP_FIXED, data.x)), "seed"]
+    check_facets(others, row, col, {"width": "one curve per width", data.x: "the x axis"})
     widths = sorted({c.width for _, curves in data.panels for c in curves})
     colours = _colours(widths)
     what = f"{'best' if best else 'final'} {data.variable}"
@@ -702,9 +718,11 @@ def _coord(
             f"the coordinate check plots {COORD_VARIABLE}, one panel per layer: --var takes "
             f"e.g. {COORD_VARIABLE}[layer=1], not {', '.join(map(repr, wanted))}"
         )
-    others = [str(d) for d in ds[STATUS].dims if d not in SWEEP_FIXED]
-    check_facets(others, row, col, {"width": "the x axis", "seed": "the mean over seeds"})
-    parts = slices(ds, list(variables) if variables else [COORD_VARIABLE], diverged=True)
+    others = [*(str(d) for d in ds[STATUS].dims if d not in SWEEP_FIXED), "seed"]
+    check_facets(others, row, col, {"width": "the x axis"})
+    parts = seed_slices(
+        ds, list(variables) if variables else [COORD_VARIABLE], by_seed="seed" in (row, col), diverged=True
+    )
     recorded = [int(s) for s in ds[STEP].values]
     chosen = coord_steps(recorded, steps)
     at = [recorded.index(s) for s in chosen]

@@ -233,12 +233,33 @@ def test_row_and_col_facets(transfer_store: Path, tmp_path: Path) -> None:
         assert ax.get_title().split("\n")[1] == f"lr = {LRS[c]:g}, act = {ACTS[r]}"
 
 
+def test_facet_by_seed_shows_each_seeds_runs(lr_store: Path, transfer_store: Path) -> None:
+    """A panel per seed instead of the mean over seeds: make_store marks width 16's
+    seed 2 failed, so seed 2's panels have one line fewer (widths 16, 64, the limit)."""
+    fig = make_figure(lr_store, variables=["train_loss"], col="seed")
+    axes = fig.get_axes()
+    assert len(axes) == 9  # 3 learning rates × 3 seeds
+    for ax in axes:
+        r, c = cell(ax)
+        assert ax.get_title() == f"train_loss\nlr = {[0.1, 0.2, 0.3][r]:g}, seed = {c}"
+        assert len(ax.get_lines()) == (2 if c == 2 else 3)
+    fig = make_figure(transfer_store, kind="transfer", row="act", col="seed")
+    for ax in fig.get_axes():
+        r, c = cell(ax)
+        assert ax.get_title().endswith(f"act = {ACTS[r]}, seed = {c}")
+        stars = [line for line in ax.get_lines() if (line.get_gid() or "").startswith("optimum")]
+        # each seed's own final loss at its optimum: 0.1 + its offset 0.001 · seed
+        assert len(stars) == len(T_WIDTHS)
+        for line in stars:
+            assert line.get_ydata()[0] == pytest.approx(0.1 + 0.001 * c + np.exp(-10 / 3.0))
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
         (
             ["--row", "lrr"],
-            "cannot facet by 'lrr' (--row): not a sweep variable of the store (it can facet by: lr); did you mean 'lr'?",
+            "cannot facet by 'lrr' (--row): not a sweep variable of the store (it can facet by: lr, seed); did you mean 'lr'?",
         ),
         (
             ["--col", "width"],
