@@ -195,21 +195,44 @@ def build_parser() -> argparse.ArgumentParser:
 
     plot = sub.add_parser(
         "plot",
-        help="draw a store's curves, width convergence or particles",
+        help="draw a store's curves, width convergence, particles, learning-rate transfer or coordinate check",
         description="Draw figures of a results store (needs matplotlib: pip install 'mfdsl[plot]').",
     )
     plot.add_argument("store", help="the zarr store written by 'mfdsl run'")
     plot.add_argument(
         "--kind",
-        choices=("curves", "convergence", "particles"),
+        choices=("curves", "convergence", "particles", "transfer", "coord"),
         default="curves",
-        help="curves: variables against time, a line per width (default); convergence: distance to the limit against width, log-log, with the fitted slope; particles: the sampled neurons at the first, middle and last record",
+        help="curves: variables against time, a line per width (default); convergence: distance to the limit against width, log-log, with the fitted slope; particles: the sampled neurons at the first, middle and last record; transfer: final (or --best) loss against the swept learning rate, a curve per width, each optimum marked (muP's transfer plot); coord: preactivation_rms of each layer against width at a few steps, log-log (mup's coordinate check)",
     )
     plot.add_argument(
         "--var",
         action="append",
         metavar="NAME",
-        help="plot only this variable, e.g. test_loss or weight_change[layer=1] (repeatable; default: every scalar variable)",
+        help="plot only this variable, e.g. test_loss or weight_change[layer=1] (repeatable; default: every scalar variable; transfer: the one variable, default test_loss)",
+    )
+    plot.add_argument(
+        "--row",
+        metavar="VAR",
+        help="a row of panels per value of this sweep variable, seed included (default: panels wrap into a near-square grid)",
+    )
+    plot.add_argument("--col", metavar="VAR", help="a column of panels per value of this sweep variable")
+    plot.add_argument(
+        "--x",
+        metavar="VAR",
+        help="transfer: the sweep variable on the x axis (default: the one the learning rate varies with)",
+    )
+    plot.add_argument(
+        "--best",
+        action="store_true",
+        help="transfer: each run's best value over its records instead of its final one",
+    )
+    plot.add_argument(
+        "--step",
+        action="append",
+        type=int,
+        metavar="N",
+        help="coord: draw this record step (repeatable; default: step 0 and up to 3 more, spread geometrically)",
     )
     plot.add_argument(
         "-o",
@@ -475,7 +498,17 @@ def _plot(args: argparse.Namespace) -> int:
     if not _reachable(args.store):
         return EXIT_USAGE
     try:
-        path = plot_store(args.store, kind=args.kind, variables=args.var, output=args.output)
+        path = plot_store(
+            args.store,
+            kind=args.kind,
+            variables=args.var,
+            output=args.output,
+            row=args.row,
+            col=args.col,
+            x=args.x,
+            best=args.best,
+            steps=args.step,
+        )
     except (StoreError, PlotError) as error:
         return _store_error(error)
     _console().print(Text(path))

@@ -37,7 +37,7 @@ backends torch, jax
 
 ALL_OBSERVABLES = (
     "train_loss, test_loss, test_accuracy, output(probes = 5), neuron_spread(probes = 5), "
-    "weight_change, particles(sample = 7)"
+    "preactivation_rms(probes = 6), weight_change, particles(sample = 7)"
 )
 
 

@@ -37,7 +37,7 @@ P5_CASES = {
         data="teacher { dim = 4, teacher = mlp(hidden = 1, width = 8), noise = 0.1, train = 32, test = 64 }",
         extra="  freeze = [1]",
         observables="train_loss, test_loss, output(probes = 5), "
-        "neuron_spread(probes = 5), weight_change, particles(sample = 7)",
+        "neuron_spread(probes = 5), preactivation_rms, weight_change, particles(sample = 7)",
     ),
     # four layers: momentum, weight decay and a cosine schedule; erf; frozen last layer
     "L3-erf-momentum-decay-cosine": dict(

@@ -41,13 +41,15 @@ init {
   layer last ~ normal(1, 1)
 }
 train { optimizer = sgd(lr = 0.1), loss = mse, batch = 64, steps = 100 }
-record every 25 { train_loss, test_loss, output(probes = 4), neuron_spread, weight_change }
+record every 25 {
+  train_loss, test_loss, output(probes = 4), neuron_spread, preactivation_rms, weight_change
+}
 sweep { width = [64, 256], seed = 0..3 }
 backends torch, jax
 jax { particles = 16384 }
 """
 
-NAMES = ("train_loss", "test_loss", "output", "neuron_spread", "weight_change")
+NAMES = ("train_loss", "test_loss", "output", "neuron_spread", "preactivation_rms", "weight_change")
 
 
 @pytest.fixture(scope="module")
@@ -81,9 +83,10 @@ def test_each_observable_converges_to_its_limit_at_the_mean_field_rate(store: xr
 
 
 def test_observables_have_the_same_shape_and_scale_in_the_limit(store: xr.Dataset) -> None:
-    """weight_change and neuron_spread are O(1) per-entry quantities at every width: their
-    finite values at width 256 are within a factor of the limit's, layer by layer."""
-    for name in ("weight_change", "neuron_spread"):
+    """weight_change, neuron_spread and preactivation_rms are O(1) per-entry quantities at
+    every width: their finite values at width 256 are within a factor of the limit's,
+    layer by layer."""
+    for name in ("weight_change", "neuron_spread", "preactivation_rms"):
         final = store[name].isel(step=-1).mean("seed")
         limit = final.sel(width=np.inf)
         wide = final.sel(width=256.0)

@@ -333,6 +333,13 @@ def specs_parts(draw: st.DrawFn) -> Generated:
             "weight_change": call(
                 "weight_change", [("layer", layers(draw, subset(draw, weights), last))], draw
             ),
+            "preactivation_rms": call(
+                "preactivation_rms",
+                [("layer", layers(draw, subset(draw, weights), last)), ("probes", ["8"])][
+                    : draw(st.integers(0, 2))
+                ],
+                draw,
+            ),
             "particles": call(
                 "particles",
                 [("layer", [str(draw(st.sampled_from(hidden_layers)))]), ("sample", ["16"])][

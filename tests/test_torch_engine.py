@@ -597,6 +597,20 @@ def numpy_forward(plan: RunPlan, x: np.ndarray) -> tuple[list[np.ndarray], list[
     return ws, hs
 
 
+def test_preactivation_rms_is_the_rms_over_units_and_probes() -> None:
+    """Layers 1 and 3 (hidden) and 4 (the output z): sqrt(mean_{p,j} H_ℓ[p,j]²) on the
+    first 7 test points, to float64 rounding at step 0; positive and finite later."""
+    data = FakeData(dim=4, n_test=30)
+    obs = (ObservablePlan(name="preactivation_rms", layers=(1, 3, 4), probes=7),)
+    plan = make_plan(widths=(9, 6, 5), steps=3, record_steps=[0, 1, 3], batch=6, observables=obs)
+    r = train(plan, data).records["preactivation_rms"]
+    assert r.shape == (3, 3) and np.all(np.isfinite(r)) and np.all(r > 0)
+    _, hs = numpy_forward(plan, data.test_x)
+    want = [np.sqrt(np.mean(hs[ell - 1][:7] ** 2)) for ell in (1, 3, 4)]
+    np.testing.assert_allclose(r[0], want, rtol=1e-12)
+    assert not np.array_equal(r[0], r[-1])  # training moves them
+
+
 def test_observables_at_step_zero_match_numpy() -> None:
     data = FakeData(dim=4, n_test=30)
     obs = (

@@ -75,6 +75,11 @@ as the torch engine records them, in the limit:
 * ``neuron_spread`` — the std across the particles of ``H_ℓ`` on the probes, averaged
   over them.  A collapsed layer's is exactly 0, by construction: its neurons are
   identical in the limit (``attrs["limit_collapsed_layers"]`` names them).
+* ``preactivation_rms`` — ``sqrt`` of the mean over the particles of layer ℓ (the
+  outputs, for ℓ = L+1) and over the probes of ``H_ℓ²``, torch's
+  ``sqrt(mean_{p,j} H_ℓ[p,j]²)`` in the limit: a finite width's H_ℓ is the limit's plus
+  an O(n^{-1/2}) fluctuation (the dropped i.i.d. part of an R1 layer enters only
+  there), so it converges at that rate.  A collapsed layer's is its one particle's.
 * ``weight_change`` — the root-mean-square change per entry of the weight function,
   ``sqrt(E (w_ℓ(t) − w_ℓ(0))²)`` with the expectation over the particles (pairs of
   particles for 2 ≤ ℓ ≤ L) and over the ``d`` inputs / ``K`` outputs: torch's
@@ -505,6 +510,8 @@ class _ObsCfg:
     change_layers: tuple[int, ...]
     particle_layer: int
     block: int
+    probes_rms: int = 0
+    rms_layers: tuple[int, ...] = ()
 
 
 @lru_cache(maxsize=32)
@@ -544,6 +551,7 @@ def _observer(cfg: _Cfg, ocfg: _ObsCfg) -> Callable[..., Any]:
         n_probe = max(
             ocfg.probes_output if "output" in names else 0,
             ocfg.probes_spread if "neuron_spread" in names else 0,
+            ocfg.probes_rms if "preactivation_rms" in names else 0,
         )
         if n_probe:
             hs = _forward(cfg, params, test["probes"][:n_probe])
@@ -555,6 +563,13 @@ def _observer(cfg: _Cfg, ocfg: _ObsCfg) -> Callable[..., Any]:
                     [
                         jnp.mean(jnp.std(hs[ell - 1][: ocfg.probes_spread], axis=1))
                         for ell in ocfg.spread_layers
+                    ]
+                )
+            if "preactivation_rms" in names:
+                out["preactivation_rms"] = jnp.stack(
+                    [
+                        jnp.sqrt(jnp.mean(jnp.square(hs[ell - 1][: ocfg.probes_rms])))
+                        for ell in ocfg.rms_layers
                     ]
                 )
         if "weight_change" in names:
@@ -789,7 +804,7 @@ def _solve(
             out["test_accuracy"] = (
                 float(values["test_correct"]) / n_test if n_test and task != "regression" else math.nan
             )
-        for name in ("output", "neuron_spread", "weight_change", "particles"):
+        for name in ("output", "neuron_spread", "preactivation_rms", "weight_change", "particles"):
             if name in values:
                 out[name] = np.asarray(values[name], np.float64)
         for name, arr in records.items():
@@ -930,6 +945,13 @@ def _make_observer(
     if "weight_change" in by_name:
         change_layers = by_name["weight_change"].layers_or(range(1, L + 2), 1, L + 1)
         shapes["weight_change"] = (len(change_layers),)
+    probes_rms = 0
+    rms_layers: tuple[int, ...] = ()
+    if "preactivation_rms" in by_name:
+        obs = by_name["preactivation_rms"]
+        probes_rms = obs.probe_count(n_test)
+        rms_layers = obs.layers_or(range(1, L + 2), 1, L + 1)
+        shapes["preactivation_rms"] = (len(rms_layers),)
     eps = np.zeros((0, 3))
     if "particles" in by_name:
         obs = by_name["particles"]
@@ -971,7 +993,7 @@ def _make_observer(
     yb = np.concatenate([y_t, np.zeros((pad, *y_t.shape[1:]), y_t.dtype)])
     yb = yb.reshape(n_blocks, block, *y_t.shape[1:])
     mask = np.concatenate([np.ones(n_test), np.zeros(pad)]).astype(np_dtype).reshape(n_blocks, block)
-    n_probe = max(probes_output, probes_spread, 1)
+    n_probe = max(probes_output, probes_spread, probes_rms, 1)
     test = {
         "x": jnp.asarray(xb),
         "y": jnp.asarray(yb),
@@ -989,6 +1011,8 @@ def _make_observer(
         change_layers=change_layers,
         particle_layer=particle_layer,
         block=block,
+        probes_rms=probes_rms,
+        rms_layers=rms_layers,
     )
     return _observer(cfg, ocfg), test, part, ocfg, shapes
 

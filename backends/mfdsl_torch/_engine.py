@@ -76,6 +76,11 @@ Observables (``records[name]``, leading axis = ``len(plan.record_steps)``, float
 * ``neuron_spread(layer=…)`` — for each hidden layer ℓ listed (default all 1 … L) the
   population standard deviation across the neurons of H_ℓ, averaged over the probe
   inputs: ``(n, len(layers))``.
+* ``preactivation_rms(layer=…)`` — for each weight layer ℓ listed (default all 1 … L+1)
+  the root mean square of its output, the pre-activation H_ℓ (ℓ = L+1: the output z
+  before ψ), over its units and the probe inputs: ``sqrt(mean_{p,j} H_ℓ[p,j]²)``,
+  ``(n, len(layers))``.  mup's coordinate check: under ``mean_field`` it is O(1) at
+  every width and converges to the limit's (the same mean over the particles).
 * ``weight_change(layer=…)`` — the root-mean-square change per entry,
   ``sqrt(mean_{i,j} (W_ℓ[i,j](t) − W_ℓ[i,j](0))²) = ‖W_ℓ(t) − W_ℓ(0)‖_F / √(fan_in ·
   fan_out)``, for each layer listed (default all 1 … L+1).  Under mean-field scaling
@@ -338,6 +343,8 @@ class _Observer:
     probes_spread: int
     spread_layers: tuple[int, ...]
     change_layers: tuple[int, ...]
+    probes_rms: int = 0
+    rms_layers: tuple[int, ...] = ()
     eval_rows: int = 1
     eval_buffers: list[Tensor] = field(default_factory=list)
     #: evaluate the test set by the native loop's forward pass (``_native.evaluate``)
@@ -354,6 +361,7 @@ class _Observer:
             n_probe = max(
                 self.probes_output if "output" in names else 0,
                 self.probes_spread if "neuron_spread" in names else 0,
+                self.probes_rms if "preactivation_rms" in names else 0,
             )
             if n_probe:
                 hs, _ = self.net.forward(self.test_x[:n_probe])
@@ -368,6 +376,9 @@ class _Observer:
                         for ell in self.spread_layers
                     ]
                     out["neuron_spread"] = _host(torch.stack(spread))
+                if "preactivation_rms" in names:
+                    rms = [hs[ell - 1][: self.probes_rms].square().mean().sqrt() for ell in self.rms_layers]
+                    out["preactivation_rms"] = _host(torch.stack(rms))
             if "weight_change" in names:
                 out["weight_change"] = _host(torch.stack([self._change(ell) for ell in self.change_layers]))
             if "particles" in names:
@@ -514,6 +525,12 @@ def _make_observer(net: MemberNet, plan: RunPlan, dataset: Dataset, task: str, o
         spread_layers = obs.layers_or(range(1, L + 1), 1, L)
     if "weight_change" in by_name:
         change_layers = by_name["weight_change"].layers_or(range(1, L + 2), 1, L + 1)
+    probes_rms = 0
+    rms_layers: tuple[int, ...] = ()
+    if "preactivation_rms" in by_name:
+        obs = by_name["preactivation_rms"]
+        probes_rms = obs.probe_count(n_test)
+        rms_layers = obs.layers_or(range(1, L + 2), 1, L + 1)
     if "particles" in by_name:
         obs = by_name["particles"]
         chosen = obs.layers_or((1,), 1, L)
@@ -546,6 +563,8 @@ def _make_observer(net: MemberNet, plan: RunPlan, dataset: Dataset, task: str, o
         probes_spread=probes_spread,
         spread_layers=spread_layers,
         change_layers=change_layers,
+        probes_rms=probes_rms,
+        rms_layers=rms_layers,
         eval_rows=max(1, min(n_test, _EVAL_ELEMENTS // max(layer.fan_out for layer in net.layers))),
     )
 
@@ -561,6 +580,8 @@ def _allocate(obs: _Observer, n: int) -> dict[str, np.ndarray]:
             shapes[o.name] = (len(obs.spread_layers),)
         elif o.name == "weight_change":
             shapes[o.name] = (len(obs.change_layers),)
+        elif o.name == "preactivation_rms":
+            shapes[o.name] = (len(obs.rms_layers),)
         elif o.name == "particles":
             assert obs.particle_idx is not None
             shapes[o.name] = (len(obs.particle_idx), 4)

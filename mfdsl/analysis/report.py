@@ -294,9 +294,11 @@ def scalar_variables(ds: Any) -> list[str]:
     return sorted(out, key=lambda n: (OBSERVABLES.index(n) if n in OBSERVABLES else len(OBSERVABLES), n))
 
 
-def slices(ds: Any, variables: Sequence[str] | None = None) -> list[Slice]:
+def slices(ds: Any, variables: Sequence[str] | None = None, *, diverged: bool = False) -> list[Slice]:
     """Every slice of the other sweep variables, with the seed statistics of the chosen
-    scalar variables (default: all) at every width."""
+    scalar variables (default: all) at every width: over the done runs, and with
+    ``diverged`` also over the finite records a diverged run left before it diverged
+    (the coordinate check's blow-up is what it is there to show)."""
     chosen = select_variables(ds, variables)
     sweep = [str(d) for d in ds[STATUS].dims]
     others = [d for d in sweep if d not in SWEEP_FIXED]
@@ -314,7 +316,7 @@ def slices(ds: Any, variables: Sequence[str] | None = None) -> list[Slice]:
             for wi, width in enumerate(widths):
                 sel = {"width": wi, **index}
                 cell = status[tuple(sel.get(d, slice(None)) for d in sweep)]  # (seed,)
-                done = np.flatnonzero(cell == Status.DONE)
+                done = np.flatnonzero((cell == Status.DONE) | (diverged & (cell == Status.DIVERGED)))
                 var = data[name].isel(sel)
                 if layer is not None:
                     var = var.sel(layer=layer)

@@ -43,6 +43,7 @@ OBSERVABLES = (
     "test_accuracy",
     "output",
     "neuron_spread",
+    "preactivation_rms",
     "weight_change",
     "particles",
 )
@@ -431,6 +432,7 @@ _OBS_ARGS: dict[str, tuple[str, ...]] = {
     "test_accuracy": (),
     "output": ("probes",),
     "neuron_spread": ("layer", "probes"),
+    "preactivation_rms": ("layer", "probes"),
     "weight_change": ("layer",),
     "particles": ("layer", "sample"),
 }
@@ -680,7 +682,7 @@ class Spec(Node):
             for obs in self.record.observables:
                 if obs.layer is None or is_expr(obs.layer):
                     continue
-                if obs.name == "weight_change":
+                if obs.name in ("weight_change", "preactivation_rms"):
                     resolve(obs.layer, obs, "layer", weights, "a weight layer")
                 else:
                     resolve(obs.layer, obs, "layer", hidden, "a hidden layer")

@@ -275,7 +275,7 @@ def _observables(spec: ir.Spec) -> tuple[ObservablePlan, ...]:
     for obs in record:
         if obs.layer is not None:
             layers = tuple(depth + 1 if s == "last" else int(s) for s in obs.layer)
-        elif obs.name == "weight_change":
+        elif obs.name in ("weight_change", "preactivation_rms"):
             layers = tuple(range(1, depth + 2))
         elif obs.name == "neuron_spread":
             layers = tuple(range(1, depth + 1))
@@ -289,7 +289,7 @@ def _observables(spec: ir.Spec) -> tuple[ObservablePlan, ...]:
             ObservablePlan(
                 name=obs.name,  # type: ignore[arg-type]
                 layers=layers,
-                probes=probes if obs.name in ("output", "neuron_spread") else 0,
+                probes=probes if obs.name in ("output", "neuron_spread", "preactivation_rms") else 0,
                 sample=min(sample, 10**9) if obs.name == "particles" else 0,
             )
         )

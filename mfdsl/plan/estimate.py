@@ -54,6 +54,7 @@ from typing import Any
 from mfdsl.core.errors import Span, SpecError, SpecWarning
 from mfdsl.core.resources import MEMORY_ENV, format_bytes, machine_memory
 from mfdsl.language import ir as ir
+from mfdsl.plan.layout import LAYERED
 
 #: ``mfdsl run`` asks before a sweep of more runs than this (``--yes`` answers for it)
 CONFIRM_RUNS = 1000
@@ -195,7 +196,7 @@ def estimate(
         extra = {
             "probe": "output" in stored,
             "unit": "output" in stored and outputs > 1,
-            "layer": "neuron_spread" in stored or "weight_change" in stored,
+            "layer": any(n in stored for n in LAYERED),
             "particle": "particles" in stored,
             "component": "particles" in stored,
         }
@@ -347,8 +348,8 @@ def _facts(point: Any, backend: str, limit: bool) -> _Facts:
         elif obs.name == "output":
             probes = int(obs.probes) if obs.probes is not None else min(16, n_test)
             shapes.append(probes * outputs)
-        elif obs.name in ("neuron_spread", "weight_change"):
-            layers = len(obs.layer) if obs.layer is not None else depth + (obs.name == "weight_change")
+        elif obs.name in LAYERED:
+            layers = len(obs.layer) if obs.layer is not None else depth + (obs.name != "neuron_spread")
             shapes.append(layers)
             stored[obs.name] = depth + 1
         elif obs.name == "particles":

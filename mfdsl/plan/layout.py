@@ -39,12 +39,15 @@ LONG_NAMES = {
     "test_accuracy": "test accuracy",
     "output": "network output on the probe inputs",
     "neuron_spread": "std across neurons of the pre-activation H_l on the probes",
+    "preactivation_rms": "root-mean-square over neurons and probes of the pre-activation H_l",
     "weight_change": "root-mean-square change per entry of W_l since initialisation",
     "particles": "sampled neurons: incoming weights (2 directions, norm) and outgoing weight",
 }
 
 
 PARTICLE_COMPONENTS = ("w_in_1", "w_in_2", "w_in_norm", "w_out")
+#: the observables recorded per layer (stored along the ``layer`` dimension)
+LAYERED = ("neuron_spread", "preactivation_rms", "weight_change")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -131,7 +134,7 @@ def plan_tasks(
         outputs = max(outputs, t.plan.layers[-1].fan_out)
         for obs in t.plan.observables:
             names.setdefault(obs.name, None)
-            if obs.name in ("neuron_spread", "weight_change"):
+            if obs.name in LAYERED:
                 layers.update(obs.layers)
             probes = max(probes, obs.probes if obs.name == "output" else 0)
             sample = max(sample, obs.sample)
@@ -144,7 +147,7 @@ def plan_tasks(
             extra["probe"] = np.arange(probes, dtype=np.int64)
             if outputs > 1:
                 extra["unit"] = np.arange(outputs, dtype=np.int64)
-        elif name in ("neuron_spread", "weight_change"):
+        elif name in LAYERED:
             dims = ("layer",)
         elif name == "particles":
             dims = ("particle", "component")
@@ -182,7 +185,7 @@ def place(
         if obs.name not in out:
             continue
         rec = np.asarray(out[obs.name], dtype=np.float64)
-        if obs.name in ("neuron_spread", "weight_change"):
+        if obs.name in LAYERED:
             placed = np.full((rec.shape[0], len(layer_coord)), np.nan)
             for j, layer in enumerate(obs.layers):
                 placed[:, list(layer_coord).index(layer)] = rec[:, j]

@@ -159,7 +159,7 @@ class SchedulePlan:
 @dataclass(frozen=True, kw_only=True)
 class ObservablePlan:
     """One recorded quantity.  ``layers`` for layered observables, ``probes`` for
-    ``output`` and ``neuron_spread`` (the probe inputs are the first ``probes`` test
+    ``output``, ``neuron_spread`` and ``preactivation_rms`` (the probe inputs are the first ``probes`` test
     points), ``sample`` for ``particles``."""
 
     name: Literal[
@@ -168,6 +168,7 @@ class ObservablePlan:
         "test_accuracy",
         "output",
         "neuron_spread",
+        "preactivation_rms",
         "weight_change",
         "particles",
     ]

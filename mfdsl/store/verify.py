@@ -35,6 +35,7 @@ import numpy as np
 
 from mfdsl.core import location as loc
 from mfdsl.core.errors import count
+from mfdsl.plan.layout import LAYERED
 from mfdsl.store.status import Status
 
 if TYPE_CHECKING:
@@ -323,7 +324,7 @@ def expected(
             own: tuple[int, ...] = ()
         elif obs.name == "output":
             own = (obs.probes, plan.layers[-1].fan_out) if len(store_shape) == 2 else (obs.probes,)
-        elif obs.name in ("neuron_spread", "weight_change"):
+        elif obs.name in LAYERED:
             own = (len(obs.layers),)
         elif obs.name == "particles":
             extent = particle_extent(plan, obs)
