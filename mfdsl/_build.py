@@ -10,6 +10,7 @@ from typing import Any
 from . import _expr as ex
 from . import _ir as ir
 from ._errors import Span, SpecError, did_you_mean, one_of
+from ._latent import LATENT, LatentFunction, bind, fold, latent_names
 from ._options import REQUIRED, Kind, ListOf, Nested, Option, Str, suggest_key
 from ._plugins import available_backends
 from ._syntax import KEYWORDS, Entry, Module, Rule, Statement
@@ -237,7 +238,14 @@ def convert(expr: ex.Expr, kind: Kind, ctx: _Context, key: str) -> Any:
             hint=f"write {written}"
             + (" (the shell needs the double quotes quoted)" if written.startswith("--set") else ""),
         )
-    used = _variable_names(expr, kind, ctx.variables)
+    if isinstance(kind, LatentFunction):
+        return _latent_function(expr, ctx, key)
+    # a named constant (``pi``) is a number, unless a sweep variable takes its name
+    used = [
+        n
+        for n in _variable_names(expr, kind, ctx.variables)
+        if n.id in ctx.variables or n.id not in ex.CONSTANTS
+    ]
     unknown = [n for n in used if n.id not in ctx.variables]
     if unknown:
         n = unknown[0]
@@ -254,6 +262,30 @@ def convert(expr: ex.Expr, kind: Kind, ctx: _Context, key: str) -> Any:
         _check_functions(expr)
         return expr
     return ex.evaluate(expr, {}, symbols=kind.symbols)
+
+
+def _latent_function(expr: ex.Expr, ctx: _Context, key: str) -> Any:
+    """The ``mean`` of ``embedded(...)``: an expression that may use the latent
+    coordinates ``u_in`` and ``u_out`` besides ``dim``, ``width``, the sweep variables and
+    the constants.  It is kept as written (``mfdsl show`` prints it so) and bound at each
+    sweep point; a number if it uses none of them."""
+    allowed = ctx.variables | frozenset(LATENT) | frozenset(ex.CONSTANTS)
+    for name in ex.names(expr):
+        if name.id not in allowed:
+            raise SpecError(
+                f"unknown name '{name.id}' in '{key}'",
+                name.span,
+                hint=did_you_mean(name.id, [*LATENT, *sorted(ctx.variables), *ex.CONSTANTS])
+                or "the mean of embedded(...) may use the latent coordinates u_in and u_out, "
+                "'pi', 'dim', 'width' and the sweep variables",
+            )
+    _check_functions(expr)
+    if any(n.id in ctx.variables for n in ex.names(expr)):
+        return expr  # checked once the sweep point binds the variables (mfdsl._expand)
+    # arguments of the functions, number types, constant sub-expressions (a division
+    # by zero): checked now, at the text that is wrong
+    bound = bind(expr, {})
+    return fold(bound) if not latent_names(bound) else expr
 
 
 def _variable_names(expr: ex.Expr, kind: Kind, variables: frozenset[str]) -> list[ex.Name]:
@@ -332,6 +364,8 @@ def _sweep(stmt: Statement) -> ir.Sweep:
         symbols = (written, *ex.children(written)) if isinstance(written, (ex.List, ex.Range)) else (written,)
         # by identity: equal Name nodes compare equal whatever their position
         for name in ex.names(written):
+            if name.id in ex.CONSTANTS and name.id not in swept:
+                continue
             bare = any(name is sym for sym in symbols)
             if name.id in swept:
                 raise SpecError(
@@ -402,7 +436,8 @@ def _init(stmt: Statement, ctx: _Context) -> ir.Init:
         layers = convert(item.selector, layers_kind, ctx, "layer")
         if not isinstance(item.dist, (ex.Call, ex.Name)):
             raise SpecError(
-                "expected a distribution: normal(mean, std), uniform(low, high) or constant(value)",
+                "expected a distribution: normal(mean, std), uniform(low, high), constant(value) "
+                "or embedded(mean, std)",
                 item.dist.span,
             )
         dist = _nested(item.dist, Nested(tuple(ir.DISTRIBUTIONS)), ctx, "dist")

@@ -37,7 +37,9 @@ from typing import Any
 
 import numpy as np
 
+from . import _expr as ex
 from . import _ir as ir
+from ._latent import bind
 from ._plan import DEFAULT_PROBES, DistPlan, LayerPlan, ObservablePlan, OptimizerPlan, RunPlan, SchedulePlan
 from ._plugins import available_backends
 
@@ -104,6 +106,10 @@ def default_observables(spec: ir.Spec) -> tuple[ir.Observable, ...]:
 
 
 def _dist(node: ir.Dist, scale: float = 1.0) -> DistPlan:
+    if isinstance(node, ir.Embedded):
+        # the scaling's factor multiplies the whole weight, mean function and noise alike
+        mean = node.mean if ir.is_expr(node.mean) else ex.Num(value=float(node.mean))
+        return DistPlan(kind="embedded", a=scale, b=node.std * scale, fn=bind(mean, {}))
     if isinstance(node, ir.Normal):
         return DistPlan(kind="normal", a=node.mean * scale, b=node.std * scale)
     if isinstance(node, ir.Uniform):

@@ -46,6 +46,7 @@ from . import _ir as ir
 from ._activations import derivative, numpy_activation
 from ._compile import limit_layer_plans
 from ._errors import Span, SpecWarning, did_you_mean, one_of
+from ._latent import latent_names
 from ._plan import DistPlan, LayerPlan
 from ._streams import Stream
 from ._streams import rng as stream_rng
@@ -143,11 +144,27 @@ def _homogeneous(spec: ir.Spec) -> SpecWarning | None:
     )
 
 
+def _embedded_layers(spec: ir.Spec) -> set[int]:
+    """The weight layers drawn from a neuronal embedding (``embedded(...)`` whose mean
+    depends on the coordinates)."""
+    depth = int(spec.network.hidden)
+    out: set[int] = set()
+    for rule in spec.init.rules if spec.init is not None else ():
+        if isinstance(rule.dist, ir.Embedded) and latent_names(rule.dist.mean):
+            out |= {depth + 1 if x == "last" else int(x) for x in rule.layers}
+    return out
+
+
 def _degenerate(spec: ir.Spec) -> SpecWarning | None:
     depth = int(spec.network.hidden)
     if depth < 3 or spec.record is None:
         return None
-    middle = set(range(2, depth))  # layers whose neurons collapse: 2 … L−1
+    # Hidden layer ℓ (2 … L−1) degenerates when the weights entering it (layer ℓ) and
+    # leaving it (layer ℓ+1) are i.i.d.: then every neuron has the same pre-activation
+    # and the same backward signal, for all time.  A weight function of the neurons'
+    # coordinates on either side breaks that symmetry.
+    embedded = _embedded_layers(spec)
+    middle = {ell for ell in range(2, depth) if ell not in embedded and ell + 1 not in embedded}
     for obs in spec.record.observables:
         if obs.name not in ("neuron_spread", "particles"):
             continue
@@ -189,6 +206,8 @@ def _still(spec: ir.Spec, seed: int) -> SpecWarning | None:
     layers = limit_layer_plans(spec)
     if all(layer.frozen for layer in layers):
         return None
+    if any(layer.init.embedded for layer in layers):
+        return None  # the test's collapsed (R1) system holds for i.i.d. middle layers only
     x, y, task, whole = _samples(spec.data, seed)
     act = spec.network.activation
     z = velocity_z(

@@ -11,6 +11,7 @@ from typing import Any
 from . import _expr as ex
 from . import _ir as ir
 from ._errors import SpecError, SpecWarning
+from ._latent import LatentFunction, bind, fold
 from ._plugins import available_backends
 
 
@@ -118,6 +119,10 @@ def _resolve(node: Any, env: Mapping[str, Any]) -> Any:
         value = getattr(node, f.name)
         if ir.is_expr(value):
             opt = f.metadata.get("option")
+            if opt is not None and isinstance(opt.kind, LatentFunction):
+                # a function of the latent coordinates: only the sweep point's variables bind
+                changes[f.name] = fold(bind(value, env))
+                continue
             changes[f.name] = ex.evaluate(value, env, symbols=bool(opt and opt.kind.symbols))
         elif isinstance(value, (ir.Node, tuple)):
             new = _resolve(value, env)
