@@ -252,6 +252,11 @@ def convert(expr: ex.Expr, kind: Kind, ctx: _Context, key: str) -> Any:
         hint = did_you_mean(n.id, ctx.variables)
         if n.id == "last" and kind.symbols:
             hint = "'last' cannot bound a range A..B; list the layers instead, e.g. [2, 3, last]"
+        if n.id in LATENT:
+            hint = (
+                f"'{n.id}', a neuron's latent coordinate, exists only in the mean of an embedded init: "
+                "layer 2 ~ embedded(mean = cos(2 * pi * (u_in - u_out)), std = 0.1)"
+            )
         raise SpecError(
             f"unknown name '{n.id}' in '{key}'",
             n.span,

@@ -46,7 +46,7 @@ from . import _ir as ir
 from ._activations import derivative, numpy_activation
 from ._compile import limit_layer_plans
 from ._errors import Span, SpecWarning, did_you_mean, one_of
-from ._latent import latent_names
+from ._latent import varies
 from ._plan import DistPlan, LayerPlan
 from ._streams import Stream
 from ._streams import rng as stream_rng
@@ -150,7 +150,7 @@ def _embedded_layers(spec: ir.Spec) -> set[int]:
     depth = int(spec.network.hidden)
     out: set[int] = set()
     for rule in spec.init.rules if spec.init is not None else ():
-        if isinstance(rule.dist, ir.Embedded) and latent_names(rule.dist.mean):
+        if isinstance(rule.dist, ir.Embedded) and varies(rule.dist.mean):
             out |= {depth + 1 if x == "last" else int(x) for x in rule.layers}
     return out
 
@@ -206,8 +206,9 @@ def _still(spec: ir.Spec, seed: int) -> SpecWarning | None:
     layers = limit_layer_plans(spec)
     if all(layer.frozen for layer in layers):
         return None
-    if any(layer.init.embedded for layer in layers):
-        return None  # the test's collapsed (R1) system holds for i.i.d. middle layers only
+    if any(layer.init.varies for layer in layers):
+        return None  # the test's collapsed (R1) system holds for i.i.d. layers only
+    layers = tuple(dataclasses.replace(layer, init=layer.init.iid()) for layer in layers)
     x, y, task, whole = _samples(spec.data, seed)
     act = spec.network.activation
     z = velocity_z(

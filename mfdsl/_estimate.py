@@ -531,7 +531,7 @@ def _limit_widths(spec: ir.Spec, particles: int, reduce: str) -> tuple[int, ...]
     noisy = isinstance(opt, ir.Langevin) and float(opt.temperature) > 0
     if reduce != "none" and not noisy:
         const = [
-            not plan.init.embedded and (plan.init.std == 0.0 or 2 <= plan.index <= depth) for plan in plans
+            not plan.init.varies and (plan.init.std == 0.0 or 2 <= plan.index <= depth) for plan in plans
         ]
         for ell in range(1, depth + 1):
             if const[ell - 1] and const[ell]:

@@ -113,10 +113,10 @@ def bind(expr: ex.Expr, env: Mapping[str, Any]) -> ex.Expr:
         if expr.kwargs or len(expr.args) != 1:
             raise SpecError(f"{expr.func}() takes exactly one argument", expr.span)
         arg = bind(expr.args[0], env)
-        node = ex.Call(func=expr.func, args=(arg,), span=expr.span, func_span=expr.func_span)
+        call = ex.Call(func=expr.func, args=(arg,), span=expr.span, func_span=expr.func_span)
         if isinstance(arg, ex.Num):
-            return ex.Num(value=ex.evaluate(node, {}), span=expr.span)
-        return node
+            return ex.Num(value=ex.evaluate(call, {}), span=expr.span)
+        return call
     raise TypeError(f"not an expression: {expr!r}")
 
 
@@ -183,6 +183,20 @@ def check_finite(expr: ex.Expr, span: Span | None) -> None:
         hint="the latent coordinates u_in, u_out are uniform on [0, 1]: keep the function finite there "
         "(e.g. log(u_in + 0.1) rather than log(u_in))",
     )
+
+
+def varies(expr: Any) -> bool:
+    """Whether a bound mean function takes more than one value on a grid of ``[0, 1]²``
+    (beyond rounding): ``0 * cos(u_in)`` and ``u_in - u_in`` do not."""
+    if not latent_names(expr):
+        return False
+    grid = np.linspace(0.0, 1.0, GRID)
+    values = evaluate(bind(expr, {}), grid[:, None], grid[None, :])
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return False
+    spread = float(finite.max() - finite.min())
+    return spread > 1e-12 * max(1.0, float(np.abs(finite).max()))
 
 
 def fold(value: Any) -> Any:

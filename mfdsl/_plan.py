@@ -49,6 +49,27 @@ class DistPlan:
         return self.kind == "embedded"
 
     @property
+    def varies(self) -> bool:
+        """Whether this is an ``embedded`` law whose mean function takes more than one
+        value on ``[0, 1]²`` (on a grid: ``mfdsl._latent.varies``).  One that does not,
+        ``embedded(mean = 1 + a * cos(u_in), …)`` at ``a = 0`` say, is an i.i.d. law."""
+        from ._latent import varies
+
+        return self.kind == "embedded" and varies(self.fn)
+
+    def iid(self) -> DistPlan:
+        """The same law as an i.i.d. one where it is one: an ``embedded`` law whose mean
+        function does not vary becomes ``normal`` (or ``constant``) with that mean; every
+        other law is itself.  (Its draws differ: use it where the law, not the sample,
+        matters.)"""
+        if self.kind != "embedded" or self.varies:
+            return self
+        from ._latent import evaluate
+
+        mean = self.a * float(np.ravel(evaluate(self.fn, 0.5, 0.5))[0])
+        return DistPlan(kind="normal", a=mean, b=self.b) if self.b > 0 else DistPlan(kind="constant", a=mean)
+
+    @property
     def mean(self) -> float:
         if self.kind == "embedded":
             raise ValueError("an embedded law has no single mean: it is a function of the coordinates")

@@ -176,7 +176,7 @@ class System:
 
 def _constant(law: DistPlan) -> bool:
     # an embedded law with no i.i.d. part still varies with the coordinates
-    return law.std == 0.0 and not law.embedded
+    return law.std == 0.0 and not law.varies
 
 
 def build_system(plan: RunPlan, particles: int, reduce: str = "auto") -> System:
@@ -209,12 +209,12 @@ def build_system(plan: RunPlan, particles: int, reduce: str = "auto") -> System:
             note = "one hidden layer: nothing to reduce"
         if L >= 2:
             for ell in range(2, L + 1):
-                law = laws[ell - 1]
+                law = laws[ell - 1].iid()
                 iid[ell - 1] = float(law.std)
                 # an embedded layer keeps its weight function on particle pairs and drops
                 # only its i.i.d. part, which averages out of the limit as an i.i.d. law's does
                 laws[ell - 1] = (
-                    replace(law, b=0.0) if law.embedded else DistPlan(kind="constant", a=float(law.mean))
+                    replace(law, b=0.0) if law.varies else DistPlan(kind="constant", a=float(law.mean))
                 )
             reductions.append("R1")
         const = [_constant(law) for law in laws]
