@@ -25,6 +25,7 @@ from mfdsl._expand import spec_warnings
 from mfdsl._ir import Spec
 from mfdsl._latent import bind, evaluate, varies
 from mfdsl._plan import DistPlan, RunPlan, initial_weights, latent_coordinates
+from mfdsl._report import fit_rate
 from mfdsl._streams import Stream
 
 SPEC = """\
@@ -269,3 +270,69 @@ def test_the_degenerate_check_is_silent_on_the_embedding_only() -> None:
     assert len(degenerate) == 1  # from the a = 0 points only, i.i.d. in all but name
     text = SPEC.format(init=GOOD).replace("a = [0, 2]", "a = [1, 2]")
     assert not [w for w in spec_warnings(mfdsl.parse(text)) if "become identical" in w.message]
+
+
+# --------------------------------------------------------------------------- science
+
+DIVERSITY = "specs/pham_nguyen2020_diversity.mf"
+
+
+def _spreads(overrides: list[str], measure: object) -> dict[int, tuple[list[int], list[float]]]:
+    """``measure(plan)`` (the spread of layer 2) at every point of the diversity spec,
+    as widths and values per ``diversity``."""
+    from conftest import ROOT
+
+    spec = mfdsl.load(ROOT / DIVERSITY, overrides=overrides)
+    out: dict[int, tuple[list[int], list[float]]] = {}
+    for point in mfdsl.expand(spec):
+        plan = compile_point(point.spec, dict(point.coords), "torch")
+        widths, values = out.setdefault(int(point.coords["diversity"]), ([], []))
+        widths.append(point.width)
+        values.append(float(measure(plan)))  # type: ignore[operator]
+    return out
+
+
+def test_middle_layer_spread_at_initialisation_iid_falls_like_n_half_embedded_stays() -> None:
+    """At t = 0, across the neurons j of layer 2, ``H_2(x)_j = (1/n) Σ_i W_2[i, j]
+    φ(H_1(x)_i)``.  I.i.d. weights: its std is ``τ (mean_i φ(H_1)²)^{1/2} / √n`` exactly,
+    up to the O(n^-1/2) relative fluctuation of that mean, so the fitted slope in n is
+    −1/2 within a few hundredths.  The embedding: it converges to the std over c of the
+    limit's ``H_2(x, c)``, an O(1) number, with the i.i.d. part adding ``O(1/n)`` in
+    quadrature (a slope of ``−(c²/n)/(2 s²)``: a few hundredths from n = 64 on).  0.08
+    leaves room for both."""
+    from conftest import ROOT
+
+    x = make_dataset(mfdsl.load(ROOT / DIVERSITY).data, 0).test_x[:32]
+
+    def spread(plan: RunPlan) -> float:
+        w1, w2 = plan.initial_weights()[:2]
+        h2 = np.maximum(x @ w1, 0.0) @ w2 / w2.shape[0]
+        return float(h2.std(axis=1).mean())
+
+    found = _spreads(["sweep.width=[64, 256, 1024]"], spread)
+    iid, embedded = fit_rate(*found[0]), fit_rate(*found[2])
+    assert iid is not None and embedded is not None
+    assert abs(iid.slope + 0.5) < 0.08, iid
+    assert abs(embedded.slope) < 0.08, embedded
+    assert min(found[2][1]) > 0.2  # O(1): the limit's spread across neurons
+
+
+def test_middle_layer_spread_after_training_separates() -> None:
+    """The same after 20 SGD steps (t = 1) at small widths (16 … 128, two seeds): the
+    i.i.d. spread still falls like n^-1/2 (Pham & Nguyen: the middle layers stay
+    degenerate for all t) and the embedded one stays flat.  Eight points give a slope
+    with a standard error of about 0.05, and n = 16 bends the i.i.d. fit by up to ~0.1
+    (its O(n^-1/2) corrections): ±0.2 around each prediction, and disjoint intervals."""
+    from mfdsl_torch._engine import train
+
+    def spread(plan: RunPlan) -> float:
+        result = train(plan, make_dataset(plan.data, plan.seed), dtype="float64")
+        return float(result.records["neuron_spread"][-1][0])
+
+    overrides = ["train.steps=20", "sweep.width=[16, 32, 64, 128]", "sweep.seed=0..1", "data.test=64"]
+    found = _spreads(overrides, spread)
+    iid, embedded = fit_rate(*found[0]), fit_rate(*found[2])
+    assert iid is not None and embedded is not None and iid.ci95 and embedded.ci95
+    assert abs(iid.slope + 0.5) < 0.2, iid
+    assert abs(embedded.slope) < 0.2, embedded
+    assert iid.ci95[1] < embedded.ci95[0]
