@@ -28,6 +28,7 @@ sweep point's variables into it, and evaluating it on arrays of coordinates.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -136,10 +137,12 @@ def evaluate(expr: ex.Expr | float, u_in: Any, u_out: Any) -> np.ndarray:
 
 
 def _array(expr: Any, env: Mapping[str, Any]) -> Any:
-    if not isinstance(expr, ex.EXPR_TYPES):
-        return np.float64(expr)
-    if isinstance(expr, ex.Num):
-        return np.float64(expr.value)
+    if isinstance(expr, ex.Num) or not isinstance(expr, ex.EXPR_TYPES):
+        value = expr.value if isinstance(expr, ex.Num) else expr
+        try:
+            return np.float64(value)
+        except OverflowError:  # an integer beyond float64: infinite, as numpy's overflows are
+            return np.float64(math.inf if value > 0 else -math.inf)
     if isinstance(expr, ex.Name):
         value = env.get(expr.id)
         if value is None:
