@@ -22,7 +22,7 @@ from mfdsl._compile import compile_point
 from mfdsl._data import make_dataset
 from mfdsl._errors import SpecError
 from mfdsl._expand import spec_warnings
-from mfdsl._ir import Spec
+from mfdsl._ir import Embedded, Spec
 from mfdsl._latent import bind, evaluate, varies
 from mfdsl._plan import DistPlan, RunPlan, initial_weights, latent_coordinates
 from mfdsl._report import fit_rate
@@ -52,6 +52,14 @@ def spec(init: str = GOOD) -> Spec:
     return mfdsl.parse(SPEC.format(init=init), path="emb.mf")
 
 
+def middle(s: Spec) -> Embedded:
+    """The rule of layers 2..3."""
+    assert s.init is not None
+    dist = s.init.rules[1].dist
+    assert isinstance(dist, Embedded)
+    return dist
+
+
 def error(init: str) -> SpecError:
     with pytest.raises(SpecError) as caught:
         mfdsl.check_all(spec(init))
@@ -65,7 +73,7 @@ def test_a_valid_embedding_checks_and_reads_back() -> None:
     s = spec()
     points = mfdsl.check_all(s)
     assert len(points) == 4
-    dist = points[-1].spec.init.rules[1].dist  # a = 2: the sweep variable bound, pi folded
+    dist = middle(points[-1].spec)  # a = 2: the sweep variable bound, pi folded
     assert dist.std == 0.5 and varies(dist.mean)
     shown = mfdsl.to_yaml(s)
     assert "embedded(mean = 1 + a * cos(2 * pi * (u_in - u_out)), std = 0.5)" in shown
@@ -165,7 +173,7 @@ def test_pi_and_the_new_functions_work_in_every_expression() -> None:
 
 
 def test_bind_folds_everything_but_the_coordinates() -> None:
-    expr = mfdsl.parse(SPEC.format(init=GOOD)).init.rules[1].dist.mean
+    expr = middle(spec()).mean
     bound = bind(expr, {"a": 2})
     grid = np.linspace(0, 1, 5)
     expected = 1 + 2 * np.cos(2 * np.pi * (grid[:, None] - grid[None, :]))
@@ -221,13 +229,31 @@ def test_an_embedded_law_cannot_be_sampled_without_coordinates() -> None:
     assert not flat.varies and flat.iid() == DistPlan(kind="normal", a=1.0, b=0.5)
 
 
+def test_torch_ensembles_draw_each_member_from_its_embedding() -> None:
+    """Members of a torch ensemble (seeds 0 … 2 of one embedded point) train bit for bit
+    as they do alone: each is initialised by its own plan's ``initial_weights``, latent
+    coordinates included."""
+    pytest.importorskip("torch")
+    from mfdsl_torch._engine import train
+    from mfdsl_torch._ensemble import train_ensemble
+
+    base = _plan(16, 2)
+    plans = [dataclasses.replace(base, seed=s, coords={**base.coords, "seed": s}) for s in range(3)]
+    datas = [make_dataset(p.data, p.seed) for p in plans]
+    together = train_ensemble(plans, datas, dtype="float64")
+    for plan, data, got in zip(plans, datas, together, strict=True):
+        alone = train(plan, data, dtype="float64")
+        for name, values in alone.records.items():
+            assert got.records[name].tobytes() == values.tobytes(), name
+    # and the seeds do differ: their coordinates are their own
+    assert not np.array_equal(plans[0].initial_weights()[1], plans[1].initial_weights()[1])
+
+
 # --------------------------------------------------------------------------- jax
 
 
-jax = pytest.importorskip("jax")
-
-
 def test_jax_keeps_embedded_middle_layers_on_particle_pairs() -> None:
+    pytest.importorskip("jax")
     from mfdsl_jax._solver import build_system
 
     embedded = build_system(_plan(8, 2, "jax"), 64)
@@ -243,6 +269,7 @@ def test_r1_on_an_embedding_is_the_plain_system_without_its_iid_part() -> None:
     """R1 for an embedded middle layer drops only ``std · ε``: the reduced solve equals,
     to float64 rounding, the unreduced solve of the same spec with ``std = 0`` in the
     middle layers (the same coordinates, the same first and last layers)."""
+    pytest.importorskip("jax")
     from mfdsl_jax._solver import solve
 
     plan = _plan(8, 2, "jax")
@@ -323,6 +350,7 @@ def test_middle_layer_spread_after_training_separates() -> None:
     degenerate for all t) and the embedded one stays flat.  Eight points give a slope
     with a standard error of about 0.05, and n = 16 bends the i.i.d. fit by up to ~0.1
     (its O(n^-1/2) corrections): ±0.2 around each prediction, and disjoint intervals."""
+    pytest.importorskip("torch")
     from mfdsl_torch._engine import train
 
     def spread(plan: RunPlan) -> float:
