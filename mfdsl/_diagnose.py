@@ -16,7 +16,12 @@ nothing, and each is visible before any training:
 * **Degenerate middle layers.**  With i.i.d. initial weights at L ≥ 3 hidden layers,
   every neuron of layers 2 … L−1 carries the same pre-activation in the limit
   (Pham & Nguyen 2020): their ``neuron_spread`` falls like n^-1/2 and their
-  ``particles`` collapse onto one point.
+  ``particles`` collapse onto one point.  Not where the weights into or out of the
+  layer are drawn from a neuronal embedding (``embedded(...)`` whose mean depends on
+  the coordinates): that is what the embedding is for.
+
+The velocity test assumes i.i.d. layers (its middle layers collapse by R1); a spec with
+an embedded layer is not tested.
 
 The velocity test: the velocity ``v`` of each trained parameter group (per particle,
 averaged over M data samples) is computed on K batches of the samples, and

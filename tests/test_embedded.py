@@ -263,6 +263,12 @@ def test_jax_keeps_embedded_middle_layers_on_particle_pairs() -> None:
     # a = 0: the same spec is i.i.d., and R1 + R2 collapse layer 2
     iid = build_system(_plan(8, 0, "jax"), 64)
     assert iid.reductions == ("R1", "R2") and iid.widths == (4, 64, 1, 64, 1)
+    # the memory estimate of mfdsl check sizes the same particle systems
+    from mfdsl._estimate import _limit_widths
+
+    points = {p.coords["a"]: p.spec for p in mfdsl.expand(spec()) if p.width == 8}
+    assert _limit_widths(points[2], 64, "auto") == embedded.widths
+    assert _limit_widths(points[0], 64, "auto") == iid.widths
 
 
 def test_r1_on_an_embedding_is_the_plain_system_without_its_iid_part() -> None:

@@ -1144,7 +1144,18 @@ def analyse_diversity(store: Path, figs: Path, sec: Section) -> None:
         "narrower intervals).  The embedded spread's small negative "
         "slope is the finite-width part: the spread is about √(s∞² + c²/n), the limit's O(1) "
         "spread s∞ with the O(n^-1/2) fluctuation of the i.i.d. part added in quadrature; the limit "
-        "column is s∞ itself, within the particle system's own N^-1/2 error.  The embedded "
+        "column is s∞ itself, within the particle system's own N^-1/2 error.  The limit is "
+        "gradient flow on the population loss, while the networks run SGD with batch 16, whose "
+        "noise does not vanish with the width: their final test losses sit "
+        + (
+            " and ".join(
+                f"{final_loss[d][widths[-1]] - final_loss[d][limit[0]]:.3f} ({name[d]})" for d in kinds
+            )
+            if limit
+            else "—"
+        )
+        + f" above the limit's at n = {widths[-1]:g}, so the widths are compared with each other here, "
+        "and the limit for its spread.  The embedded "
         "networks reach a lower mean test loss than the i.i.d. ones at every width and in the limit: "
         "their middle layer carries a function of x per neuron rather than one shared scalar.",
         "",
