@@ -11,7 +11,7 @@ neurons of a middle layer differ from each other even at infinite width.
 mfdsl takes ``Ω_ℓ = [0, 1]`` with the uniform law for every hidden layer.  That loses no
 generality: every standard probability space is the image of ``[0, 1]`` under a
 measurable map, so any other law of coordinates is written inside the mean function
-(``u_in ** 2``, ``log(u_out / (1 - u_out))``, …).  The spec's ``embedded(mean, std)``
+(``u_in ** 2``, ``1 - sqrt(u_out)``, …).  The spec's ``embedded(mean, std)``
 draws weight ``W_ℓ[i, j]`` as
 
     ``m(u_{ℓ-1, i}, u_{ℓ, j}) + std · ε_ij``,   ``ε_ij ~ N(0, 1)`` i.i.d.,

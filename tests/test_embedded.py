@@ -172,6 +172,19 @@ def test_pi_and_the_new_functions_work_in_every_expression() -> None:
     assert point.spec.train.optimizer.lr == pytest.approx(0.1)
 
 
+def test_every_function_evaluates_on_arrays_as_on_numbers() -> None:
+    from mfdsl._expr import FUNCTIONS
+    from mfdsl._latent import ARRAY_FUNCTIONS
+
+    assert set(ARRAY_FUNCTIONS) == set(FUNCTIONS)
+    u = np.linspace(0.05, 0.95, 7)
+    for name, scalar in FUNCTIONS.items():
+        expr = mfdsl.parse(SPEC.format(init=GOOD.replace("sin(2 * pi * u_in)", f"{name}(u_in + 0.5)")))
+        assert expr.init is not None
+        mean = bind(expr.init.rules[2].dist.mean, {})  # type: ignore[union-attr]
+        np.testing.assert_allclose(evaluate(mean, u, None), [scalar(v + 0.5) for v in u], rtol=1e-15)
+
+
 def test_bind_folds_everything_but_the_coordinates() -> None:
     expr = middle(spec()).mean
     bound = bind(expr, {"a": 2})
