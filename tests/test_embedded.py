@@ -383,3 +383,31 @@ def test_middle_layer_spread_after_training_separates() -> None:
     assert abs(iid.slope + 0.5) < 0.2, iid
     assert abs(embedded.slope) < 0.2, embedded
     assert iid.ci95[1] < embedded.ci95[0]
+
+
+TRAP = """\
+data isotropic_gaussian {{ dim = 10, delta = 0.5, train = online, test = 100 }}
+network mlp {{ hidden = 3, activation = relu, bias = true }}
+init {{
+  layer 1    ~ {first}
+  layer 2..3 ~ embedded(mean = cos(2 * pi * (u_in - u_out)), std = 1)
+  layer last ~ normal(1, 1)
+}}
+train {{ optimizer = sgd(lr = 0.1), batch = 32, steps = 10 }}
+sweep {{ width = [8, 16] }}
+"""
+
+
+def test_the_saddle_check_sees_an_embedding_that_averages_out() -> None:
+    """Middle weights cos(2π(u_in − u_out)) after an i.i.d. first layer: layer 1's neurons
+    ignore their coordinate, so H_2(c) = E_U[cos(2π(U − c))] · E[φ(H_1)] = 0 for every
+    neuron, H_3 = 0 likewise, and with ReLU (φ(0) = φ'(0) = 0) nothing moves: the limit
+    is stationary.  The check evaluates the embedded limit on a quadrature that keeps
+    that cancellation exact, and names the first layer as the fix.  Once layer 1
+    depends on u_out the limit moves, and the check is silent."""
+    trap = mfdsl.parse(TRAP.format(first="normal(0, 1 / sqrt(dim))"), path="trap.mf")
+    (warning,) = [w for w in spec_warnings(trap) if "cannot move" in w.message]
+    assert warning.span is not None and warning.span.line == 5
+    assert warning.hint is not None and "depends on u_out" in warning.hint
+    fixed = TRAP.format(first="embedded(mean = cos(2 * pi * u_out) / sqrt(dim), std = 1 / sqrt(dim))")
+    assert [w for w in spec_warnings(mfdsl.parse(fixed, path="fixed.mf")) if "cannot move" in w.message] == []
