@@ -56,6 +56,16 @@ P5_CASES = {
     ),
     # relu, identity output, no bias, mse (the plain case)
     "L2-relu-plain": dict(hidden=2, act="relu"),
+    # a neuronal embedding (Pham & Nguyen 2020): every layer a function of the latent
+    # coordinates of the neurons it joins, plus i.i.d. noise; tanh, biases
+    "L3-tanh-embedded": dict(
+        hidden=3,
+        act="tanh",
+        bias=True,
+        init="  layer 1 ~ embedded(mean = cos(2 * pi * u_out), std = 1 / sqrt(dim))\n"
+        "  layer 2..3 ~ embedded(mean = 2 * cos(2 * pi * (u_in - u_out)), std = 0.5)\n"
+        "  layer last ~ embedded(mean = sin(2 * pi * u_in), std = 1)",
+    ),
 }
 
 

@@ -226,6 +226,23 @@ def test_every_stream_a_run_uses_has_its_own_generator(requested: list[Key], tmp
     images.train_chunk(0, 6, 4)  # 24 walk positions over 6 examples: epochs 0 … 3
     by_run["images"] = streams_of(requested[start:])
 
+    # an embedded init: the neurons' latent coordinates, one stream per hidden layer
+    finite, _ = plans(
+        spec_text(
+            hidden=3,
+            init="  layer 1 ~ embedded(mean = cos(2 * pi * u_out), std = 1)\n"
+            "  layer 2..3 ~ embedded(mean = cos(2 * pi * (u_in - u_out)), std = 0.1)\n"
+            "  layer 4 ~ embedded(mean = u_in)",
+            width=8,
+            seed=5,
+        )
+    )
+    start = len(requested)
+    finite.initial_weights()
+    by_run["embedded init"] = streams_of(requested[start:])
+    assert {k[2] for k in requested[start:] if k[1] == Stream.LATENT} == {1, 2, 3}
+    assert by_run["embedded init"] == {Stream.INIT, Stream.LATENT}
+
     model = {Stream.INIT, Stream.PARTICLES, Stream.NOISE}
     assert by_run["gaussian torch"] == {Stream.TRAIN, Stream.TEST, Stream.EPOCH} | model
     assert by_run["gaussian jax"] >= {Stream.TRAIN, Stream.TEST, Stream.IID} | model

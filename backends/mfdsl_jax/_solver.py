@@ -26,7 +26,13 @@ reductions, every layer whose law and shape are torch's still is.
 **Reductions** (``reduce = auto``; reported in the result's ``attrs``):
 
 * **R1** (L ≥ 2, Pham & Nguyen 2020): the i.i.d. part of a middle layer's init
-  (2 ≤ ℓ ≤ L) does not enter the limit; its effective law is ``constant(μ_ℓ)``.
+  (2 ≤ ℓ ≤ L) does not enter the limit; its effective law is ``constant(μ_ℓ)``.  An
+  ``embedded`` middle layer (a neuronal embedding, ``mfdsl._latent``) keeps its mean
+  function ``m(u_in, u_out)``, evaluated on the pairs of particles (each particle carries
+  its latent coordinate, ``mfdsl._plan.latent_coordinates``), and drops only its i.i.d.
+  part ``std · ε``: that layer is held as an ``n_{ℓ-1} × n_ℓ`` pairwise state, never
+  collapsed (8 N² bytes in float64, and O(N² · samples) per step, as with ``reduce =
+  none``).
 * **Collapse**: a hidden layer whose incoming and outgoing weights are both constant
   has identical neurons, and the flow keeps them identical (it is equivariant under
   permutations of a layer's neurons).  It is held by one particle: ``n_ℓ = 1``, and the
@@ -182,7 +188,8 @@ class System:
 
 
 def _constant(law: DistPlan) -> bool:
-    return law.std == 0.0
+    # an embedded law with no i.i.d. part still varies with the coordinates
+    return law.std == 0.0 and not law.varies
 
 
 def build_system(plan: RunPlan, particles: int, reduce: str = "auto") -> System:
@@ -215,9 +222,13 @@ def build_system(plan: RunPlan, particles: int, reduce: str = "auto") -> System:
             note = "one hidden layer: nothing to reduce"
         if L >= 2:
             for ell in range(2, L + 1):
-                law = laws[ell - 1]
+                law = laws[ell - 1].iid()
                 iid[ell - 1] = float(law.std)
-                laws[ell - 1] = DistPlan(kind="constant", a=float(law.mean))
+                # an embedded layer keeps its weight function on particle pairs and drops
+                # only its i.i.d. part, which averages out of the limit as an i.i.d. law's does
+                laws[ell - 1] = (
+                    replace(law, b=0.0) if law.varies else DistPlan(kind="constant", a=float(law.mean))
+                )
             reductions.append("R1")
         const = [_constant(law) for law in laws]
         collapsed = [ell for ell in range(1, L + 1) if const[ell - 1] and const[ell]]

@@ -39,6 +39,10 @@ stream             number  index           draws
                                            dropped i.i.d. part in ``particles``
 ``DIAGNOSE``       105     0               ``mfdsl check``: the particles of the limit's
                                            velocity test (:mod:`._diagnose`); no run
+``LATENT``         106     hidden layer    ``uniform(0, 1, n_ℓ)``: the latent coordinates
+                           ``ℓ``           of layer ℓ's neurons, drawn only when an
+                                           ``embedded(...)`` init uses them
+                                           (:func:`mfdsl.plan.types.latent_coordinates`)
 =================  ======  ==============  ==============================================
 
 The probe inputs of ``output`` and ``neuron_spread`` are the first test examples and
@@ -78,6 +82,9 @@ class Stream(enum.IntEnum):
     IID = 104
     # mfdsl check (mfdsl.plan.diagnose): never part of a run
     DIAGNOSE = 105
+    # the model again: neurons' latent coordinates (embedded inits); numbered after
+    # DIAGNOSE so that no existing stream's number, hence no existing draw, changes
+    LATENT = 106
 
 
 #: the data's streams; the others are the model's

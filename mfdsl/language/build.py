@@ -12,6 +12,7 @@ from mfdsl.core.errors import Span, SpecError, SpecErrors, combined, did_you_mea
 from mfdsl.core.plugins import available_backends
 from mfdsl.language import expr as ex
 from mfdsl.language import ir as ir
+from mfdsl.language.latent import LATENT, LatentFunction, bind, fold, latent_names
 from mfdsl.language.options import REQUIRED, Kind, ListOf, Nested, Option, Str, suggest_key
 from mfdsl.language.syntax import KEYWORDS, Entry, Module, Rule, Statement
 
@@ -340,13 +341,25 @@ def convert(expr: ex.Expr, kind: Kind, ctx: _Context, key: str) -> Any:
             hint=f"write {written}"
             + (" (the shell needs the double quotes quoted)" if written.startswith("--set") else ""),
         )
-    used = _variable_names(expr, kind, ctx.variables)
+    if isinstance(kind, LatentFunction):
+        return _latent_function(expr, ctx, key)
+    # a named constant (``pi``) is a number, unless a sweep variable takes its name
+    used = [
+        n
+        for n in _variable_names(expr, kind, ctx.variables)
+        if n.id in ctx.variables or n.id not in ex.CONSTANTS
+    ]
     unknown = [n for n in used if n.id not in ctx.variables]
     if unknown:
         n = unknown[0]
         hint = did_you_mean(n.id, ctx.variables)
         if n.id == "last" and kind.symbols:
             hint = "'last' cannot bound a range A..B; list the layers instead, e.g. [2, 3, last]"
+        if n.id in LATENT:
+            hint = (
+                f"'{n.id}', a neuron's latent coordinate, exists only in the mean of an embedded init: "
+                "layer 2 ~ embedded(mean = cos(2 * pi * (u_in - u_out)), std = 0.1)"
+            )
         raise SpecError(
             f"unknown name '{n.id}' in '{key}'",
             n.span,
@@ -357,6 +370,30 @@ def convert(expr: ex.Expr, kind: Kind, ctx: _Context, key: str) -> Any:
         _check_functions(expr)
         return expr
     return ex.evaluate(expr, {}, symbols=kind.symbols)
+
+
+def _latent_function(expr: ex.Expr, ctx: _Context, key: str) -> Any:
+    """The ``mean`` of ``embedded(...)``: an expression that may use the latent
+    coordinates ``u_in`` and ``u_out`` besides ``dim``, ``width``, the sweep variables and
+    the constants.  It is kept as written (``mfdsl show`` prints it so) and bound at each
+    sweep point; a number if it uses none of them."""
+    allowed = ctx.variables | frozenset(LATENT) | frozenset(ex.CONSTANTS)
+    for name in ex.names(expr):
+        if name.id not in allowed:
+            raise SpecError(
+                f"unknown name '{name.id}' in '{key}'",
+                name.span,
+                hint=did_you_mean(name.id, [*LATENT, *sorted(ctx.variables), *ex.CONSTANTS])
+                or "the mean of embedded(...) may use the latent coordinates u_in and u_out, "
+                "'pi', 'dim', 'width' and the sweep variables",
+            )
+    _check_functions(expr)
+    if any(n.id in ctx.variables for n in ex.names(expr)):
+        return expr  # checked once the sweep point binds the variables (mfdsl.language.expand)
+    # arguments of the functions, number types, constant sub-expressions (a division
+    # by zero): checked now, at the text that is wrong
+    bound = bind(expr, {})
+    return fold(bound) if not latent_names(bound) else expr
 
 
 def _variable_names(expr: ex.Expr, kind: Kind, variables: frozenset[str]) -> list[ex.Name]:
@@ -448,6 +485,8 @@ def _sweep_var(entry: Entry, swept: set[str]) -> ir.SweepVar:
     symbols = (written, *ex.children(written)) if isinstance(written, (ex.List, ex.Range)) else (written,)
     # by identity: equal Name nodes compare equal whatever their position
     for name in ex.names(written):
+        if name.id in ex.CONSTANTS and name.id not in swept:
+            continue
         bare = any(name is sym for sym in symbols)
         if name.id in swept:
             raise SpecError(

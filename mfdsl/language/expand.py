@@ -12,6 +12,7 @@ from mfdsl.core.errors import SpecError
 from mfdsl.core.plugins import available_backends
 from mfdsl.language import expr as ex
 from mfdsl.language import ir as ir
+from mfdsl.language.latent import LatentFunction, bind, fold
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -123,6 +124,10 @@ def _resolve(node: Any, env: Mapping[str, Any]) -> Any:
         value = getattr(node, f.name)
         if ir.is_expr(value):
             opt = f.metadata.get("option")
+            if opt is not None and isinstance(opt.kind, LatentFunction):
+                # a function of the latent coordinates: only the sweep point's variables bind
+                changes[f.name] = fold(bind(value, env))
+                continue
             changes[f.name] = ex.evaluate(value, env, symbols=bool(opt and opt.kind.symbols))
         elif isinstance(value, (ir.Node, tuple)):
             new = _resolve(value, env)

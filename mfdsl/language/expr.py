@@ -118,7 +118,15 @@ FUNCTIONS: dict[str, Callable[[float], float]] = {
     "sqrt": math.sqrt,
     "log": math.log,
     "exp": math.exp,
+    # for the mean functions of embedded(...) inits (mfdsl.language.latent), usable anywhere
+    "sin": math.sin,
+    "cos": math.cos,
+    "tanh": math.tanh,
+    "abs": abs,
 }
+
+#: named constants; a variable of the same name (a sweep variable) takes precedence
+CONSTANTS: dict[str, float] = {"pi": math.pi}
 
 # Binding strength for rendering with the fewest parentheses.
 _PRECEDENCE = {"+": 1, "-": 1, "*": 2, "/": 2, "neg": 3, "**": 4}
@@ -173,12 +181,14 @@ def evaluate(expr: Expr, env: Mapping[str, Any], *, symbols: bool = False) -> An
     if isinstance(expr, Name):
         if expr.id in env:
             return env[expr.id]
+        if expr.id in CONSTANTS:
+            return CONSTANTS[expr.id]
         if symbols:
             return expr.id
         raise SpecError(
             f"unknown name '{expr.id}'",
             expr.span,
-            hint=did_you_mean(expr.id, env)
+            hint=did_you_mean(expr.id, [*env, *CONSTANTS])
             or "names in expressions are 'dim', 'width' and the sweep variables",
         )
     if isinstance(expr, List):

@@ -16,6 +16,8 @@ from typing import Any, ClassVar, NoReturn
 
 from mfdsl.core.errors import Span, SpecError
 from mfdsl.language import expr as ex
+from mfdsl.language import latent as _latent
+from mfdsl.language.latent import LatentFunction
 from mfdsl.language.options import (
     REQUIRED,
     AnyValue,
@@ -287,8 +289,36 @@ class Constant(Node):
     value: Value = option_field(Float(), help="the value")
 
 
-Dist = Normal | Uniform | Constant
-DISTRIBUTIONS: dict[str, type[Node]] = {"normal": Normal, "uniform": Uniform, "constant": Constant}
+@dataclass(frozen=True, kw_only=True)
+class Embedded(Node):
+    """``embedded(mean, std = 0)``: a neuronal-embedding initialisation (Pham & Nguyen
+    2020, :mod:`mfdsl.language.latent`).  Every neuron has a latent coordinate uniform on
+    ``[0, 1]``; the weight from a neuron with coordinate ``u_in`` to one with ``u_out``
+    is ``mean(u_in, u_out) + std · ε``, ``ε ~ N(0, 1)`` i.i.d.  The first layer's inputs
+    and the read-out's outputs are not neurons: ``u_in`` is undefined in layer 1 and
+    ``u_out`` in the last layer (checked by :class:`Spec`)."""
+
+    constructor: ClassVar[str] = "embedded"
+    mean: Value = option_field(LatentFunction(), help="the weight's mean, a function of u_in and u_out")
+    std: Value = option_field(
+        Float(min=0), default=0.0, help="std of the i.i.d. Gaussian part of every weight"
+    )
+
+    def validate(self) -> None:
+        mean = self.mean
+        if is_expr(mean) and all(n.id in _latent.LATENT or n.id in ex.CONSTANTS for n in ex.names(mean)):
+            # only coordinates left (a literal spec, or a sweep point): the function must
+            # be finite where the coordinates live
+            _latent.check_finite(_latent.bind(mean, {}), self.where("mean"))
+
+
+Dist = Normal | Uniform | Constant | Embedded
+DISTRIBUTIONS: dict[str, type[Node]] = {
+    "normal": Normal,
+    "uniform": Uniform,
+    "constant": Constant,
+    "embedded": Embedded,
+}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -667,6 +697,8 @@ class Spec(Node):
                         at = f" (first at line {first.line})" if first else ""
                         rule.fail("layers", f"layer {layer} is initialised twice{at}")
                     covered[layer] = rule
+                    if isinstance(rule.dist, Embedded):
+                        _check_embedded(rule.dist, layer, last)
             missing = [layer for layer in weights if layer not in covered]
             if missing:
                 self.init.fail(
@@ -686,6 +718,28 @@ class Spec(Node):
                     resolve(obs.layer, obs, "layer", weights, "a weight layer")
                 else:
                     resolve(obs.layer, obs, "layer", hidden, "a hidden layer")
+
+
+def _check_embedded(dist: Embedded, layer: int, last: int) -> None:
+    """The inputs and outputs have no latent coordinate: ``u_in`` is undefined in weight
+    layer 1 and ``u_out`` in the read-out (the paper's ``w_1(c_1)``, ``w_{L+1}(c_L)``)."""
+    for name in _latent.latent_names(dist.mean):
+        if name.id == "u_in" and layer == 1:
+            raise SpecError(
+                "'u_in' is undefined in layer 1: its weights leave the data's input coordinates, "
+                "which are not neurons and have no latent coordinate",
+                name.span or dist.where("mean"),
+                hint="layer 1's weights w_1(c_1) may depend on the coordinate of the neuron they enter: "
+                "use u_out (or select layers 2.. for this rule)",
+            )
+        if name.id == "u_out" and layer == last:
+            raise SpecError(
+                f"'u_out' is undefined in layer {last}, the read-out: its weights enter the network's "
+                "outputs, which are not neurons and have no latent coordinate",
+                name.span or dist.where("mean"),
+                hint="the read-out's weights w_{L+1}(c_L) may depend on the coordinate of the neuron they "
+                "leave: use u_in (or select layers ..L for this rule)",
+            )
 
 
 def _count(n: int, noun: str) -> str:

@@ -55,7 +55,9 @@ import numpy as np
 
 from mfdsl.core.errors import SpecError
 from mfdsl.core.plugins import available_backends
+from mfdsl.language import expr as ex
 from mfdsl.language import ir as ir
+from mfdsl.language.latent import bind
 from mfdsl.plan.types import (
     DEFAULT_PROBES,
     DistPlan,
@@ -129,6 +131,10 @@ def default_observables(spec: ir.Spec) -> tuple[ir.Observable, ...]:
 
 
 def _dist(node: ir.Dist, scale: float = 1.0) -> DistPlan:
+    if isinstance(node, ir.Embedded):
+        # the scaling's factor multiplies the whole weight, mean function and noise alike
+        mean = node.mean if ir.is_expr(node.mean) else ex.Num(value=float(node.mean))
+        return DistPlan(kind="embedded", a=scale, b=node.std * scale, fn=bind(mean, {}))
     if isinstance(node, ir.Normal):
         return DistPlan(kind="normal", a=node.mean * scale, b=node.std * scale)
     if isinstance(node, ir.Uniform):

@@ -16,7 +16,13 @@ nothing, and each is visible before any training:
 * **Degenerate middle layers.**  With i.i.d. initial weights at L ≥ 3 hidden layers,
   every neuron of layers 2 … L−1 carries the same pre-activation in the limit
   (Pham & Nguyen 2020): their ``neuron_spread`` falls like n^-1/2 and their
-  ``particles`` collapse onto one point.
+  ``particles`` collapse onto one point.  Not where the weights into or out of the
+  layer are drawn from a neuronal embedding (``embedded(...)`` whose mean depends on
+  the coordinates): that is what the embedding is for.
+
+With i.i.d. layers the velocity test's middle layers collapse (R1); a limit with an
+embedded layer is evaluated on a plain particle system instead, a product quadrature of
+its independent parts (:func:`velocity_z_embedded`).
 
 The velocity test: the velocity ``v`` of each trained parameter group (per particle,
 averaged over M data samples) is computed on K batches of the samples, and
@@ -47,6 +53,7 @@ from mfdsl.core.errors import Span, SpecWarning, did_you_mean, one_of
 from mfdsl.core.streams import Stream
 from mfdsl.core.streams import rng as stream_rng
 from mfdsl.language import ir as ir
+from mfdsl.language.latent import evaluate, varies
 from mfdsl.plan.compile import limit_layer_plans
 from mfdsl.plan.types import DistPlan, LayerPlan
 
@@ -143,11 +150,27 @@ def _homogeneous(spec: ir.Spec) -> SpecWarning | None:
     )
 
 
+def _embedded_layers(spec: ir.Spec) -> set[int]:
+    """The weight layers drawn from a neuronal embedding (``embedded(...)`` whose mean
+    depends on the coordinates)."""
+    depth = int(spec.network.hidden)
+    out: set[int] = set()
+    for rule in spec.init.rules if spec.init is not None else ():
+        if isinstance(rule.dist, ir.Embedded) and varies(rule.dist.mean):
+            out |= {depth + 1 if x == "last" else int(x) for x in rule.layers}
+    return out
+
+
 def _degenerate(spec: ir.Spec) -> SpecWarning | None:
     depth = int(spec.network.hidden)
     if depth < 3 or spec.record is None:
         return None
-    middle = set(range(2, depth))  # layers whose neurons collapse: 2 … L−1
+    # Hidden layer ℓ (2 … L−1) degenerates when the weights entering it (layer ℓ) and
+    # leaving it (layer ℓ+1) are i.i.d.: then every neuron has the same pre-activation
+    # and the same backward signal, for all time.  A weight function of the neurons'
+    # coordinates on either side breaks that symmetry.
+    embedded = _embedded_layers(spec)
+    middle = {ell for ell in range(2, depth) if ell not in embedded and ell + 1 not in embedded}
     for obs in spec.record.observables:
         if obs.name not in ("neuron_spread", "particles"):
             continue
@@ -189,9 +212,11 @@ def _still(spec: ir.Spec, seed: int) -> SpecWarning | None:
     layers = limit_layer_plans(spec)
     if all(layer.frozen for layer in layers):
         return None
+    embedded = any(layer.init.varies for layer in layers)
+    layers = tuple(dataclasses.replace(layer, init=layer.init.iid()) for layer in layers)
     x, y, task, whole = _samples(spec.data, seed)
     act = spec.network.activation
-    z = velocity_z(
+    z = (velocity_z_embedded if embedded else velocity_z)(
         layers,
         numpy_activation(act),
         derivative(act),
@@ -203,8 +228,8 @@ def _still(spec: ir.Spec, seed: int) -> SpecWarning | None:
         exact=whole,
         seed=seed,
     )
-    if z >= STILL:
-        return None
+    if z >= STILL or math.isnan(z):
+        return None  # it moves, or its numbers overflowed and the test says nothing
     why = (
         "zero on the whole training set (to rounding)"
         if whole
@@ -328,6 +353,12 @@ def velocity_z(
     if first.bias and not first.frozen:
         add(ones, delta1)
 
+    return _z(terms, m, exact)
+
+
+def _z(terms: list[tuple[np.ndarray, np.ndarray]], m: int, exact: bool) -> float:
+    """The z-score of the velocity whose per-sample gradients are ``A_m ⊗ B_m`` for each
+    ``(A, B)`` of ``terms`` (M rows each); see :func:`velocity_z`."""
     if exact:
         for a, b in terms:
             v = a.T @ b / m
@@ -360,6 +391,119 @@ def velocity_z(
     return best
 
 
+#: the embedded test's quadrature: coordinates per layer (a midpoint grid) and i.i.d.
+#: draws per neuron (each with its mirror image)
+GRID_POINTS = 16
+NOISE_DRAWS = 8
+
+
+def velocity_z_embedded(
+    layers: tuple[LayerPlan, ...],
+    phi: Callable[[np.ndarray], np.ndarray],
+    dphi: Callable[[np.ndarray], np.ndarray],
+    output: str,
+    loss: str,
+    x: np.ndarray,
+    y: np.ndarray,
+    task: str,
+    *,
+    exact: bool = False,
+    seed: int = 0,
+) -> float:
+    """:func:`velocity_z` for a limit with ``embedded`` layers, on a plain particle system.
+
+    The limit's expectations over a layer's neurons are over independent latent
+    coordinates ``U ~ uniform(0, 1)`` and the i.i.d. parts each neuron carries (its
+    first-layer weights, its read-out weights).  The particles are their product: the
+    midpoint grid ``u_i = (i + ½)/G`` of the coordinates times draws of the i.i.d. parts,
+    each with its mirror image about its mean.  So the cancellations that make a
+    stationary point hold exactly among the particles as in the limit: the midpoint rule
+    averages ``cos(2π(u − c))`` (any trigonometric polynomial of degree < G) to 0, the
+    mirrors cancel what a symmetric law cancels, and a product of independent parts
+    averages as the product of their averages.  Middle layers are at their R1 law: the
+    mean function on the pairs of coordinates, without the i.i.d. part."""
+    gen = stream_rng(seed, Stream.DIAGNOSE)
+    depth = len(layers) - 1
+    d, k, m = x.shape[1], layers[-1].fan_out, x.shape[0]
+    draws = NOISE_DRAWS if depth >= 2 else NOISE_DRAWS // 2  # L = 1: both ends on one layer
+    grid = (np.arange(GRID_POINTS) + 0.5) / GRID_POINTS
+
+    def per_neuron(law: DistPlan, u: np.ndarray, shape: int, coordinate: str) -> np.ndarray:
+        """(len(u), 2·draws, shape): the weights of neurons at coordinates u, each with
+        every draw of the law's i.i.d. part and its mirror."""
+        if law.embedded:
+            column = u[:, None]
+            values = evaluate(law.fn, *((column, None) if coordinate == "u_in" else (None, column)))
+            mean = law.a * np.broadcast_to(values, (u.size, 1))
+            noise = gen.standard_normal((draws, shape)) * law.b
+        else:
+            mean = np.full((u.size, 1), law.mean)
+            noise = law.sample(gen, (draws, shape)) - law.mean
+        noise = np.concatenate([noise, -noise])  # (2·draws, shape)
+        return mean[:, None, :] + noise[None, :, :]
+
+    first, last = layers[0].init, layers[-1].init
+    if depth == 1:
+        w1 = per_neuron(first, grid, d, "u_out")  # (G, D1, d)
+        w2 = per_neuron(last, grid, k, "u_in")  # (G, D2, K)
+        g, d1, d2 = grid.size, w1.shape[1], w2.shape[1]
+        coords = [np.repeat(grid, d1 * d2)]
+        w_in = np.broadcast_to(w1[:, :, None, :], (g, d1, d2, d)).reshape(-1, d)
+        w_out = np.broadcast_to(w2[:, None, :, :], (g, d1, d2, k)).reshape(-1, k)
+    else:
+        w1 = per_neuron(first, grid, d, "u_out")
+        w2 = per_neuron(last, grid, k, "u_in")
+        coords = [np.repeat(grid, w1.shape[1])]
+        coords += [grid] * (depth - 2)
+        coords.append(np.repeat(grid, w2.shape[1]))
+        w_in, w_out = w1.reshape(-1, d), w2.reshape(-1, k)
+    middle = []  # W_ℓ, 2 ≤ ℓ ≤ L: (P_{ℓ-1}, P_ℓ)
+    for ell in range(2, depth + 1):
+        law = layers[ell - 1].init
+        u_in, u_out = coords[ell - 2][:, None], coords[ell - 1][None, :]
+        w = law.a * evaluate(law.fn, u_in, u_out) if law.varies else np.array(law.iid().mean)
+        middle.append(np.broadcast_to(w, (u_in.shape[0], u_out.shape[1])))
+
+    hs = [x @ w_in.T]  # H_1 … H_L: (M, P_ℓ)
+    for w in middle:
+        hs.append(_average(phi(hs[-1]), w))
+    a_last = phi(hs[-1])
+    d_out = _output_delta(_average(a_last, w_out), y, output, loss, task, k)
+    terms: list[tuple[np.ndarray, np.ndarray]] = []
+    ones = np.ones((m, 1))
+    top = layers[-1]
+    if not top.frozen:
+        terms.append((a_last, d_out))
+    if top.bias and not top.frozen:
+        terms.append((ones, d_out))
+    delta = (d_out @ w_out.T) * dphi(hs[-1])
+    for ell in range(depth, 1, -1):
+        layer, w = layers[ell - 1], middle[ell - 2]
+        if not layer.frozen:
+            terms.append((phi(hs[ell - 2]), delta))
+        if layer.bias and not layer.frozen:
+            terms.append((ones, delta))
+        delta = _average(delta, w.T) * dphi(hs[ell - 2])
+    if not layers[0].frozen:
+        terms.append((x, delta))
+    if layers[0].bias and not layers[0].frozen:
+        terms.append((ones, delta))
+    return _z(terms, m, exact)
+
+
+#: an average below this fraction of the average of its terms' magnitudes is a cancellation
+_CANCELLED = 1e-12
+
+
+def _average(a: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """``a @ w / len(w)``, with the entries where the terms cancel (to within rounding of
+    their magnitudes) set to exactly 0: the z-score is blind to scale, and would read the
+    pattern of rounding errors of an exact cancellation as a signal."""
+    mean = a @ w / w.shape[0]
+    size = np.abs(a) @ np.abs(w) / w.shape[0]
+    return np.where(np.abs(mean) <= _CANCELLED * size, 0.0, mean)
+
+
 def _output_delta(pre: np.ndarray, y: np.ndarray, output: str, loss: str, task: str, k: int) -> np.ndarray:
     """∂loss/∂(pre-output), per sample: (M, K)."""
     if output == "tanh":
@@ -386,8 +530,9 @@ def _culprit(spec: ir.Spec, layers: tuple[LayerPlan, ...]) -> Any:
     """The init rule most likely responsible: a centred middle or read-out layer, else
     the first layer's, else the init block or the network."""
     depth = len(layers) - 1
-    centred = [layer.index for layer in layers[1:] if layer.init.mean == 0.0]
-    target = centred[0] if centred else 1
+    centred = [layer.index for layer in layers[1:] if not layer.init.varies and layer.init.mean == 0.0]
+    embedded = [layer.index for layer in layers[1:-1] if layer.init.varies]
+    target = embedded[0] if embedded and not layers[0].init.varies else (centred[0] if centred else 1)
     if spec.init is not None:
         for rule in spec.init.rules:
             chosen = {depth + 1 if x == "last" else int(x) for x in rule.layers}
@@ -400,9 +545,15 @@ def _culprit(spec: ir.Spec, layers: tuple[LayerPlan, ...]) -> Any:
 def _hint(spec: ir.Spec, layers: tuple[LayerPlan, ...]) -> str:
     depth = len(layers) - 1
     tips = []
-    if depth >= 2 and any(layer.init.mean == 0.0 for layer in layers[1:-1]):
+    if any(layer.init.varies for layer in layers[1:-1]) and not layers[0].init.varies:
+        tips.append(
+            "a first layer whose mean depends on u_out (e.g. layer 1 ~ embedded(mean = cos(2 * pi * "
+            "u_out) / sqrt(dim), std = 1 / sqrt(dim))): without it layer 1's neurons ignore their "
+            "coordinate and the middle layers' weight functions average out"
+        )
+    if depth >= 2 and any(not layer.init.varies and layer.init.mean == 0.0 for layer in layers[1:-1]):
         tips.append("non-centred middle weights (e.g. normal(1, 1))")
-    if layers[-1].init.mean == 0.0:
+    if not layers[-1].init.varies and layers[-1].init.mean == 0.0:
         tips.append("a non-centred read-out (e.g. layer last ~ normal(1, 1))")
     if not spec.network.bias:
         tips.append("biases (network { bias = true })")

@@ -460,7 +460,9 @@ def _limit_widths(spec: ir.Spec, particles: int, reduce: str) -> tuple[int, ...]
     opt = spec.train.optimizer
     noisy = isinstance(opt, ir.Langevin) and float(opt.temperature) > 0
     if reduce != "none" and not noisy:
-        const = [plan.init.std == 0.0 or 2 <= plan.index <= depth for plan in plans]
+        const = [
+            not plan.init.varies and (plan.init.std == 0.0 or 2 <= plan.index <= depth) for plan in plans
+        ]
         for ell in range(1, depth + 1):
             if const[ell - 1] and const[ell]:
                 hidden[ell - 1] = 1

@@ -19,42 +19,104 @@ from mfdsl.core import streams as _streams
 # probe inputs of output/neuron_spread when the spec names none
 DEFAULT_PROBES = 16
 
-DistKind = Literal["normal", "uniform", "constant"]
+DistKind = Literal["normal", "uniform", "constant", "embedded"]
 
 
 @dataclass(frozen=True, kw_only=True)
 class DistPlan:
-    """An i.i.d. initial law for the entries of one weight matrix.
+    """The initial law of the entries of one weight matrix.
 
-    ``normal``: ``a`` = mean, ``b`` = std; ``uniform``: ``a`` = low, ``b`` = high;
-    ``constant``: ``a`` = value.
+    I.i.d. laws: ``normal``: ``a`` = mean, ``b`` = std; ``uniform``: ``a`` = low, ``b`` =
+    high; ``constant``: ``a`` = value.
+
+    ``embedded`` (a neuronal embedding, :mod:`mfdsl.language.latent`): the entry joining a
+    neuron of latent coordinate ``u_in`` to one of coordinate ``u_out`` is ``a ·
+    fn(u_in, u_out) + b · ε`` with ``ε ~ N(0, 1)`` i.i.d.; ``fn`` is an ``mfdsl.language.expr``
+    expression whose only names are ``u_in`` and ``u_out`` (a ``Num`` if it has none).
+    Its entries are not i.i.d., so it is drawn by :func:`initial_weights`, which knows
+    the coordinates, not by :meth:`sample`; ``std`` is the std of its i.i.d. part and it
+    has no single ``mean``.
     """
 
     kind: DistKind
     a: float
     b: float = 0.0
+    fn: Any = None
+
+    @property
+    def embedded(self) -> bool:
+        """Whether the weights are functions of the neurons' latent coordinates."""
+        return self.kind == "embedded"
+
+    @property
+    def varies(self) -> bool:
+        """Whether this is an ``embedded`` law whose mean function takes more than one
+        value on ``[0, 1]²`` (on a grid: ``mfdsl.language.latent.varies``).  One that does not,
+        ``embedded(mean = 1 + a * cos(u_in), …)`` at ``a = 0`` say, is an i.i.d. law."""
+        from mfdsl.language.latent import varies
+
+        return self.kind == "embedded" and varies(self.fn)
+
+    def iid(self) -> DistPlan:
+        """The same law as an i.i.d. one where it is one: an ``embedded`` law whose mean
+        function does not vary becomes ``normal`` (or ``constant``) with that mean; every
+        other law is itself.  (Its draws differ: use it where the law, not the sample,
+        matters.)"""
+        if self.kind != "embedded" or self.varies:
+            return self
+        from mfdsl.language.latent import evaluate
+
+        mean = self.a * float(np.ravel(evaluate(self.fn, 0.5, 0.5))[0])
+        return DistPlan(kind="normal", a=mean, b=self.b) if self.b > 0 else DistPlan(kind="constant", a=mean)
 
     @property
     def mean(self) -> float:
+        if self.kind == "embedded":
+            raise ValueError("an embedded law has no single mean: it is a function of the coordinates")
         if self.kind == "uniform":
             return 0.5 * (self.a + self.b)
         return self.a
 
     @property
     def std(self) -> float:
-        if self.kind == "normal":
+        if self.kind in ("normal", "embedded"):
             return self.b
         if self.kind == "uniform":
             return (self.b - self.a) / math.sqrt(12.0)
         return 0.0
 
     def sample(self, rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
-        """Draw float64 samples of the given shape."""
+        """Draw float64 samples of the given shape (an i.i.d. law)."""
+        if self.kind == "embedded":
+            raise ValueError("an embedded law needs the neurons' coordinates: draw it with initial_weights")
         if self.kind == "normal":
             return rng.normal(self.a, self.b, size=shape)
         if self.kind == "uniform":
             return rng.uniform(self.a, self.b, size=shape)
         return np.full(shape, float(self.a))
+
+    def sample_embedded(
+        self,
+        rng: np.random.Generator,
+        shape: tuple[int, int],
+        u_in: np.ndarray | None,
+        u_out: np.ndarray | None,
+    ) -> np.ndarray:
+        """Draw a ``(fan_in, fan_out)`` matrix of an ``embedded`` law: ``u_in`` are the
+        coordinates of the ``fan_in`` neurons below (``None`` for the inputs), ``u_out``
+        of the ``fan_out`` neurons above (``None`` for the outputs).  The i.i.d. part is
+        ``rng.standard_normal(shape)``, drawn only when ``b > 0``."""
+        from mfdsl.language.latent import evaluate
+
+        rows = None if u_in is None else np.asarray(u_in, np.float64)[:, None]
+        cols = None if u_out is None else np.asarray(u_out, np.float64)[None, :]
+        m = np.broadcast_to(evaluate(self.fn, rows, cols), shape)
+        if not np.all(np.isfinite(m)):
+            raise ValueError("the embedded mean function is not finite at some neurons' coordinates")
+        w = self.a * m
+        if self.b > 0.0:
+            w = w + self.b * rng.standard_normal(shape)
+        return np.array(w, np.float64)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -237,6 +299,13 @@ class RunPlan:
         )
 
 
+def latent_coordinates(seed: int, layer: int, n: int) -> np.ndarray:
+    """The latent coordinates of the ``n`` neurons of hidden layer ``layer`` (1 … L):
+    ``uniform(0, 1, n)`` from stream ``LATENT``, index ``layer``.  They depend on the
+    layer's width only, so a width-``N`` network and ``N`` particles share them."""
+    return _streams.rng(seed, _streams.Stream.LATENT, layer).uniform(0.0, 1.0, size=n)
+
+
 def initial_weights(
     seed: int, laws: Sequence[DistPlan], shapes: Sequence[tuple[int, int]]
 ) -> list[np.ndarray]:
@@ -245,13 +314,32 @@ def initial_weights(
     (:mod:`mfdsl.core.streams`).  Each layer has its own stream, so a layer's draws depend
     on its own law and shape only: a width-``N`` network and a particle system with
     ``N`` particles share every layer whose shape they share, whatever the others.
-    Every backend initialises through this function."""
+    An ``embedded`` law is evaluated on the latent coordinates of the hidden layers it
+    joins (:func:`latent_coordinates`; hidden layer ℓ is the ``fan_out`` of weight layer
+    ℓ), its i.i.d. part drawn from ``g``.  Every backend initialises through this
+    function."""
     if len(laws) != len(shapes):
         raise ValueError(f"{len(laws)} laws for {len(shapes)} layers")
-    return [
-        np.asarray(law.sample(_streams.rng(seed, _streams.Stream.INIT, ell), tuple(shape)), np.float64)
-        for ell, (law, shape) in enumerate(zip(laws, shapes, strict=True), start=1)
-    ]
+    depth = len(laws) - 1
+    coords: dict[int, np.ndarray] = {}
+
+    def latent(layer: int) -> np.ndarray | None:
+        if not 1 <= layer <= depth:
+            return None  # the inputs and the outputs are not neurons
+        if layer not in coords:
+            coords[layer] = latent_coordinates(seed, layer, int(shapes[layer - 1][1]))
+        return coords[layer]
+
+    weights = []
+    for ell, (law, shape) in enumerate(zip(laws, shapes, strict=True), start=1):
+        g = _streams.rng(seed, _streams.Stream.INIT, ell)
+        if law.embedded:
+            fan_in, fan_out = (int(n) for n in shape)
+            w = law.sample_embedded(g, (fan_in, fan_out), latent(ell - 1), latent(ell))
+        else:
+            w = law.sample(g, tuple(shape))
+        weights.append(np.asarray(w, np.float64))
+    return weights
 
 
 def check_compatible(loss: str, task: str, outputs: int) -> None:
