@@ -302,6 +302,8 @@ def _run_unit(
     """:func:`execute_group` in a worker of the local pool, its slot marked started."""
     if _started is not None:
         _started[slot] = os.getpid()
+    if _progress_queue is not None and tasks:
+        _progress_queue.put((tasks[0].key, -1, math.nan))  # started: the driver times the unit
     return execute_group(tasks, store, layer_coord, shapes, diverge_above)
 
 
@@ -1373,13 +1375,11 @@ def _execute_all(
     split run by run.  The units queued behind them, and those the broken pool's other
     workers were running when it tore them down, are not charged.  A run charged
     ``WORKER_RETRIES + 1`` times is failed."""
-    from rich.progress import Progress
+    from ._progress import Tracker
 
     outcomes: list[tuple[str, str, str]] = []
     if not groups:
         return outcomes, False
-    steps = {t.key: t.plan.steps for unit in groups for t in unit}
-    columns = sweep_columns()
     # spawn, not fork: the driver runs threads (progress), and forking those is unsafe.
     ctx = mp.get_context("spawn")
     # A worker killed while it writes to the progress queue leaves the queue's lock taken
@@ -1388,9 +1388,7 @@ def _execute_all(
     total_threads = default_workers()
     threads = max(1, total_threads // workers)
     interrupted = False
-    with Progress(*columns, console=console, transient=False) as progress:
-        overall = progress.add_task("sweep", total=len(steps), info="")
-        bars: dict[str, Any] = {}
+    with Tracker(console, groups, workers, counts=lambda: _counts(outcomes)) as tracker:
         stop = threading.Event()
 
         def pump() -> None:
@@ -1404,19 +1402,15 @@ def _execute_all(
                     if live is channel[0]:
                         return
                     continue  # the queue was replaced: read the new one
-                bar = bars.get(key)
-                if bar is None:
-                    bar = bars[key] = progress.add_task(f"  {key}", total=steps[key], info="")
-                progress.update(bar, completed=step, info=f"loss {loss:.4g}")
+                if step < 0:
+                    tracker.started(key)
+                else:
+                    tracker.step(key, step, loss)
 
         def finish(unit: Sequence[Task], finished: Sequence[tuple[str, str, str]]) -> None:
             for task, outcome in zip(unit, finished, strict=True):
                 outcomes.append(outcome)
-                progress.advance(overall)
-                bar = bars.pop(task.key, None)
-                if bar is not None:
-                    progress.remove_task(bar)
-            progress.update(overall, info=_counts(outcomes))
+                tracker.finished(task.key, outcome[1])
 
         pumper = threading.Thread(target=pump, daemon=True)
         pumper.start()
@@ -1497,10 +1491,7 @@ def _execute_all(
                 if left:
                     console.print(f"running the broken pool's {count(len(left), 'unfinished unit')} again")
                 for unit in (units[i] for i in left):
-                    for task in unit:
-                        bar = bars.pop(task.key, None)
-                        if bar is not None:
-                            progress.remove_task(bar)
+                    tracker.requeued([task.key for task in unit])
         except KeyboardInterrupt:
             interrupted = True
             for future in futures:
@@ -1677,7 +1668,8 @@ def _terminate(pool: cf.ProcessPoolExecutor) -> None:
 
 def sweep_columns() -> tuple[Any, ...]:
     """The progress display's columns (the local pool's and a Dask cluster's): name,
-    bar, done/total, the outcome counts, time."""
+    bar, done/total, the outcome counts (a run's loss), time elapsed, time left
+    (:mod:`mfdsl._progress`)."""
     from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
     return (
@@ -1686,6 +1678,7 @@ def sweep_columns() -> tuple[Any, ...]:
         MofNCompleteColumn(),
         TextColumn("{task.fields[info]}"),
         TimeElapsedColumn(),
+        TextColumn("{task.fields[eta]}"),
     )
 
 
