@@ -152,6 +152,13 @@ def build_parser() -> argparse.ArgumentParser:
     mode = run.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true", help="finish the runs an existing store has not done")
     mode.add_argument(
+        "--extend",
+        action="store_true",
+        help="grow an existing store by the new values of its sweep variables (more seeds, widths, "
+        "learning rates): train only the new runs (and any unfinished), keep every finished one; "
+        "anything else that changed is refused",
+    )
+    mode.add_argument(
         "--overwrite",
         action="store_true",
         help="replace an existing mfdsl store (anything else at the path is refused, never deleted)",

@@ -663,6 +663,8 @@ def _run_command(args: argparse.Namespace, spec: ir.Spec) -> int:
         err.print(f"[red]error:[/red] {escape(str(error))}")
         return EXIT_USAGE
     store = args.output
+    if getattr(args, "extend", False):
+        args.resume = True  # everything --resume checks and finishes, and the sweep grows
     problem = _threshold_problem(getattr(args, "diverge_above", None)) or _refusal(store, args)
     if problem is not None:  # before the lock: a refused target is not touched at all
         err.print(f"[red]error:[/red] {escape(problem)}", soft_wrap=True)
@@ -779,7 +781,8 @@ def resume_command(args: argparse.Namespace, spec: ir.Spec) -> str:
         words += ["--scheduler", str(args.scheduler)]
     if getattr(args, "diverge_above", None) is not None:
         words += ["--diverge-above", repr(float(args.diverge_above))]
-    words.append("--resume")
+    # an interrupted --extend may not have grown the store yet: --extend finishes both
+    words.append("--extend" if getattr(args, "extend", False) else "--resume")
     return " ".join(shlex.quote(word) for word in words)
 
 
@@ -942,6 +945,8 @@ def _prepare_store(
         err.print(f"[red]error:[/red] {escape(refusal)}", soft_wrap=True)
         return None
     exists = loc.exists(store)
+    if exists and getattr(args, "extend", False):
+        return _extend_store(store, spec, spec_yaml, layout, args, err, backends, tasks)
     if exists and args.resume:
         return _reopen_store(store, spec_yaml, layout, args, err, backends, tasks)
     if not _check_space(store, layout, len(tasks), True, err):
@@ -981,6 +986,141 @@ def _prepare_store(
         _drop_skeleton(store)
         raise
     return read_status(store), threshold
+
+
+def _extend_store(
+    store: str,
+    spec: ir.Spec,
+    spec_yaml: str,
+    layout: Layout,
+    args: argparse.Namespace,
+    err: Any,
+    backends: Sequence[Backend],
+    tasks: Sequence[Task],
+) -> tuple[np.ndarray, float] | None:
+    """``--extend``: check the store as ``--resume`` does against the spec it was made
+    with, then rebuild it with the spec's grown sweep, every finished cell copied
+    (:mod:`mfdsl._extend`); its new cells are pending.  Every refusal comes before
+    anything is written."""
+    from ._api import yaml_to_module
+    from ._build import build
+    from ._extend import growth, refuse_url
+    from ._verify import NotAStore, open_attrs
+
+    refusal = refuse_url(store)
+    if refusal is not None:
+        err.print(f"[red]error:[/red] cannot extend: {escape(refusal)}", soft_wrap=True)
+        return None
+    try:
+        attrs = open_attrs(store)
+        stored_yaml = attrs.get("spec_ir")
+        if not isinstance(stored_yaml, str):
+            raise NotAStore(f"{store} holds no spec (its root attribute 'spec_ir' is missing)")
+        stored = build(yaml_to_module(stored_yaml, f"{store}:spec_ir"))
+    except NotAStore as error:
+        err.print(f"[red]error:[/red] cannot extend: {escape(str(error))}", soft_wrap=True)
+        return None
+    except SpecError as error:
+        err.print(
+            f"[red]error:[/red] cannot extend {escape(store)}: its stored spec does not read back "
+            f"({escape(error.render().splitlines()[0])}); 'mfdsl verify' reports it",
+            soft_wrap=True,
+        )
+        return None
+    grown = growth(stored, stored_yaml, spec, to_yaml)
+    if grown.problem is not None:
+        err.print(f"[red]error:[/red] cannot extend {escape(store)}: {escape(grown.problem)}", soft_wrap=True)
+        for line in grown.diff:
+            err.print(f"  {line}", markup=False)
+        return None
+    names = list(dict.fromkeys(t.backend for t in tasks))
+    known = available_backends()
+    room = [get_backend(n) for n in dict.fromkeys([*spec.backends, *_stored_backends(store)]) if n in known]
+    old_layout, old_tasks = plan_tasks(
+        stored, check_all(stored), [get_backend(n) for n in names], room_for=room
+    )
+    reopened = _reopen_store(store, stored_yaml, old_layout, args, err, backends, old_tasks)
+    if reopened is None or not grown.added:
+        return reopened
+    misfit = _growth_misfit(old_layout, layout)
+    if misfit is not None:
+        err.print(f"[red]error:[/red] cannot extend {escape(store)}: {escape(misfit)}", soft_wrap=True)
+        return None
+    if not _check_space(store, layout, len(tasks), True, err):  # the grown store is a copy
+        return None
+    _grow(store, spec, spec_yaml, old_layout, layout, grown.added, err)
+    from ._store import read_status
+
+    return read_status(store), reopened[1]
+
+
+def _growth_misfit(old: Layout, new: Layout) -> str | None:
+    """What the grown sweep changes beyond its sweep dimensions (the record steps, the
+    probes, layers or particles recorded), which ``--extend`` cannot carry over."""
+    from ._verify import same_values
+
+    if list(old.sweep) != list(new.sweep):
+        return "the grown sweep has other dimensions than the store"
+    if not same_values(old.steps, new.steps):
+        return "the new sweep values record at other steps than the store's runs (coordinate 'step')"
+    if set(old.extra) != set(new.extra) or any(
+        not same_values(old.extra[k], new.extra[k]) for k in old.extra
+    ):
+        return "the new sweep values record other probes, layers or particles than the store's runs"
+    if {v.name for v in old.variables} != {v.name for v in new.variables}:
+        return "the new sweep values record other variables than the store's runs"
+    return None
+
+
+def _grow(
+    store: str,
+    spec: ir.Spec,
+    spec_yaml: str,
+    old: Layout,
+    new: Layout,
+    added: Mapping[str, Sequence[Any]],
+    err: Any,
+) -> None:
+    """Rebuild ``store`` (checked, locked) with the layout ``new``: a new skeleton
+    beside it, every cell copied into its place, then swapped in."""
+    from ._extend import copy_cells, kept_attrs, position_maps, swap_in
+    from ._store import NotRemovable, create_store, partial_path, remove_store, update_attrs
+    from ._verify import open_attrs
+
+    _merge_run_attrs(store)  # left by a stopped sweep, under the old cell indices
+    real = store if loc.is_url(store) else os.path.realpath(store.rstrip(os.sep))
+    given, own = kept_attrs(open_attrs(real))
+    before = given.get("extended")
+    history: list[Any] = before if isinstance(before, list) else []
+    given.update(
+        spec_source=spec.source or "",
+        spec_path=spec.path or "",
+        spec_ir=spec_yaml,
+        extended=[
+            *history,
+            {"at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "added": {k: list(v) for k, v in added.items()}},
+        ],
+    )
+    side = partial_path(real)
+    try:
+        create_store(
+            side,
+            sweep=new.sweep,
+            steps=new.steps,
+            time=new.time,
+            variables=new.variables,
+            extra_coords=new.extra,
+            attrs=given,
+        )
+        copy_cells(real, side, position_maps(old.sweep, new.sweep))
+        update_attrs(side, own)
+        swap_in(real, side)
+    except BaseException:
+        with contextlib.suppress(OSError, NotRemovable):
+            remove_store(side)
+        raise
+    shown = "; ".join(f"{k}: {', '.join(map(str, v))}" for k, v in added.items())
+    err.print(f"extended {escape(store)} by {escape(shown)}", soft_wrap=True)
 
 
 def _drop_skeleton(store: str) -> None:

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import io
 import re
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
-from conftest import run_sweep
+from conftest import open_store, run_cli, run_sweep
 
 from mfdsl._progress import Estimate, Tracker, clock, summary_period
 
@@ -136,3 +138,95 @@ def test_a_run_redirected_to_a_file_logs_progress_with_an_eta(
     summaries = [line for line in lines if line.startswith("progress: ")]
     assert summaries[-1].startswith("progress: 4/4 runs finished (4 done) · elapsed ")
     assert summaries[-1].endswith("eta 0:00:00")
+
+
+# ---- growing a store -----------------------------------------------------------------
+
+
+def bits(values: np.ndarray) -> bytes | list[str]:
+    """Numbers as their bytes (NaN equals itself, -0.0 only -0.0); strings as a list."""
+    values = np.ascontiguousarray(values)
+    if values.dtype.kind in "fiub":
+        return values.view(np.uint8).tobytes()
+    return [str(v) for v in values.ravel()]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A finished store of the small spec (widths 8, 16; seeds 0, 1), and its spec."""
+    pytest.importorskip("torch")
+    folder = tmp_path_factory.mktemp("extend")
+    spec = small_spec(folder, widths="[8, 16]")
+    store = folder / "small.zarr"
+    result = run_sweep(spec, store)
+    assert result.code == 0, result.out + result.err
+    return spec, store
+
+
+def grown_copy(finished: tuple[Path, Path], folder: Path, **spec: str) -> tuple[Path, Path]:
+    """A copy of the finished store, and a spec of the same sweep grown by ``spec``."""
+    store = folder / "small.zarr"
+    shutil.copytree(finished[1], store)
+    return small_spec(folder, **{"widths": "[8, 16]", **spec}), store
+
+
+def assert_old_cells_unchanged(before: Path, after: Path) -> None:
+    with open_store(before) as old, open_store(after) as new:
+        kept = new.sel(width=old.width, seed=old.seed)
+        for name in [*old.data_vars, "message"]:
+            assert bits(old[name].values) == bits(kept[name].values), name
+
+
+def test_extending_by_a_seed_trains_only_its_runs(finished: tuple[Path, Path], tmp_path: Path) -> None:
+    spec, store = grown_copy(finished, tmp_path, widths="[8, 16]", seeds="0..2")
+    result = run_sweep(spec, store, "--extend")
+    assert result.code == 0, result.out + result.err
+    assert "extended" in result.err and "seed: 2" in result.err
+    trained = re.findall(r"\] done +(\S+)", result.out)
+    assert sorted(trained) == ["torch:width=16,seed=2", "torch:width=8,seed=2"]
+    assert_old_cells_unchanged(finished[1], store)
+    with open_store(store) as ds:
+        assert ds.seed.values.tolist() == [0, 1, 2]
+        assert (ds.status == 1).all()
+        assert ds.attrs["extended"][-1]["added"] == {"seed": [2]}
+    check = run_cli("verify", store)
+    assert check.code == 0, check.out
+
+
+def test_extending_by_a_width_keeps_the_spec_order(finished: tuple[Path, Path], tmp_path: Path) -> None:
+    spec, store = grown_copy(finished, tmp_path, widths="[4, 8, 16]")
+    result = run_sweep(spec, store, "--extend")
+    assert result.code == 0, result.out + result.err
+    assert sorted(re.findall(r"\] done +(\S+)", result.out)) == [
+        "torch:width=4,seed=0",
+        "torch:width=4,seed=1",
+    ]
+    assert_old_cells_unchanged(finished[1], store)
+    with open_store(store) as ds:
+        assert ds.width.values.tolist() == [4.0, 8.0, 16.0]
+    assert run_cli("verify", store).code == 0
+    report = run_cli("report", store, "--json")
+    assert report.code == 0 and '"width": 4' in report.out.replace(".0", "")
+    # extending again with nothing new finishes nothing and changes nothing
+    again = run_sweep(spec, store, "--extend")
+    assert again.code == 0 and "6 runs already finished, 0 to go" in again.out
+
+
+def test_extending_refuses_a_changed_schedule_with_the_diff(
+    finished: tuple[Path, Path], tmp_path: Path
+) -> None:
+    spec, store = grown_copy(finished, tmp_path, seeds="0..2")
+    before = {p: p.stat().st_mtime_ns for p in store.rglob("*")}
+    result = run_sweep(spec, store, "--extend", "--set", "train.schedule=cosine(final = 0.1)")
+    assert result.code == 2
+    text = " ".join(result.err.split())
+    assert "cannot extend" in text and "more than the values of its sweep" in text
+    assert "schedule" in result.err and "cosine" in result.err  # the diff shows what changed
+    assert {p: p.stat().st_mtime_ns for p in store.rglob("*")} == before
+
+
+def test_extending_refuses_to_drop_stored_values(finished: tuple[Path, Path], tmp_path: Path) -> None:
+    spec, store = grown_copy(finished, tmp_path, widths="[8, 32]")
+    result = run_sweep(spec, store, "--extend")
+    assert result.code == 2
+    assert "drops 16 from 'width'" in " ".join(result.err.split())
