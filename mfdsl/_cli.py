@@ -442,10 +442,19 @@ def _fmt(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ._estimate import check_machine, confirm_runs, estimate
+    from ._estimate import check_machine, confirm_runs, estimate, rough_seconds
     from ._expand import check_data, expand, spec_warnings
     from ._runner import run_command
 
+    if args.workers is not None and args.workers < 1:
+        _console(stderr=True).print(
+            Text("error: ", style="bold red")
+            + Text(
+                f"--workers takes a number of worker processes of at least 1 (got {args.workers}); "
+                "leave it out to use every usable core"
+            )
+        )
+        return EXIT_USAGE
     spec = _load(args)
     if args.output and not _reachable(args.output):
         return EXIT_USAGE
@@ -459,7 +468,17 @@ def _run(args: argparse.Namespace) -> int:
     resources = estimate(spec, points, args.backend or spec.backends, workers=workers)
     for warning in check_machine(resources, spec, force=args.force):
         print_error(warning, level="warning")
-    if not confirm_runs(resources.runs, spec, yes=args.yes, ask=_ask if _interactive() else None):
+    seconds = None
+    if resources.runs > CONFIRM_RUNS and not args.yes:
+        seconds = rough_seconds(points, args.backend or spec.backends, resources.workers)
+    if not confirm_runs(
+        resources.runs,
+        spec,
+        yes=args.yes,
+        ask=_ask if _interactive() else None,
+        seconds=seconds,
+        workers=resources.workers,
+    ):
         _console(stderr=True).print("not started")
         return EXIT_FAILED
     for warning in spec_warnings(spec, points):

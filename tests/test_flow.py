@@ -230,3 +230,107 @@ def test_extending_refuses_to_drop_stored_values(finished: tuple[Path, Path], tm
     result = run_sweep(spec, store, "--extend")
     assert result.code == 2
     assert "drops 16 from 'width'" in " ".join(result.err.split())
+
+
+# ---- ranges and the size of a sweep ---------------------------------------------------
+
+
+def sweep_of(values: str) -> object:
+    """The spec :data:`SMALL` with ``sweep { width = [8], v = VALUES }``."""
+    import mfdsl
+
+    text = SMALL.format(widths="[8]", seeds="0", lr="0.05").replace(
+        "seed = 0 }", f"seed = 0, v = {values} }}"
+    )
+    return mfdsl.parse(text, path="x.mf")
+
+
+@pytest.mark.parametrize(
+    ("written", "values"),
+    [
+        ("geom(64, 1024, 5)", (64, 128, 256, 512, 1024)),
+        ("geom(1024, 64, 5)", (1024, 512, 256, 128, 64)),
+        ("geom(10, 1000, 4)", (10, 46, 215, 1000)),
+        ("geom(0.001, 0.1, 3)", (0.001, 0.01, 0.1)),
+        ("geom(1e-4, 1.0, 5)", (1e-4, 1e-3, 1e-2, 1e-1, 1.0)),
+        ("geom(2, 2 ** 10, 10)", tuple(2**k for k in range(1, 11))),
+    ],
+)
+def test_a_geometric_range(written: str, values: tuple[float, ...]) -> None:
+    got = sweep_of(written).sweep["v"]  # type: ignore[attr-defined]
+    assert got == values
+    assert [type(v) for v in got] == [type(v) for v in values]
+    # each value is start · ratio^k, rounded: to the nearest integer, or to 12 digits
+    n, start = len(got), float(got[0])
+    ratio = (float(got[-1]) / start) ** (1 / (n - 1))
+    for k, value in enumerate(got):
+        exact = start * ratio**k
+        if isinstance(value, int):
+            assert abs(value - exact) <= 0.5
+        else:
+            assert value == pytest.approx(exact, rel=1e-11)
+
+
+@pytest.mark.parametrize(
+    ("written", "message", "column"),
+    [
+        ("geom(64, 1024)", "geom() takes three numbers: start, stop and count", 36),
+        ("geom(64, 1024, 1)", "geom()'s count must be an integer of at least 2, got 1", 51),
+        ("geom(64, 1024, 2.5)", "geom()'s count must be an integer of at least 2, got 2.5", 51),
+        ("geom(0, 8, 3)", "geom()'s start and stop must be positive, got 0", 41),
+        ("geom(1, 4, 10)", "geom(1, 4, 10) rounds to repeated integers (1, 1, 1, 2, 2, 2, 3, 3, …)", 36),
+        ("geom(8, 8, 3)", "geom(8, 8, 3) repeats one value", 36),
+    ],
+)
+def test_a_bad_geometric_range_is_reported_where_it_is_written(
+    written: str, message: str, column: int
+) -> None:
+    from mfdsl._errors import SpecError
+
+    with pytest.raises(SpecError) as caught:
+        sweep_of(written)
+    head = caught.value.render().splitlines()[0]
+    assert head == f"x.mf:18:{column}: {message}"  # the call, or the argument at fault
+
+
+def test_a_long_range_of_widths_is_warned_about_with_a_geometric_one(tmp_path: Path) -> None:
+    spec = small_spec(tmp_path)
+    result = run_cli("check", spec, "--set", "sweep.width=64..1024")
+    assert result.code == 0, result.err
+    err = " ".join(result.err.split())
+    assert "warning: 'width' is 961 values, every integer from 64 to 1024" in err
+    assert "hint: for values spread over the range, a geometric range: width = geom(64, 1024, 5)" in err
+    assert run_cli("check", spec, "--set", "sweep.width=64..1024", "--strict").code == 2
+    quiet = run_cli("check", spec, "--set", "sweep.width=geom(64, 1024, 5)", "--set", "sweep.seed=0..199")
+    assert quiet.code == 0 and "warning" not in quiet.err
+
+
+def test_the_rough_time_of_a_sweep() -> None:
+    from mfdsl._estimate import ROUGH_FLOPS, ROUGH_STEP_S, duration, rough_seconds
+    from mfdsl._expand import expand
+
+    spec = sweep_of("[1, 2]")
+    points = list(expand(spec))  # type: ignore[arg-type]
+    from mfdsl._compile import compile_point
+
+    plan = compile_point(points[0].spec, dict(points[0].coords), "torch")
+    weights = sum(layer.fan_in * layer.fan_out for layer in plan.layers)
+    one = 20 * (6.0 * 4 * weights / ROUGH_FLOPS + ROUGH_STEP_S)
+    assert rough_seconds(points, ["torch"], workers=2) == pytest.approx(2 * one / 2)
+    assert [duration(s) for s in (0.2, 61, 3600, 30 * 3600, 5 * 86400)] == [
+        "1 s",
+        "61 s",
+        "60 min",
+        "30.0 h",
+        "5.0 days",
+    ]
+
+
+@pytest.mark.parametrize("workers", ["0", "-2"])
+def test_workers_below_one_is_an_error(tmp_path: Path, workers: str) -> None:
+    result = run_cli("run", small_spec(tmp_path), "-o", tmp_path / "s.zarr", "--workers", workers)
+    assert result.code == 2
+    assert f"--workers takes a number of worker processes of at least 1 (got {workers})" in " ".join(
+        result.err.split()
+    )
+    assert not (tmp_path / "s.zarr").exists()
