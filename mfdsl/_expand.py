@@ -199,6 +199,9 @@ def check_data(spec: ir.Spec, points: Iterable[Point] | None = None) -> None:
                 ).located(spec.path, spec.source)
 
 
+#: sweep variables that seed the data (and Langevin noise) and the initialisation apart
+#: from ``seed`` (:attr:`mfdsl._plan.RunPlan.data_seed`): used by every run
+SEEDS_APART = ("data_seed", "init_seed")
 #: a width sweep of this many consecutive integers (``64..1024``) is warned about
 LONG_WIDTH_RANGE = 16
 #: and a sweep of any other variable but ``seed`` of this many
@@ -244,7 +247,7 @@ def spec_warnings(spec: ir.Spec, points: Iterable[Point] | None = None) -> list[
     out: list[SpecWarning] = []
     used = _used_names(spec)
     for var in spec.sweep.variables:
-        if var.name in ("width", "seed") or var.name in used:
+        if var.name in ("width", "seed", *SEEDS_APART) or var.name in used:
             continue
         repeats = f": its {len(var.values)} values repeat the same runs" if len(var.values) > 1 else ""
         out.append(

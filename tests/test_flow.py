@@ -334,3 +334,82 @@ def test_workers_below_one_is_an_error(tmp_path: Path, workers: str) -> None:
         result.err.split()
     )
     assert not (tmp_path / "s.zarr").exists()
+
+
+# ---- seeds apart ---------------------------------------------------------------------
+
+
+def seeded_plans(sweep: str) -> dict[tuple[int, int], object]:
+    """The small spec's plans at width 8 with ``sweep`` added, by (data seed, init seed)."""
+    import mfdsl
+    from mfdsl._compile import compile_point
+    from mfdsl._expand import expand
+
+    text = SMALL.format(widths="[8]", seeds="0", lr="0.05").replace("seed = 0 }", f"seed = 0, {sweep} }}")
+    plans = {}
+    for point in expand(mfdsl.parse(text, path="x.mf")):
+        plan = compile_point(point.spec, dict(point.coords), "torch")
+        plans[(plan.seed_of_data, plan.seed_of_init)] = plan
+    return plans
+
+
+def first_examples(plan: object) -> np.ndarray:
+    from mfdsl._data import make_dataset
+
+    data = make_dataset(plan.data, plan.seed_of_data)  # type: ignore[attr-defined]
+    x, y = data.train_chunk(0, 3, 4)
+    return np.concatenate([x.ravel(), y.ravel(), data.test_x.ravel(), data.test_y.ravel()])
+
+
+def test_init_seed_apart_changes_the_weights_and_not_the_data() -> None:
+    plans = seeded_plans("data_seed = 5, init_seed = [0, 1]")
+    a, b = plans[(5, 0)], plans[(5, 1)]
+    assert np.array_equal(first_examples(a), first_examples(b))
+    for wa, wb in zip(a.initial_weights(), b.initial_weights(), strict=True):  # type: ignore[attr-defined]
+        assert wa.shape == wb.shape and not np.allclose(wa, wb)
+
+
+def test_data_seed_apart_changes_the_data_and_not_the_weights() -> None:
+    plans = seeded_plans("data_seed = [0, 1], init_seed = 7")
+    a, b = plans[(0, 7)], plans[(1, 7)]
+    assert not np.allclose(first_examples(a), first_examples(b))
+    for wa, wb in zip(a.initial_weights(), b.initial_weights(), strict=True):  # type: ignore[attr-defined]
+        assert np.array_equal(wa, wb)
+
+
+def test_seeds_apart_default_to_seed() -> None:
+    # seed 3 alone, and seed 3 with both seeds set to 3, draw the very same numbers
+    alone = seeded_plans("v = 1").popitem()[1]
+    spelled = seeded_plans("data_seed = 0, init_seed = 0").popitem()[1]
+    assert alone.data_seed is None and alone.init_seed is None  # type: ignore[attr-defined]
+    assert (alone.seed_of_data, alone.seed_of_init) == (0, 0)  # type: ignore[attr-defined]
+    assert np.array_equal(first_examples(alone), first_examples(spelled))
+    for wa, wb in zip(alone.initial_weights(), spelled.initial_weights(), strict=True):  # type: ignore[attr-defined]
+        assert np.array_equal(wa, wb)
+
+
+def test_seeds_apart_are_checked_as_seeds(tmp_path: Path) -> None:
+    result = run_cli("check", small_spec(tmp_path), "--set", "sweep.init_seed=[0, -1]")
+    assert result.code == 2
+    assert "init_seed" in result.err and "-1" in result.err
+
+
+def test_a_sweep_of_init_seeds_stores_the_same_data_and_other_weights(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    spec = small_spec(tmp_path)
+    spec.write_text(
+        spec.read_text(encoding="utf-8")
+        .replace("{ train_loss, test_loss }", "{ train_loss, test_loss, particles(sample = 4) }")
+        .replace("seed = 0..1 }", "seed = 0, data_seed = [0, 1], init_seed = [0, 1] }"),
+        encoding="utf-8",
+    )
+    store = tmp_path / "s.zarr"
+    result = run_sweep(spec, store)
+    assert result.code == 0, result.out + result.err
+    with open_store(store) as ds:
+        start = (
+            ds.particles.isel(width=0, seed=0).sel(step=0).values
+        )  # (data_seed, init_seed, particle, component)
+        assert np.array_equal(start[0, 0], start[1, 0]) and np.array_equal(start[0, 1], start[1, 1])
+        assert not np.allclose(start[0, 0], start[0, 1])
+        assert (ds.status == 1).all()

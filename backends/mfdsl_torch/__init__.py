@@ -153,7 +153,7 @@ class TorchBackend(Backend):
         device, dtype, lazy, native = options.pop()
         results = train_ensemble(
             plans,
-            [make_dataset(plan.data, plan.seed) for plan in plans],
+            [make_dataset(plan.data, plan.seed_of_data) for plan in plans],
             progress=progress,
             device=str(device),
             dtype=str(dtype),
