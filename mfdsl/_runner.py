@@ -233,10 +233,22 @@ _progress_queue: Any = None
 _started: Any = None
 
 
-def _init_worker(progress_queue: Any, threads: int, driver: int | None = None, started: Any = None) -> None:
+#: the environment variable that numbers the local pool's worker processes (0, 1, …,
+#: counting replacements on): a backend may pick a device by it (torch: ``device =
+#: cuda`` spread over the GPUs)
+WORKER_ENV = "MFDSL_WORKER_INDEX"
+
+
+def _init_worker(
+    progress_queue: Any, threads: int, driver: int | None = None, started: Any = None, counter: Any = None
+) -> None:
     global _progress_queue, _started
     _progress_queue = progress_queue
     _started = started
+    if counter is not None:
+        with counter.get_lock():
+            os.environ[WORKER_ENV] = str(counter.value)
+            counter.value += 1
     # Ctrl-C belongs to the driver, which stops the workers itself; a worker that took
     # it would record its run as failed, or go on to the next task.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -1525,6 +1537,7 @@ def _execute_all(
     # A worker killed while it writes to the progress queue leaves the queue's lock taken
     # for good, so every pool gets a fresh queue; ``channel[0]`` is the live one.
     channel = [ctx.Queue()]
+    numbers = ctx.Value("i", 0)  # numbers the workers, replacements too (WORKER_ENV)
     total_threads = default_workers()
     threads = max(1, total_threads // workers)
     interrupted = False
@@ -1570,7 +1583,7 @@ def _execute_all(
                     max_workers=min(workers, len(left)),
                     mp_context=ctx,
                     initializer=_init_worker,
-                    initargs=(channel[0], threads, os.getpid(), started),
+                    initargs=(channel[0], threads, os.getpid(), started, numbers),
                 )
                 # submitted largest first: the pool hands them out in this order
                 futures = {

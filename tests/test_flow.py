@@ -413,3 +413,92 @@ def test_a_sweep_of_init_seeds_stores_the_same_data_and_other_weights(tmp_path: 
         assert np.array_equal(start[0, 0], start[1, 0]) and np.array_equal(start[0, 1], start[1, 1])
         assert not np.allclose(start[0, 0], start[0, 1])
         assert (ds.status == 1).all()
+
+
+# ---- devices -------------------------------------------------------------------------
+
+
+def torch_spec(device: str) -> str:
+    return SMALL.format(widths="[8]", seeds="0", lr="0.05") + f"torch {{ device = {device} }}\n"
+
+
+@pytest.mark.parametrize(
+    ("written", "device"), [('"cuda:1"', "cuda:1"), ('"cuda:0"', "cuda:0"), ("cuda", "cuda")]
+)
+def test_a_gpu_by_its_index_is_accepted(written: str, device: str) -> None:
+    import mfdsl
+
+    spec = mfdsl.parse(torch_spec(written), path="x.mf")
+    assert dict(spec.options_for("torch").values)["device"] == device
+
+
+@pytest.mark.parametrize(
+    ("written", "message", "hint"),
+    [
+        (
+            '"cuda:x"',
+            "unknown device 'cuda:x'; a GPU is \"cuda:N\" with N its index, an integer from 0",
+            "cuda:1",
+        ),
+        (
+            '"cuda:-1"',
+            "unknown device 'cuda:-1'; a GPU is \"cuda:N\" with N its index, an integer from 0",
+            "cuda:1",
+        ),
+        ('"gpu:2"', "unknown device 'gpu:2'", "did you mean 'cuda:2'?"),
+        ("tpu", "unknown device 'tpu'; expected 'cpu' or 'cuda'", None),
+    ],
+)
+def test_a_bad_device_is_reported_at_its_value(written: str, message: str, hint: str | None) -> None:
+    import mfdsl
+    from mfdsl._errors import SpecError
+
+    with pytest.raises(SpecError) as caught:
+        mfdsl.parse(torch_spec(written), path="x.mf")
+    text = caught.value.render()
+    assert text.splitlines()[0] == f"x.mf:21:18: {message}"
+    if hint is not None:
+        assert hint in text
+
+
+def fake_gpus(monkeypatch: pytest.MonkeyPatch, count: int) -> None:
+    torch = pytest.importorskip("torch")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    monkeypatch.setattr(torch.version, "cuda", "12.4")
+
+
+@pytest.mark.parametrize(("device", "ok"), [('"cuda:1"', True), ('"cuda:2"', False), ("cuda", True)])
+def test_preflight_checks_that_the_gpu_exists(monkeypatch: pytest.MonkeyPatch, device: str, ok: bool) -> None:
+    import mfdsl
+    from mfdsl._cli import preflight
+    from mfdsl._errors import SpecError
+    from mfdsl._expand import expand
+
+    fake_gpus(monkeypatch, 2)
+    spec = mfdsl.parse(torch_spec(device), path="x.mf")
+    points = list(expand(spec))
+    if ok:
+        assert preflight(spec, points, ["torch"]) == []
+        return
+    with pytest.raises(SpecError) as caught:
+        preflight(spec, points, ["torch"])
+    assert caught.value.render().splitlines()[0] == (
+        "x.mf:21:18: device = cuda:2, but torch sees 2 GPUs (cuda:0 … cuda:1): every run would fail"
+    )
+
+
+def test_workers_spread_over_the_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mfdsl_torch import _worker_device, assign_device
+
+    assert [assign_device("cuda", k, 3) for k in range(7)] == [f"cuda:{k % 3}" for k in range(7)]
+    assert assign_device("cuda", 5, 1) == "cuda"  # one GPU: nothing to spread
+    assert assign_device("cuda", None, 4) == "cuda"  # not a worker of the local pool
+    assert assign_device("cuda:1", 2, 4) == "cuda:1"  # a GPU named is that GPU
+    assert assign_device("cpu", 2, 4) == "cpu"
+    fake_gpus(monkeypatch, 4)
+    monkeypatch.setenv("MFDSL_WORKER_INDEX", "6")
+    assert _worker_device("cuda") == "cuda:2"
+    assert _worker_device("cuda:3") == "cuda:3"
+    monkeypatch.delenv("MFDSL_WORKER_INDEX")
+    assert _worker_device("cuda") == "cuda"

@@ -13,15 +13,70 @@ torch only for a spec that asks for ``device = cuda``, to ask it for a GPU.
 from __future__ import annotations
 
 import importlib.util
+import os
+import re
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, final
 
 from mfdsl import Backend, BackendUnavailable, Option, SpecError
+from mfdsl._errors import Span
 from mfdsl._options import Choice
 from mfdsl._plan import RunPlan
 
 if TYPE_CHECKING:
     from mfdsl._ir import Spec
+
+_GPU = re.compile(r"(?:cuda|gpu):(\d+)")
+
+
+@dataclass(frozen=True)
+class Device(Choice):
+    """``cpu``, ``cuda``, or one GPU: ``"cuda:N"`` (a string, N a GPU's index)."""
+
+    def describe(self) -> str:
+        return "'cpu', 'cuda' or \"cuda:N\" (N a GPU's index)"
+
+    def plural(self) -> str:
+        return f"devices, each {self.describe()}"
+
+    def check(self, value: Any, span: Span | None, key: str) -> Any:
+        if isinstance(value, str) and ":" in value:
+            match = _GPU.fullmatch(value.strip())
+            if match is None:
+                raise SpecError(
+                    f"unknown {key} '{value}'; a GPU is \"cuda:N\" with N its index, an integer from 0",
+                    span,
+                    hint='e.g. device = "cuda:1"; device = cuda spreads the workers over every GPU',
+                )
+            index = int(match.group(1))
+            if not value.startswith("cuda:"):
+                raise SpecError(f"unknown {key} '{value}'", span, hint=f"did you mean 'cuda:{index}'?")
+            return f"cuda:{index}"
+        return super().check(value, span, key)
+
+
+def assign_device(device: str, worker: int | None, count: int) -> str:
+    """The device a worker trains on: ``cuda`` is GPU ``worker mod count`` for worker
+    number ``worker`` (of ``mfdsl run``'s local pool) when there are several GPUs;
+    anything else, and ``cuda`` outside a pool or with one GPU, is itself."""
+    if device != "cuda" or worker is None or count < 2:
+        return device
+    return f"cuda:{worker % count}"
+
+
+def _worker_device(device: str) -> str:
+    """:func:`assign_device` in this process: its number in ``mfdsl run``'s local pool
+    (:data:`mfdsl._runner.WORKER_ENV`), torch's GPUs."""
+    from mfdsl._runner import WORKER_ENV
+
+    text = os.environ.get(WORKER_ENV, "")
+    if device != "cuda" or not text.isdigit():
+        return device
+    import torch
+
+    return assign_device(device, int(text), torch.cuda.device_count())
+
 
 _NEEDS_TORCH = "the torch backend needs PyTorch: pip install 'mfdsl[torch]' (or pip install torch)"
 
@@ -35,9 +90,10 @@ class TorchBackend(Backend):
     options: ClassVar[tuple[Option, ...]] = (
         Option(
             name="device",
-            kind=Choice(("cpu", "cuda"), aliases=(("gpu", "cuda"),)),
+            kind=Device(("cpu", "cuda"), aliases=(("gpu", "cuda"),)),
             default="cpu",
-            help="where to train",
+            help="where to train: `cpu`, `cuda` (with several GPUs and `--workers`, worker k trains on GPU k mod "
+            'their number) or one GPU, `"cuda:N"`',
         ),
         Option(
             name="dtype",
@@ -155,7 +211,7 @@ class TorchBackend(Backend):
             plans,
             [make_dataset(plan.data, plan.seed_of_data) for plan in plans],
             progress=progress,
-            device=str(device),
+            device=_worker_device(str(device)),
             dtype=str(dtype),
             lazy=lazy != "off",
             native=str(native),
