@@ -264,7 +264,7 @@ def _load(args: argparse.Namespace) -> Any:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from ._estimate import check_disk, check_machine, estimate, summary
+    from ._estimate import check_disk, check_machine, duration, estimate, rough_seconds, summary
     from ._expand import check_all, check_data, spec_warnings
     from ._plugins import available_backends
     from ._runner import default_store
@@ -332,6 +332,10 @@ def _check(args: argparse.Namespace) -> int:
     table.add_row("scaling", across({p.spec.scaling for p in points}))
     for row in summary(resources):
         table.add_row(*row)
+    seconds = rough_seconds(points, spec.backends, resources.workers)
+    if seconds is not None:
+        workers = f"{resources.workers} worker{'s' * (resources.workers != 1)}"
+        table.add_row("time", f"roughly {duration(seconds)} with {workers} (an order of magnitude)")
     console.print(table)
     console.print(f"[green]✓[/green] {args.spec} is valid")
     return EXIT_OK

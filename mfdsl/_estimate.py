@@ -836,12 +836,15 @@ def summary(est: Estimate) -> list[tuple[str, str]]:
 ROUGH_FLOPS = 2e9
 #: the fixed cost of a training step assumed by :func:`rough_seconds` (seconds)
 ROUGH_STEP_S = 5e-6
+#: the fixed cost of a run assumed by :func:`rough_seconds` (seconds): its data, test
+#: evaluations and records, writing its cell
+ROUGH_RUN_S = 0.3
 
 
 def rough_seconds(points: Sequence[Any], backends: Sequence[str], workers: int) -> float | None:
     """A rough wall time of the sweep on ``workers`` workers: per run 6 × steps × batch
     × weights floating-point operations (forward and backward) at :data:`ROUGH_FLOPS`
-    a second, plus :data:`ROUGH_STEP_S` a step; a limit backend's run counted as the
+    a second, plus :data:`ROUGH_STEP_S` a step and :data:`ROUGH_RUN_S`; a limit backend's run counted as the
     widest network's.  An order of magnitude, for the question before a large sweep
     (``mfdsl run`` measures the real one as it goes); ``None`` if a point cannot be
     planned here (epochs over data files that are missing)."""
@@ -856,7 +859,7 @@ def rough_seconds(points: Sequence[Any], backends: Sequence[str], workers: int) 
         for point in points:
             plan = compile_point(point.spec, dict(point.coords), (finite or limits or ["torch"])[0])
             weights = sum(layer.fan_in * layer.fan_out for layer in plan.layers)
-            seconds = plan.steps * (6.0 * plan.batch * weights / ROUGH_FLOPS + ROUGH_STEP_S)
+            seconds = ROUGH_RUN_S + plan.steps * (6.0 * plan.batch * weights / ROUGH_FLOPS + ROUGH_STEP_S)
             total += seconds * len(finite)
             widest = max(widest, seconds)
     except Exception:  # noqa: BLE001 - an estimate is never worth an error of its own

@@ -306,7 +306,7 @@ def test_a_long_range_of_widths_is_warned_about_with_a_geometric_one(tmp_path: P
 
 
 def test_the_rough_time_of_a_sweep() -> None:
-    from mfdsl._estimate import ROUGH_FLOPS, ROUGH_STEP_S, duration, rough_seconds
+    from mfdsl._estimate import ROUGH_FLOPS, ROUGH_RUN_S, ROUGH_STEP_S, duration, rough_seconds
     from mfdsl._expand import expand
 
     spec = sweep_of("[1, 2]")
@@ -315,7 +315,7 @@ def test_the_rough_time_of_a_sweep() -> None:
 
     plan = compile_point(points[0].spec, dict(points[0].coords), "torch")
     weights = sum(layer.fan_in * layer.fan_out for layer in plan.layers)
-    one = 20 * (6.0 * 4 * weights / ROUGH_FLOPS + ROUGH_STEP_S)
+    one = ROUGH_RUN_S + 20 * (6.0 * 4 * weights / ROUGH_FLOPS + ROUGH_STEP_S)
     assert rough_seconds(points, ["torch"], workers=2) == pytest.approx(2 * one / 2)
     assert [duration(s) for s in (0.2, 61, 3600, 30 * 3600, 5 * 86400)] == [
         "1 s",
