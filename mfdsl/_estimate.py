@@ -839,6 +839,8 @@ ROUGH_STEP_S = 5e-6
 #: the fixed cost of a run assumed by :func:`rough_seconds` (seconds): its data, test
 #: evaluations and records, writing its cell
 ROUGH_RUN_S = 0.3
+#: at most this many points are planned for :func:`rough_seconds`
+_ROUGH_SAMPLE = 2000
 
 
 def rough_seconds(points: Sequence[Any], backends: Sequence[str], workers: int) -> float | None:
@@ -854,9 +856,13 @@ def rough_seconds(points: Sequence[Any], backends: Sequence[str], workers: int) 
     installed = available_backends()
     finite = [b for b in dict.fromkeys(backends) if b in installed and not installed[b].limit]
     limits = [b for b in dict.fromkeys(backends) if b in installed and installed[b].limit]
+    # a sweep of many points is judged by an even sample of them: planning each of a
+    # million points would take a minute, for an order of magnitude
+    stride = max(1, math.ceil(len(points) / _ROUGH_SAMPLE))
+    sample = points[::stride]
     total, widest = 0.0, 0.0
     try:
-        for point in points:
+        for point in sample:
             plan = compile_point(point.spec, dict(point.coords), (finite or limits or ["torch"])[0])
             weights = sum(layer.fan_in * layer.fan_out for layer in plan.layers)
             seconds = ROUGH_RUN_S + plan.steps * (6.0 * plan.batch * weights / ROUGH_FLOPS + ROUGH_STEP_S)
@@ -864,6 +870,7 @@ def rough_seconds(points: Sequence[Any], backends: Sequence[str], workers: int) 
             widest = max(widest, seconds)
     except Exception:  # noqa: BLE001 - an estimate is never worth an error of its own
         return None
+    total *= len(points) / max(1, len(sample))
     if limits and points:
         per_limit = len(points) // max(1, len(points[0].spec.sweep["width"]))
         total += widest * per_limit * len(limits)

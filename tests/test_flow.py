@@ -502,3 +502,25 @@ def test_workers_spread_over_the_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
     assert _worker_device("cuda:3") == "cuda:3"
     monkeypatch.delenv("MFDSL_WORKER_INDEX")
     assert _worker_device("cuda") == "cuda"
+
+
+def test_an_interrupted_extend_is_finished_by_extend() -> None:
+    # stopped before its store has grown, the store still holds the old sweep: the
+    # command printed must grow it, and --extend also finishes a grown store's runs
+    import mfdsl
+    from mfdsl._cli import build_parser
+    from mfdsl._runner import resume_command
+
+    args = build_parser().parse_args(["run", "spec.mf", "-o", "runs/x.zarr", "--extend"])
+    spec = mfdsl.parse(SMALL.format(widths="[8]", seeds="0", lr="0.05"))
+    assert resume_command(args, spec) == "mfdsl run spec.mf -o runs/x.zarr --extend"
+    with pytest.raises(SystemExit):  # one of --resume, --extend, --overwrite
+        build_parser().parse_args(["run", "spec.mf", "--extend", "--resume"])
+
+
+def test_an_object_store_cannot_be_extended_in_place() -> None:
+    from mfdsl._extend import refuse_url
+
+    assert refuse_url("/data/runs/x.zarr") is None
+    problem = refuse_url("s3://bucket/x.zarr")
+    assert problem is not None and "an object store has no rename" in problem
