@@ -16,6 +16,7 @@ store (``s3://…``) has no rename: ``--extend`` needs a store on a file system.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import math
@@ -142,7 +143,7 @@ def copy_cells(source: str, target: str, maps: Sequence[np.ndarray]) -> int:
 def swap_in(store: str, grown: str) -> None:
     """Put the complete store ``grown`` in the place of ``store`` (two renames), and
     delete the old one."""
-    from ._store import remove_store
+    from ._store import NotRemovable, remove_store
 
     old = f"{store.rstrip(os.sep)}.mfdsl-old-{os.getpid()}"
     os.rename(store, old)
@@ -151,7 +152,9 @@ def swap_in(store: str, grown: str) -> None:
     except BaseException:
         os.rename(old, store)
         raise
-    remove_store(old)
+    # the grown store is in place: an old copy that cannot be removed is only litter
+    with contextlib.suppress(OSError, NotRemovable):
+        remove_store(old)
 
 
 def kept_attrs(attrs: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

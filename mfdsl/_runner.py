@@ -1052,8 +1052,8 @@ def _extend_store(
         stored, check_all(stored), [get_backend(n) for n in names], room_for=room
     )
     reopened = _reopen_store(store, stored_yaml, old_layout, args, err, backends, old_tasks)
-    if reopened is None or not grown.added:
-        return reopened
+    if reopened is None or (not grown.added and old_layout.sweep == layout.sweep):
+        return reopened  # nothing to grow (values in another order are laid out again)
     misfit = _growth_misfit(old_layout, layout)
     if misfit is not None:
         err.print(f"[red]error:[/red] cannot extend {escape(store)}: {escape(misfit)}", soft_wrap=True)
@@ -1132,7 +1132,10 @@ def _grow(
             remove_store(side)
         raise
     shown = "; ".join(f"{k}: {', '.join(map(str, v))}" for k, v in added.items())
-    err.print(f"extended {escape(store)} by {escape(shown)}", soft_wrap=True)
+    if shown:
+        err.print(f"extended {escape(store)} by {escape(shown)}", soft_wrap=True)
+    else:
+        err.print(f"laid {escape(store)} out again in the order of the spec's sweep", soft_wrap=True)
 
 
 def _drop_skeleton(store: str) -> None:

@@ -524,3 +524,16 @@ def test_an_object_store_cannot_be_extended_in_place() -> None:
     assert refuse_url("/data/runs/x.zarr") is None
     problem = refuse_url("s3://bucket/x.zarr")
     assert problem is not None and "an object store has no rename" in problem
+
+
+def test_extending_with_the_values_reordered_lays_the_store_out_again(
+    finished: tuple[Path, Path], tmp_path: Path
+) -> None:
+    spec, store = grown_copy(finished, tmp_path, widths="[16, 8]")
+    result = run_sweep(spec, store, "--extend")
+    assert result.code == 0, result.out + result.err
+    assert "4 runs already finished, 0 to go" in result.out
+    assert_old_cells_unchanged(finished[1], store)
+    with open_store(store) as ds:
+        assert ds.width.values.tolist() == [16.0, 8.0]
+    assert run_cli("verify", store).code == 0
