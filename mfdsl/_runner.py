@@ -1095,6 +1095,8 @@ def _grow(
 ) -> None:
     """Rebuild ``store`` (checked, locked) with the layout ``new``: a new skeleton
     beside it, every cell copied into its place, then swapped in."""
+    from datetime import UTC, datetime
+
     from ._extend import copy_cells, kept_attrs, position_maps, swap_in
     from ._store import NotRemovable, create_store, partial_path, remove_store, update_attrs
     from ._verify import open_attrs
@@ -1110,7 +1112,10 @@ def _grow(
         spec_ir=spec_yaml,
         extended=[
             *history,
-            {"at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "added": {k: list(v) for k, v in added.items()}},
+            {
+                "at": datetime.now(UTC).isoformat(timespec="seconds"),
+                "added": {k: list(v) for k, v in added.items()},
+            },
         ],
     )
     side = partial_path(real)
