@@ -103,13 +103,16 @@ def prepare_run(
     files, and whether this machine can run each backend.  Raises :class:`SpecError`;
     returns ``False`` when a large sweep was not confirmed (``yes`` or ``ask``)."""
     from mfdsl.plan.check import check_data, check_data_files, preflight, spec_warnings
-    from mfdsl.plan.estimate import check_machine, confirm_runs, estimate
+    from mfdsl.plan.estimate import CONFIRM_RUNS, check_machine, confirm_runs, estimate, rough_seconds
 
     chosen = list(backends or spec.backends)
     resources = estimate(spec, points, chosen, workers=0 if remote else workers)
     for warning in check_machine(resources, spec, force=force):
         warn(warning)
-    if not confirm_runs(resources.runs, spec, yes=yes, ask=ask):
+    seconds = None
+    if resources.runs > CONFIRM_RUNS and not yes:
+        seconds = rough_seconds(points, chosen, resources.workers)
+    if not confirm_runs(resources.runs, spec, yes=yes, ask=ask, seconds=seconds, workers=resources.workers):
         return False
     for warning in spec_warnings(spec, points):
         warn(warning)

@@ -171,6 +171,13 @@ def build_parser() -> argparse.ArgumentParser:
     mode = run.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true", help="finish the runs an existing store has not done")
     mode.add_argument(
+        "--extend",
+        action="store_true",
+        help="grow an existing store by the new values of its sweep variables (more seeds, widths, "
+        "learning rates): train only the new runs (and any unfinished), keep every finished one; "
+        "anything else that changed is refused",
+    )
+    mode.add_argument(
         "--overwrite",
         action="store_true",
         help="replace an existing mfdsl store (anything else at the path is refused, never deleted)",
@@ -311,7 +318,7 @@ def _check(args: argparse.Namespace) -> int:
     from mfdsl.core.plugins import available_backends
     from mfdsl.execution.runner import default_store
     from mfdsl.plan.check import check_all, check_data, check_data_files, preflight, spec_warnings
-    from mfdsl.plan.estimate import check_disk, check_machine, estimate, summary
+    from mfdsl.plan.estimate import check_disk, check_machine, duration, estimate, rough_seconds, summary
 
     spec = _load(args)
     points = check_all(spec)
@@ -376,6 +383,10 @@ def _check(args: argparse.Namespace) -> int:
     table.add_row("scaling", across({p.spec.scaling for p in points}))
     for row in summary(resources):
         table.add_row(*row)
+    seconds = rough_seconds(points, spec.backends, resources.workers)
+    if seconds is not None:
+        workers = f"{resources.workers} worker{'s' * (resources.workers != 1)}"
+        table.add_row("time", f"roughly {duration(seconds)} with {workers} (an order of magnitude)")
     console.print(table)
     console.print(f"[green]✓[/green] {args.spec} is valid")
     return EXIT_OK
@@ -437,6 +448,15 @@ def _run(args: argparse.Namespace) -> int:
     from mfdsl.execution.runner import run_command
     from mfdsl.language.expand import expand
 
+    if args.workers is not None and args.workers < 1:
+        _console(stderr=True).print(
+            Text("error: ", style="bold red")
+            + Text(
+                f"--workers takes a number of worker processes of at least 1 (got {args.workers}); "
+                "leave it out to use every usable core"
+            )
+        )
+        return EXIT_USAGE
     spec = _load(args)
     if args.output and not _reachable(args.output):
         return EXIT_USAGE

@@ -31,7 +31,7 @@ from __future__ import annotations
 from mfdsl.core import activations, streams
 from mfdsl.core.activations import PL_S1, PL_SLOPE, PL_T1, PL_T2
 from mfdsl.core.errors import Span, SpecError
-from mfdsl.core.plugins import Backend, BackendUnavailable
+from mfdsl.core.plugins import WORKER_ENV, Backend, BackendUnavailable
 from mfdsl.core.streams import Stream
 from mfdsl.data.make import Dataset, make_dataset
 from mfdsl.language.ir import Adam, Data, Langevin, Spec, is_expr
@@ -53,6 +53,7 @@ __all__ = [
     "PL_SLOPE",
     "PL_T1",
     "PL_T2",
+    "WORKER_ENV",
     "Adam",
     "Backend",
     "BackendUnavailable",

@@ -14,7 +14,8 @@ import pytest
 
 import mfdsl
 from mfdsl import Backend, BackendUnavailable
-from mfdsl.cli import main, preflight
+from mfdsl.cli import main
+from mfdsl.plan.check import preflight
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = str(ROOT / "specs" / "quickstart.mf")

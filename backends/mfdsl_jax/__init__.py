@@ -121,7 +121,7 @@ class JaxBackend(Backend):
         from ._solver import solve
 
         options = plan.options
-        dataset = make_dataset(plan.data, plan.seed)
+        dataset = make_dataset(plan.data, plan.seed_of_data)
         result = solve(
             plan,
             dataset,

@@ -767,7 +767,7 @@ def _solve(
     # initial particles
     layer_shapes = [(system.widths[ell - 1], system.widths[ell]) for ell in range(1, L + 2)]
     params: dict[str, jax.Array] = {}
-    for ell, w in enumerate(initial_weights(plan.seed, system.laws, layer_shapes), start=1):
+    for ell, w in enumerate(initial_weights(plan.seed_of_init, system.laws, layer_shapes), start=1):
         params[f"W{ell}"] = jnp.asarray(w.astype(np_dtype))
         if cfg.bias:
             params[f"b{ell}"] = jnp.zeros(system.widths[ell], np_dtype)
@@ -775,7 +775,7 @@ def _solve(
     mom = {n: jnp.zeros_like(params[n]) for n in train_names} if momentum else {}
     s = jnp.ones(L + 1, np_dtype)
     state: Any = (params, mom, s, jnp.zeros(L + 1, np_dtype))
-    key = jax.random.key(_streams.jax_seed(plan.seed, Stream.NOISE))
+    key = jax.random.key(_streams.jax_seed(plan.seed_of_data, Stream.NOISE))
     iid = jnp.asarray(np.asarray(system.iid_std, np.float64).astype(np_dtype))
 
     # data
@@ -978,10 +978,10 @@ def _make_observer(
         if width == 1:
             idx[:] = 0  # a collapsed layer: every sampled neuron is its one particle
         else:
-            rng = _streams.rng(plan.seed, Stream.PARTICLES)
+            rng = _streams.rng(plan.seed_of_init, Stream.PARTICLES)
             take = np.sort(rng.choice(width, size=min(size, width), replace=False))
             idx[: take.size] = take
-        eps = _streams.rng(plan.seed, Stream.IID).standard_normal((size, 3))
+        eps = _streams.rng(plan.seed_of_init, Stream.IID).standard_normal((size, 3))
         shapes["particles"] = (size, 4)
     for name in seen:
         if name not in shapes:

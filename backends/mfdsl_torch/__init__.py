@@ -13,15 +13,37 @@ torch only for a spec that asks for ``device = cuda``, to ask it for a GPU.
 from __future__ import annotations
 
 import importlib.util
+import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, final
 
-from mfdsl.plugin import Backend, BackendUnavailable, Option, RunPlan, SpecError
+from mfdsl.plugin import WORKER_ENV, Backend, BackendUnavailable, Option, RunPlan, SpecError
 
 from ._options import OPTIONS, option
 
 if TYPE_CHECKING:
     from mfdsl.plugin import Spec
+
+
+def assign_device(device: str, worker: int | None, count: int) -> str:
+    """The device a worker trains on: ``cuda`` is GPU ``worker mod count`` for worker
+    number ``worker`` (of ``mfdsl run``'s local pool) when there are several GPUs;
+    anything else, and ``cuda`` outside a pool or with one GPU, is itself."""
+    if device != "cuda" or worker is None or count < 2:
+        return device
+    return f"cuda:{worker % count}"
+
+
+def _worker_device(device: str) -> str:
+    """:func:`assign_device` in this process: its number in ``mfdsl run``'s local pool
+    (:data:`mfdsl.plugin.WORKER_ENV`), torch's GPUs."""
+    text = os.environ.get(WORKER_ENV, "")
+    if device != "cuda" or not text.isdigit():
+        return device
+    import torch
+
+    return assign_device(device, int(text), torch.cuda.device_count())
+
 
 _NEEDS_TORCH = "the torch backend needs PyTorch: pip install 'mfdsl[torch]' (or pip install torch)"
 
@@ -134,9 +156,9 @@ class TorchBackend(Backend):
         device, dtype, lazy, native = options.pop()
         results = train_ensemble(
             plans,
-            [make_dataset(plan.data, plan.seed) for plan in plans],
+            [make_dataset(plan.data, plan.seed_of_data) for plan in plans],
             progress=progress,
-            device=str(device),
+            device=_worker_device(str(device)),
             dtype=str(dtype),
             lazy=lazy != "off",
             native=str(native),

@@ -541,7 +541,7 @@ def _make_observer(net: MemberNet, plan: RunPlan, dataset: Dataset, task: str, o
         if obs.sample < 0:
             raise ValueError("particles: sample must be ≥ 0")
         size = int(obs.sample) or width
-        rng = _streams.rng(plan.seed, Stream.PARTICLES)
+        rng = _streams.rng(plan.seed_of_init, Stream.PARTICLES)
         take = np.sort(rng.choice(width, size=min(size, width), replace=False))
         particle_idx = np.full(size, -1, dtype=np.int64)
         particle_idx[: take.size] = take

@@ -561,7 +561,7 @@ class EnsembleTrainer:
                 gen = None
                 if temp > 0:
                     gen = torch.Generator(device=dev)
-                    gen.manual_seed(_streams.torch_seed(plan.seed, Stream.NOISE))
+                    gen.manual_seed(_streams.torch_seed(plan.seed_of_data, Stream.NOISE))
                 self.generators.append(gen)
         self.noisy = any(g is not None for g in self.generators)
 

@@ -3,16 +3,48 @@ how the backend reads them from a plan."""
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from typing import Any
 
-from mfdsl.plugin import Choice, Option, RunPlan
+from mfdsl.plugin import Choice, Option, RunPlan, Span, SpecError
+
+_GPU = re.compile(r"(?:cuda|gpu):(\d+)")
+
+
+@dataclass(frozen=True)
+class Device(Choice):
+    """``cpu``, ``cuda``, or one GPU: ``"cuda:N"`` (a string, N a GPU's index)."""
+
+    def describe(self) -> str:
+        return "'cpu', 'cuda' or \"cuda:N\" (N a GPU's index)"
+
+    def plural(self) -> str:
+        return f"devices, each {self.describe()}"
+
+    def check(self, value: Any, span: Span | None, key: str) -> Any:
+        if isinstance(value, str) and ":" in value:
+            match = _GPU.fullmatch(value.strip())
+            if match is None:
+                raise SpecError(
+                    f"unknown {key} '{value}'; a GPU is \"cuda:N\" with N its index, an integer from 0",
+                    span,
+                    hint='e.g. device = "cuda:1"; device = cuda spreads the workers over every GPU',
+                )
+            index = int(match.group(1))
+            if not value.startswith("cuda:"):
+                raise SpecError(f"unknown {key} '{value}'", span, hint=f"did you mean 'cuda:{index}'?")
+            return f"cuda:{index}"
+        return super().check(value, span, key)
+
 
 OPTIONS: tuple[Option, ...] = (
     Option(
         name="device",
-        kind=Choice(("cpu", "cuda"), aliases=(("gpu", "cuda"),)),
+        kind=Device(("cpu", "cuda"), aliases=(("gpu", "cuda"),)),
         default="cpu",
-        help="where to train",
+        help="where to train: `cpu`, `cuda` (with several GPUs and `--workers`, worker k trains on GPU k mod "
+        'their number) or one GPU, `"cuda:N"`',
     ),
     Option(
         name="dtype",

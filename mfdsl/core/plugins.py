@@ -24,6 +24,9 @@ if TYPE_CHECKING:
     from mfdsl.plan.types import RunPlan
 
 GROUP = "mfdsl.backends"
+#: the environment variable that numbers the workers of ``mfdsl run``'s local pool (0, 1, …),
+#: for a backend that spreads them over devices
+WORKER_ENV = "MFDSL_WORKER_INDEX"
 
 # Used when the package's own entry points are not installed (a bare source checkout).
 _BUILTIN = {"torch": "mfdsl_torch:TorchBackend", "jax": "mfdsl_jax:JaxBackend"}

@@ -1,6 +1,10 @@
 """The one table of random streams: every random number a run draws comes from here.
 
-A run's randomness is a function of its ``seed`` alone.  Each use of it — the training
+A run's randomness is a function of its ``seed`` alone, unless its sweep sets the
+``data_seed`` or ``init_seed`` variables: then the data's streams and ``NOISE`` take
+``data_seed`` as the key's first word, and ``INIT``, ``PARTICLES`` and ``IID`` take
+``init_seed`` (:attr:`mfdsl.plan.types.RunPlan.seed_of_data`, ``seed_of_init``); both
+default to ``seed``, so a spec without them draws what it always drew.  Each use of it — the training
 examples, the test examples, an epoch's order, the teacher network, the initial
 weights, the neurons the ``particles`` observable follows, the Langevin noise, … — is
 a *stream* of :class:`Stream`, and a generator is seeded with the key

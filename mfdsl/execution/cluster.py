@@ -152,9 +152,8 @@ def execute_on_cluster(
     the cluster lost track of (no outcome known).  Returns every run's outcome and
     whether Ctrl-C stopped the sweep."""
     from distributed import as_completed
-    from rich.progress import Progress
 
-    from mfdsl.execution.progress import sweep_columns
+    from mfdsl.execution.progress import Tracker
 
     outcomes: list[Outcome] = []
     if not units:
@@ -183,9 +182,7 @@ def execute_on_cluster(
                     priority=len(units) - i,  # the units come largest first: start those first
                 )
             )
-        total = sum(len(u) for u in units)
-        with Progress(*sweep_columns(), console=console, transient=False) as progress:
-            overall = progress.add_task("sweep", total=total, info="")
+        with Tracker(console, units, workers or len(units), counts=lambda: _counts(outcomes)) as tracker:
             seen: set[str] = set()
             try:
                 for future in as_completed(futures):
@@ -195,8 +192,8 @@ def execute_on_cluster(
                     with contextlib.suppress(Exception):
                         future.release()
                     outcomes.extend(finished)
-                    progress.advance(overall, len(finished))
-                    progress.update(overall, info=_counts(outcomes))
+                    for key, state, _ in finished:
+                        tracker.finished(key, state)
             except KeyboardInterrupt:
                 interrupted = True
                 with contextlib.suppress(Exception):

@@ -35,9 +35,8 @@ import numpy as np
 
 from mfdsl.core import location as loc
 from mfdsl.core.errors import SpecError, count
-from mfdsl.core.plugins import Backend, BackendUnavailable, available_backends, get_backend
+from mfdsl.core.plugins import WORKER_ENV, Backend, BackendUnavailable, available_backends, get_backend
 from mfdsl.core.version import __version__
-from mfdsl.execution.progress import sweep_columns
 from mfdsl.language import ir as ir
 from mfdsl.language.load import to_yaml
 from mfdsl.plan.check import check_all
@@ -98,10 +97,21 @@ _progress_queue: Any = None
 _started: Any = None
 
 
-def _init_worker(progress_queue: Any, threads: int, driver: int | None = None, started: Any = None) -> None:
+#: the environment variable that numbers the local pool's worker processes (0, 1, …,
+#: counting replacements on): a backend may pick a device by it (torch: ``device =
+#: cuda`` spread over the GPUs)
+
+
+def _init_worker(
+    progress_queue: Any, threads: int, driver: int | None = None, started: Any = None, counter: Any = None
+) -> None:
     global _progress_queue, _started
     _progress_queue = progress_queue
     _started = started
+    if counter is not None:
+        with counter.get_lock():
+            os.environ[WORKER_ENV] = str(counter.value)
+            counter.value += 1
     # Ctrl-C belongs to the driver, which stops the workers itself; a worker that took
     # it would record its run as failed, or go on to the next task.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -167,6 +177,8 @@ def _run_unit(
     """:func:`execute_group` in a worker of the local pool, its slot marked started."""
     if _started is not None:
         _started[slot] = os.getpid()
+    if _progress_queue is not None and tasks:
+        _progress_queue.put((tasks[0].key, -1, math.nan))  # started: the driver times the unit
     return execute_group(tasks, store, layer_coord, shapes, diverge_above)
 
 
@@ -500,6 +512,8 @@ def _run_command(args: argparse.Namespace, spec: ir.Spec) -> int:
         err.print(f"[red]error:[/red] {escape(str(error))}")
         return EXIT_USAGE
     store = args.output
+    if getattr(args, "extend", False):
+        args.resume = True  # everything --resume checks and finishes, and the sweep grows
     problem = _threshold_problem(getattr(args, "diverge_above", None)) or _refusal(store, args)
     if problem is not None:  # before the lock: a refused target is not touched at all
         err.print(f"[red]error:[/red] {escape(problem)}", soft_wrap=True)
@@ -616,7 +630,8 @@ def resume_command(args: argparse.Namespace, spec: ir.Spec) -> str:
         words += ["--scheduler", str(args.scheduler)]
     if getattr(args, "diverge_above", None) is not None:
         words += ["--diverge-above", repr(float(args.diverge_above))]
-    words.append("--resume")
+    # an interrupted --extend may not have grown the store yet: --extend finishes both
+    words.append("--extend" if getattr(args, "extend", False) else "--resume")
     return " ".join(shlex.quote(word) for word in words)
 
 
@@ -781,6 +796,8 @@ def _prepare_store(
         err.print(f"[red]error:[/red] {escape(refusal)}", soft_wrap=True)
         return None
     exists = loc.exists(store)
+    if exists and getattr(args, "extend", False):
+        return _extend_store(store, spec, spec_yaml, layout, args, err, backends, tasks)
     if exists and args.resume:
         return _reopen_store(store, spec_yaml, layout, args, err, backends, tasks)
     if not _check_space(store, layout, len(tasks), True, err):
@@ -820,6 +837,149 @@ def _prepare_store(
         _drop_skeleton(store)
         raise
     return read_status(store), threshold
+
+
+def _extend_store(
+    store: str,
+    spec: ir.Spec,
+    spec_yaml: str,
+    layout: Layout,
+    args: argparse.Namespace,
+    err: Any,
+    backends: Sequence[Backend],
+    tasks: Sequence[Task],
+) -> tuple[np.ndarray, float] | None:
+    """``--extend``: check the store as ``--resume`` does against the spec it was made
+    with, then rebuild it with the spec's grown sweep, every finished cell copied
+    (:mod:`mfdsl.store.extend`); its new cells are pending.  Every refusal comes before
+    anything is written."""
+    from mfdsl.language.build import build
+    from mfdsl.language.load import yaml_to_module
+    from mfdsl.store.extend import growth, refuse_url
+    from mfdsl.store.verify import NotAStore, open_attrs
+
+    refusal = refuse_url(store)
+    if refusal is not None:
+        err.print(f"[red]error:[/red] cannot extend: {escape(refusal)}", soft_wrap=True)
+        return None
+    try:
+        attrs = open_attrs(store)
+        stored_yaml = attrs.get("spec_ir")
+        if not isinstance(stored_yaml, str):
+            raise NotAStore(f"{store} holds no spec (its root attribute 'spec_ir' is missing)")
+        stored = build(yaml_to_module(stored_yaml, f"{store}:spec_ir"))
+    except NotAStore as error:
+        err.print(f"[red]error:[/red] cannot extend: {escape(str(error))}", soft_wrap=True)
+        return None
+    except SpecError as error:
+        err.print(
+            f"[red]error:[/red] cannot extend {escape(store)}: its stored spec does not read back "
+            f"({escape(error.render().splitlines()[0])}); 'mfdsl verify' reports it",
+            soft_wrap=True,
+        )
+        return None
+    grown = growth(stored, stored_yaml, spec, to_yaml)
+    if grown.problem is not None:
+        err.print(f"[red]error:[/red] cannot extend {escape(store)}: {escape(grown.problem)}", soft_wrap=True)
+        for line in grown.diff:
+            err.print(f"  {line}", markup=False)
+        return None
+    names = list(dict.fromkeys(t.backend for t in tasks))
+    known = available_backends()
+    room = [get_backend(n) for n in dict.fromkeys([*spec.backends, *_stored_backends(store)]) if n in known]
+    old_layout, old_tasks = plan_tasks(
+        stored, check_all(stored), [get_backend(n) for n in names], room_for=room
+    )
+    reopened = _reopen_store(store, stored_yaml, old_layout, args, err, backends, old_tasks)
+    if reopened is None or (not grown.added and old_layout.sweep == layout.sweep):
+        return reopened  # nothing to grow (values in another order are laid out again)
+    misfit = _growth_misfit(old_layout, layout)
+    if misfit is not None:
+        err.print(f"[red]error:[/red] cannot extend {escape(store)}: {escape(misfit)}", soft_wrap=True)
+        return None
+    if not _check_space(store, layout, len(tasks), True, err):  # the grown store is a copy
+        return None
+    _grow(store, spec, spec_yaml, old_layout, layout, grown.added, err)
+    from mfdsl.store.zarr import read_status
+
+    return read_status(store), reopened[1]
+
+
+def _growth_misfit(old: Layout, new: Layout) -> str | None:
+    """What the grown sweep changes beyond its sweep dimensions (the record steps, the
+    probes, layers or particles recorded), which ``--extend`` cannot carry over."""
+    from mfdsl.store.verify import same_values
+
+    if list(old.sweep) != list(new.sweep):
+        return "the grown sweep has other dimensions than the store"
+    if not same_values(old.steps, new.steps):
+        return "the new sweep values record at other steps than the store's runs (coordinate 'step')"
+    if set(old.extra) != set(new.extra) or any(
+        not same_values(old.extra[k], new.extra[k]) for k in old.extra
+    ):
+        return "the new sweep values record other probes, layers or particles than the store's runs"
+    if {v.name for v in old.variables} != {v.name for v in new.variables}:
+        return "the new sweep values record other variables than the store's runs"
+    return None
+
+
+def _grow(
+    store: str,
+    spec: ir.Spec,
+    spec_yaml: str,
+    old: Layout,
+    new: Layout,
+    added: Mapping[str, Sequence[Any]],
+    err: Any,
+) -> None:
+    """Rebuild ``store`` (checked, locked) with the layout ``new``: a new skeleton
+    beside it, every cell copied into its place, then swapped in."""
+    from datetime import UTC, datetime
+
+    from mfdsl.store.extend import copy_cells, kept_attrs, position_maps, swap_in
+    from mfdsl.store.verify import open_attrs
+    from mfdsl.store.zarr import NotRemovable, create_store, partial_path, remove_store, update_attrs
+
+    _merge_run_attrs(store)  # left by a stopped sweep, under the old cell indices
+    real = store if loc.is_url(store) else os.path.realpath(store.rstrip(os.sep))
+    given, own = kept_attrs(open_attrs(real))
+    before = given.get("extended")
+    history: list[Any] = before if isinstance(before, list) else []
+    given.update(
+        spec_source=spec.source or "",
+        spec_path=spec.path or "",
+        spec_ir=spec_yaml,
+        extended=[
+            *history,
+            {
+                "at": datetime.now(UTC).isoformat(timespec="seconds"),
+                "added": {k: list(v) for k, v in added.items()},
+            },
+        ],
+    )
+    side = partial_path(real)
+    try:
+        create_store(
+            side,
+            sweep=new.sweep,
+            steps=new.steps,
+            time=new.time,
+            variables=new.variables,
+            extra_coords=new.extra,
+            attrs=given,
+        )
+        copy_cells(real, side, position_maps(old.sweep, new.sweep))
+        update_attrs(side, own)
+        swap_in(real, side)
+    except BaseException:
+        with contextlib.suppress(OSError, NotRemovable):
+            remove_store(side)
+        raise
+    shown = "; ".join(f"{k}: {', '.join(map(str, v))}" for k, v in added.items())
+    if shown:
+        err.print(f"extended {escape(store)} by {escape(shown)}", soft_wrap=True)
+    else:
+        err.print(f"laid {escape(store)} out again in the order of the spec's sweep", soft_wrap=True)
 
 
 def _drop_skeleton(store: str) -> None:
@@ -1215,24 +1375,21 @@ def _execute_all(
     split run by run.  The units queued behind them, and those the broken pool's other
     workers were running when it tore them down, are not charged.  A run charged
     ``WORKER_RETRIES + 1`` times is failed."""
-    from rich.progress import Progress
+    from mfdsl.execution.progress import Tracker
 
     outcomes: list[tuple[str, str, str]] = []
     if not groups:
         return outcomes, False
-    steps = {t.key: t.plan.steps for unit in groups for t in unit}
-    columns = sweep_columns()
     # spawn, not fork: the driver runs threads (progress), and forking those is unsafe.
     ctx = mp.get_context("spawn")
     # A worker killed while it writes to the progress queue leaves the queue's lock taken
     # for good, so every pool gets a fresh queue; ``channel[0]`` is the live one.
     channel = [ctx.Queue()]
+    numbers = ctx.Value("i", 0)  # numbers the workers, replacements too (WORKER_ENV)
     total_threads = default_workers()
     threads = max(1, total_threads // workers)
     interrupted = False
-    with Progress(*columns, console=console, transient=False) as progress:
-        overall = progress.add_task("sweep", total=len(steps), info="")
-        bars: dict[str, Any] = {}
+    with Tracker(console, groups, workers, counts=lambda: _counts(outcomes)) as tracker:
         stop = threading.Event()
 
         def pump() -> None:
@@ -1246,19 +1403,15 @@ def _execute_all(
                     if live is channel[0]:
                         return
                     continue  # the queue was replaced: read the new one
-                bar = bars.get(key)
-                if bar is None:
-                    bar = bars[key] = progress.add_task(f"  {key}", total=steps[key], info="")
-                progress.update(bar, completed=step, info=f"loss {loss:.4g}")
+                if step < 0:
+                    tracker.started(key)
+                else:
+                    tracker.step(key, step, loss)
 
         def finish(unit: Sequence[Task], finished: Sequence[tuple[str, str, str]]) -> None:
             for task, outcome in zip(unit, finished, strict=True):
                 outcomes.append(outcome)
-                progress.advance(overall)
-                bar = bars.pop(task.key, None)
-                if bar is not None:
-                    progress.remove_task(bar)
-            progress.update(overall, info=_counts(outcomes))
+                tracker.finished(task.key, outcome[1])
 
         pumper = threading.Thread(target=pump, daemon=True)
         pumper.start()
@@ -1278,7 +1431,7 @@ def _execute_all(
                     max_workers=min(workers, len(left)),
                     mp_context=ctx,
                     initializer=_init_worker,
-                    initargs=(channel[0], threads, os.getpid(), started),
+                    initargs=(channel[0], threads, os.getpid(), started, numbers),
                 )
                 # submitted largest first: the pool hands them out in this order
                 futures = {
@@ -1339,10 +1492,7 @@ def _execute_all(
                 if left:
                     console.print(f"running the broken pool's {count(len(left), 'unfinished unit')} again")
                 for unit in (units[i] for i in left):
-                    for task in unit:
-                        bar = bars.pop(task.key, None)
-                        if bar is not None:
-                            progress.remove_task(bar)
+                    tracker.requeued([task.key for task in unit])
         except KeyboardInterrupt:
             interrupted = True
             for future in futures:

@@ -218,6 +218,8 @@ def evaluate(expr: Expr, env: Mapping[str, Any], *, symbols: bool = False) -> An
         if isinstance(value, int) and value.bit_length() > MAX_BITS:
             raise SpecError("number too large", expr.span)
         return value
+    if isinstance(expr, Call) and expr.func == "geom":
+        return geometric(expr, env)
     if isinstance(expr, Call):
         fn = FUNCTIONS.get(expr.func)
         if fn is None:
@@ -225,7 +227,8 @@ def evaluate(expr: Expr, env: Mapping[str, Any], *, symbols: bool = False) -> An
                 f"'{expr.func}(...)' is not allowed here",
                 expr.func_span or expr.span,
                 hint=did_you_mean(expr.func, FUNCTIONS)
-                or f"the functions in expressions are {', '.join(FUNCTIONS)}",
+                or f"the functions in expressions are {', '.join(FUNCTIONS)}, and geom(start, stop, count) "
+                "makes a geometric range",
             )
         if expr.kwargs or len(expr.args) != 1:
             raise SpecError(f"{expr.func}() takes exactly one argument", expr.span)
@@ -235,6 +238,48 @@ def evaluate(expr: Expr, env: Mapping[str, Any], *, symbols: bool = False) -> An
         except (ValueError, OverflowError):
             raise SpecError(f"{expr.func}({x:g}) is undefined", expr.span) from None
     raise TypeError(f"not an expression: {expr!r}")
+
+
+#: significant digits a geometric range's inner float values are rounded to, so that
+#: ``geom(0.001, 0.1, 3)`` is 0.001, 0.01, 0.1 and not 0.010000000000000002
+_GEOM_DIGITS = 12
+
+
+def geometric(expr: Call, env: Mapping[str, Any]) -> tuple[int | float, ...]:
+    """``geom(start, stop, count)``: ``count`` values from ``start`` to ``stop``
+    (both included), each the previous times the same ratio.  Integers when ``start``
+    and ``stop`` are (rounded to the nearest; values that round to the same integer
+    are an error), else floats rounded to 12 significant digits."""
+    hint = "geom(start, stop, count): count values from start to stop, e.g. geom(64, 1024, 5) = 64, 128, 256, 512, 1024"
+    if expr.kwargs or len(expr.args) != 3:
+        raise SpecError("geom() takes three numbers: start, stop and count", expr.span, hint=hint)
+    start, stop, n = (_number(evaluate(a, env), a) for a in expr.args)
+    count_at = expr.args[2]
+    if (isinstance(n, float) and not n.is_integer()) or n < 2:
+        raise SpecError(
+            f"geom()'s count must be an integer of at least 2, got {n:g}", count_at.span, hint=hint
+        )
+    n = int(n)
+    if n > 1_000_000:
+        raise SpecError(f"geom() of {n} values is too long", count_at.span)
+    for value, at in ((start, expr.args[0]), (stop, expr.args[1])):
+        if not value > 0 or not math.isfinite(value):
+            raise SpecError(f"geom()'s start and stop must be positive, got {value:g}", at.span, hint=hint)
+    if start == stop:
+        raise SpecError(f"geom({start:g}, {stop:g}, {n}) repeats one value", expr.span, hint=hint)
+    ratio = (stop / start) ** (1.0 / (n - 1))
+    inner = [start * ratio**k for k in range(1, n - 1)]
+    if isinstance(start, int) and isinstance(stop, int):
+        values: list[int | float] = [start, *(round(v) for v in inner), stop]
+        if len(set(values)) != n:
+            raise SpecError(
+                f"geom({start}, {stop}, {n}) rounds to repeated integers ({', '.join(map(str, values[:8]))}"
+                f"{', …' if n > 8 else ''})",
+                expr.span,
+                hint="ask for fewer values, or write the bounds as floats (64.0) for values that are not integers",
+            )
+        return tuple(values)
+    return (float(start), *(float(f"{v:.{_GEOM_DIGITS}g}") for v in inner), float(stop))
 
 
 def _too_large(a: int | float, b: int | float) -> bool:

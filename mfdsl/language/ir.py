@@ -548,7 +548,8 @@ class Sweep(Node):
         names = self.names
         if "width" not in names:
             self.fail(None, "the sweep has no 'width'", hint="add e.g. sweep { width = [64, 256, 1024] }")
-        kinds: dict[str, Kind] = {"width": Int(min=1), "seed": Int(min=0, max=2**32 - 1)}
+        seed = Int(min=0, max=2**32 - 1)
+        kinds: dict[str, Kind] = {"width": Int(min=1), "seed": seed, "data_seed": seed, "init_seed": seed}
         for var in self.variables:
             # Each value is checked where it is written (``spans["values[i]"]``, set for
             # a list), so ``width = [64, 0]`` points at the 0.

@@ -6,6 +6,8 @@ particles, and the science checks of :mod:`mfdsl.plan.diagnose`."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -92,6 +94,43 @@ def check_data(spec: ir.Spec, points: Iterable[Point] | None = None) -> None:
                 ).located(spec.path, spec.source)
 
 
+#: sweep variables that seed the data (and Langevin noise) and the initialisation apart
+#: from ``seed`` (:attr:`mfdsl.plan.types.RunPlan.data_seed`): used by every run
+SEEDS_APART = ("data_seed", "init_seed")
+#: a width sweep of this many consecutive integers (``64..1024``) is warned about
+LONG_WIDTH_RANGE = 16
+#: and a sweep of any other variable but ``seed`` of this many
+LONG_RANGE = 100
+
+
+def _long_ranges(spec: ir.Spec) -> list[SpecWarning]:
+    """A sweep variable written as a long range of consecutive integers where a few
+    spread values were likely meant: ``width = 64..1024`` is 961 widths."""
+    out = []
+    for var in spec.sweep.variables:
+        values = var.values
+        limit = LONG_WIDTH_RANGE if var.name == "width" else LONG_RANGE
+        if var.name == "seed" or len(values) < limit:
+            continue
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            continue
+        if any(b - a != 1 for a, b in itertools.pairwise(values)):
+            continue
+        lo, hi = values[0], values[-1]
+        steps = max(2, round(math.log2(hi / lo)) + 1) if lo > 0 else 5
+        suggestion = f"geom({lo}, {hi}, {steps})" if lo > 0 else f"[{lo}, …, {hi}]"
+        out.append(
+            SpecWarning(
+                f"'{var.name}' is {len(values)} values, every integer from {lo} to {hi}: "
+                f"{len(values)} times the runs of one value",
+                var.where("values"),
+                hint=f"for values spread over the range, a geometric range: {var.name} = {suggestion}"
+                + (" (64, 128, 256, …)" if var.name == "width" and lo > 0 else ""),
+            )
+        )
+    return out
+
+
 def spec_warnings(spec: ir.Spec, points: Iterable[Point] | None = None) -> list[SpecWarning]:
     """What is allowed but probably a mistake: a sweep variable that nothing uses (its
     values only repeat the same runs), ``particles`` sampling more neurons than the
@@ -103,7 +142,7 @@ def spec_warnings(spec: ir.Spec, points: Iterable[Point] | None = None) -> list[
     out: list[SpecWarning] = []
     used = _used_names(spec)
     for var in spec.sweep.variables:
-        if var.name in ("width", "seed") or var.name in used:
+        if var.name in ("width", "seed", *SEEDS_APART) or var.name in used:
             continue
         repeats = f": its {len(var.values)} values repeat the same runs" if len(var.values) > 1 else ""
         out.append(
@@ -113,6 +152,7 @@ def spec_warnings(spec: ir.Spec, points: Iterable[Point] | None = None) -> list[
                 hint=f"use it in an expression (e.g. lr = 0.1 * {var.name}) or remove it from the sweep",
             )
         )
+    out += _long_ranges(spec)
     widest = max(int(w) for w in spec.sweep["width"])
     for obs in spec.record.observables if spec.record is not None else ():
         if obs.name == "particles" and isinstance(obs.sample, int) and obs.sample > widest:

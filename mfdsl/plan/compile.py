@@ -49,6 +49,7 @@ every scaling (``bias_noise_mult = 0``; weight decay still acts on it).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -362,6 +363,8 @@ def compile_point(spec: ir.Spec, coords: dict[str, Any], backend: str) -> RunPla
         record_steps=record_steps(spec.record, steps),
         observables=_observables(spec),
         options=backend_options(spec, backend),
+        data_seed=_apart(coords, "data_seed"),
+        init_seed=_apart(coords, "init_seed"),
     )
 
 
@@ -415,3 +418,8 @@ def limit_problem(spec: ir.Spec) -> SpecError | None:
             hint="use 'scaling mean_field' (decay and noise at rate lr on every weight)",
         )
     return None
+
+
+def _apart(coords: Mapping[str, Any], name: str) -> int | None:
+    """The sweep variable ``data_seed`` or ``init_seed`` of a point, if it is swept."""
+    return int(coords[name]) if name in coords else None

@@ -763,18 +763,89 @@ def summary(est: Estimate) -> list[tuple[str, str]]:
     return rows
 
 
-def confirm_runs(runs: int, spec: ir.Spec, *, yes: bool, ask: Any = None) -> bool:
+#: the arithmetic a worker is assumed to do per second for :func:`rough_seconds`
+#: (multiply-adds of small dense layers on one core, float64 or float32)
+ROUGH_FLOPS = 2e9
+#: the fixed cost of a training step assumed by :func:`rough_seconds` (seconds)
+ROUGH_STEP_S = 5e-6
+#: the fixed cost of a run assumed by :func:`rough_seconds` (seconds): its data, test
+#: evaluations and records, writing its cell
+ROUGH_RUN_S = 0.3
+#: at most this many points are planned for :func:`rough_seconds`
+_ROUGH_SAMPLE = 2000
+
+
+def rough_seconds(points: Sequence[Any], backends: Sequence[str], workers: int) -> float | None:
+    """A rough wall time of the sweep on ``workers`` workers: per run 6 × steps × batch
+    × weights floating-point operations (forward and backward) at :data:`ROUGH_FLOPS`
+    a second, plus :data:`ROUGH_STEP_S` a step and :data:`ROUGH_RUN_S`; a limit backend's run counted as the
+    widest network's.  An order of magnitude, for the question before a large sweep
+    (``mfdsl run`` measures the real one as it goes); ``None`` if a point cannot be
+    planned here (epochs over data files that are missing)."""
+    from mfdsl.core.plugins import available_backends
+    from mfdsl.plan.compile import compile_point
+
+    installed = available_backends()
+    finite = [b for b in dict.fromkeys(backends) if b in installed and not installed[b].limit]
+    limits = [b for b in dict.fromkeys(backends) if b in installed and installed[b].limit]
+    # a sweep of many points is judged by an even sample of them: planning each of a
+    # million points would take a minute, for an order of magnitude
+    stride = max(1, math.ceil(len(points) / _ROUGH_SAMPLE))
+    sample = points[::stride]
+    total, widest = 0.0, 0.0
+    try:
+        for point in sample:
+            plan = compile_point(point.spec, dict(point.coords), (finite or limits or ["torch"])[0])
+            weights = sum(layer.fan_in * layer.fan_out for layer in plan.layers)
+            seconds = ROUGH_RUN_S + plan.steps * (6.0 * plan.batch * weights / ROUGH_FLOPS + ROUGH_STEP_S)
+            total += seconds * len(finite)
+            widest = max(widest, seconds)
+    except Exception:  # noqa: BLE001 - an estimate is never worth an error of its own
+        return None
+    total *= len(points) / max(1, len(sample))
+    if limits and points:
+        per_limit = len(points) // max(1, len(points[0].spec.sweep["width"]))
+        total += widest * per_limit * len(limits)
+    return total / max(1, workers)
+
+
+def duration(seconds: float) -> str:
+    """``40 s``, ``12 min``, ``3.5 h``, ``2.1 days``: an order of magnitude in words."""
+    if seconds < 90:
+        return f"{max(1, round(seconds))} s"
+    if seconds < 90 * 60:
+        return f"{round(seconds / 60)} min"
+    if seconds < 48 * 3600:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
+def sweep_size(spec: ir.Spec) -> str:
+    """The sweep's size as a product: ``width: 961 × seed: 2``."""
+    return (
+        " × ".join(f"{v.name}: {len(v.values)}" for v in spec.sweep.variables if len(v.values) > 1)
+        or "1 point"
+    )
+
+
+def confirm_runs(
+    runs: int, spec: ir.Spec, *, yes: bool, ask: Any = None, seconds: float | None = None, workers: int = 1
+) -> bool:
     """Whether to run a sweep of ``runs`` runs: yes below :data:`CONFIRM_RUNS` or with
     ``yes``; else ``ask(question)`` answers (a terminal's prompt), and without one (no
-    terminal) a ``SpecError`` says to pass ``--yes``."""
+    terminal) a ``SpecError`` says to pass ``--yes``.  Both say the sweep's size and,
+    given ``seconds`` (:func:`rough_seconds`), how long it may take on ``workers``."""
     if runs <= CONFIRM_RUNS or yes:
         return True
     where = max(spec.sweep.variables, key=lambda v: len(v.values)).where("values")
+    size = f"{runs:,} runs ({sweep_size(spec)})"
+    if seconds is not None:
+        size += f", roughly {duration(seconds)} on {workers} worker{'s' * (workers != 1)}"
     if ask is None:
         raise SpecError(
-            f"this sweep is {runs:,} runs, more than {CONFIRM_RUNS:,}: 'mfdsl run' asks before starting it, "
+            f"this sweep is {size}, more than {CONFIRM_RUNS:,} runs: 'mfdsl run' asks before starting it, "
             "and there is no terminal to ask",
             where,
             hint="pass --yes to run it, or sweep fewer values",
         ).located(spec.path, spec.source)
-    return bool(ask(f"This sweep is {runs:,} runs. Start it? [y/N] "))
+    return bool(ask(f"This sweep is {size}. Start it? [y/N] "))

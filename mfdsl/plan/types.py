@@ -279,6 +279,23 @@ class RunPlan:
     record_steps: np.ndarray  # int64, sorted, within [0, steps]
     observables: tuple[ObservablePlan, ...]
     options: Mapping[str, Any] = field(default_factory=dict)  # this backend's options
+    #: the seed of the data's draws and the Langevin noise, when the sweep sets it apart
+    #: from ``seed`` (sweep variable ``data_seed``); ``None``: ``seed``
+    data_seed: int | None = None
+    #: the seed of the initial weights and the sampled particles, when the sweep sets it
+    #: apart from ``seed`` (sweep variable ``init_seed``); ``None``: ``seed``
+    init_seed: int | None = None
+
+    @property
+    def seed_of_data(self) -> int:
+        """The seed of the data streams (:data:`mfdsl.core.streams.DATA_STREAMS`) and of
+        ``NOISE``: ``data_seed``, else ``seed``."""
+        return self.seed if self.data_seed is None else self.data_seed
+
+    @property
+    def seed_of_init(self) -> int:
+        """The seed of ``INIT``, ``PARTICLES`` and ``IID``: ``init_seed``, else ``seed``."""
+        return self.seed if self.init_seed is None else self.init_seed
 
     @property
     def depth(self) -> int:
@@ -293,7 +310,7 @@ class RunPlan:
         """The finite network's initial weights, float64, one ``(fan_in, fan_out)`` array
         per weight layer (:func:`initial_weights` with the layers' laws and shapes)."""
         return initial_weights(
-            self.seed,
+            self.seed_of_init,
             [layer.init for layer in self.layers],
             [(layer.fan_in, layer.fan_out) for layer in self.layers],
         )
