@@ -204,7 +204,7 @@ def test_a_scheduler_that_dies_mid_sweep_leaves_log_exit_code_and_store_in_agree
 
     from distributed import LocalCluster
 
-    import mfdsl.execution.runner as runner
+    import mfdsl.execution.worker as worker
     from mfdsl.store.zarr import read_status
 
     spec = tmp_path / "pairs.mf"
@@ -220,10 +220,10 @@ def test_a_scheduler_that_dies_mid_sweep_leaves_log_exit_code_and_store_in_agree
     )
     store = tmp_path / "pairs.zarr"
     HELD.__init__()  # type: ignore[misc]
-    HELD.execute = runner.execute_group
-    get_backend = runner.get_backend
-    monkeypatch.setattr(runner, "get_backend", lambda name: _Held(get_backend(name)))
-    monkeypatch.setattr(runner, "execute_group", _held_execute)
+    HELD.execute = worker.execute_group
+    get_backend = worker.get_backend
+    monkeypatch.setattr(worker, "get_backend", lambda name: _Held(get_backend(name)))
+    monkeypatch.setattr(worker, "execute_group", _held_execute)
     cluster = LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None)
     try:
 

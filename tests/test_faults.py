@@ -67,10 +67,10 @@ import os
 import signal
 import sys
 
-import mfdsl.execution.runner as runner
+import mfdsl.execution.worker as worker
 
 MARK = os.environ["MFDSL_TEST_MARK"]
-_get_backend = runner.get_backend
+_get_backend = worker.get_backend
 
 
 class Killing:
@@ -95,7 +95,7 @@ class Killing:
         return call
 
 
-runner.get_backend = lambda name: Killing(_get_backend(name))
+worker.get_backend = lambda name: Killing(_get_backend(name))
 
 if __name__ == "__main__":
     from mfdsl.cli import main
@@ -586,9 +586,9 @@ import os
 import signal
 import sys
 
-import mfdsl.execution.runner as runner
+import mfdsl.execution.worker as worker
 
-_get_backend = runner.get_backend
+_get_backend = worker.get_backend
 
 
 class Killing:
@@ -614,7 +614,7 @@ class Killing:
         return call
 
 
-runner.get_backend = lambda name: Killing(_get_backend(name))
+worker.get_backend = lambda name: Killing(_get_backend(name))
 
 if __name__ == "__main__":
     from mfdsl.cli import main
@@ -665,7 +665,7 @@ def test_which_units_a_broken_pool_is_charged_to() -> None:
     """Slots of the units a broken pool lost -> the pid running each (0: not started)."""
     from types import SimpleNamespace
 
-    from mfdsl.execution.runner import _charged, _death
+    from mfdsl.execution.local import _charged, _death
 
     dead = {101: SimpleNamespace(exitcode=-9), 102: SimpleNamespace(exitcode=-15)}
     started = [101, 102, 0]

@@ -571,7 +571,7 @@ def _records(layout: Any, task: Any) -> dict[str, np.ndarray]:
 
 
 def test_judge_finds_the_first_blown_up_record() -> None:
-    from mfdsl.execution.runner import judge
+    from mfdsl.execution.worker import judge
 
     layout, task = _tiny_task()
     shapes = {v.name: tuple(len(layout.extra[d]) for d in v.dims) for v in layout.variables}
@@ -612,9 +612,9 @@ import sys
 
 import numpy as np
 
-import mfdsl.execution.runner as runner
+import mfdsl.execution.worker as worker
 
-_get_backend = runner.get_backend
+_get_backend = worker.get_backend
 
 
 class BlowingUp:
@@ -641,7 +641,7 @@ class BlowingUp:
         return call
 
 
-runner.get_backend = lambda name: BlowingUp(_get_backend(name))
+worker.get_backend = lambda name: BlowingUp(_get_backend(name))
 
 if __name__ == "__main__":
     from mfdsl.cli import main
@@ -751,7 +751,8 @@ def test_the_cluster_tells_a_failed_unit_from_a_lost_one() -> None:
 def test_a_lost_run_is_what_the_store_says_and_a_revoked_fence_writes_nothing(tmp_path: Path) -> None:
     """A unit run with a fence that no longer holds (its sweep gave it up) writes no
     cell; a lost run reads as the store has it: pending stays pending (``lost``)."""
-    from mfdsl.execution.runner import _as_stored, _settle_lost, execute_group
+    from mfdsl.execution.runner import _settle_lost
+    from mfdsl.execution.worker import _as_stored, execute_group
     from mfdsl.plan.layout import plan_tasks
     from mfdsl.store.zarr import create_store
 

@@ -368,9 +368,9 @@ sweep { width = [8, 16], seed = [0, 1] }
 FAILING_BACKEND = """\
 import sys
 
-import mfdsl.execution.runner as runner
+import mfdsl.execution.worker as worker
 
-_get_backend = runner.get_backend
+_get_backend = worker.get_backend
 
 
 class Failing:
@@ -388,7 +388,7 @@ class Failing:
         return call
 
 
-runner.get_backend = lambda name: Failing(_get_backend(name))
+worker.get_backend = lambda name: Failing(_get_backend(name))
 
 if __name__ == "__main__":
     from mfdsl.cli import main
@@ -445,7 +445,7 @@ def test_default_probes_fit_a_small_test_set() -> None:
 def test_a_run_whose_records_cannot_be_written_is_failed(tmp_path: Path) -> None:
     """An error while writing a run's cell is that run's failure (traceback kept), not a
     dead worker."""
-    from mfdsl.execution.runner import execute
+    from mfdsl.execution.worker import execute
     from mfdsl.plan.layout import plan_tasks
     from mfdsl.store.zarr import create_store
 

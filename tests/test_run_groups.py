@@ -17,7 +17,7 @@ from conftest import assert_same_data, cell_files, open_store, run_sweep
 
 import mfdsl
 from mfdsl.core.plugins import Backend
-from mfdsl.execution.runner import execute_group
+from mfdsl.execution.worker import execute_group
 from mfdsl.plan.layout import plan_tasks
 from mfdsl.plan.types import RunPlan
 from mfdsl.store.status import Status

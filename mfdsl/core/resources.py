@@ -109,3 +109,11 @@ def format_bytes(nbytes: int) -> str:
         if size < 1000 or unit == "EiB":
             return f"{size:.3g} {unit}" if size < 1000 else f"{size:,.0f} {unit}"
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def default_workers() -> int:
+    """The cores this process may use."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)

@@ -25,22 +25,28 @@ started with ``--resources GPU=1`` takes one such task at a time.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+from mfdsl.core import location as loc
 from mfdsl.core.errors import count
+from mfdsl.execution import worker
+from mfdsl.execution.launch import Job, Launcher, Outcome
+from mfdsl.execution.progress import escape
+from mfdsl.execution.worker import DIVERGE_ABOVE, _as_stored, _mark_failed
+from mfdsl.plan.layout import Task
 
 #: retries of a task that raised (a worker lost mid-task is retried by the scheduler)
 RETRIES = 2
 #: how long to wait for a scheduler to answer
 CONNECT_TIMEOUT = "20s"
-
-Outcome = tuple[str, str, str]
 
 
 class ClusterError(Exception):
@@ -235,3 +241,85 @@ def _counts(outcomes: Sequence[Outcome]) -> str:
     for _, status, _ in outcomes:
         tally[status] = tally.get(status, 0) + 1
     return ", ".join(f"{n} {s}" for s, n in sorted(tally.items()))
+
+
+def _check_scheduler(args: argparse.Namespace, err: Any) -> None:
+    """Validate ``--scheduler`` before the store is touched (:class:`ClusterError`)."""
+    require()
+    if args.scheduler == "local":
+        return
+    if args.workers:
+        raise ClusterError(
+            f"--workers sets the size of a local pool or cluster (--scheduler local); the cluster at "
+            f"{args.scheduler} has the workers it was started with"
+        )
+    if "://" not in args.scheduler:
+        raise ClusterError(
+            f"--scheduler takes a scheduler's address, e.g. tcp://HOST:8786, or 'local' (got {args.scheduler!r})"
+        )
+    with connect(args.scheduler, None, False) as client:
+        # group the sweep for the cluster's size, as the local pool does for its workers
+        info = client.scheduler_info().get("workers", {})
+        args.workers = sum(int(w.get("nthreads", 1)) for w in info.values()) or None
+
+
+def _execute_on_cluster(
+    groups: list[list[Task]],
+    store: str,
+    layer_coord: list[int],
+    shapes: Mapping[str, tuple[int, ...]],
+    workers: int,
+    args: argparse.Namespace,
+    console: Any,
+    err: Any,
+    diverge_above: float = DIVERGE_ABOVE,
+    fence: Mapping[str, Any] | None = None,
+) -> tuple[list[tuple[str, str, str]], bool]:
+    """The units of work as tasks of a Dask cluster (:mod:`mfdsl.execution.cluster`); each
+    task writes its cells only while ``fence`` holds (:func:`_settle_lost`)."""
+
+    def failed(unit: Sequence[Task], message: str) -> list[tuple[str, str, str]]:
+        for task in unit:
+            _mark_failed(store, task, message)
+        return [(task.key, "failed", message) for task in unit]
+
+    def lost(unit: Sequence[Task], message: str) -> list[tuple[str, str, str]]:
+        return _as_stored(store, unit, message)
+
+    # workers elsewhere resolve a relative path against their own folder
+    where = store if loc.is_url(store) else os.path.abspath(store)
+    return execute_on_cluster(
+        groups,
+        worker.execute_group,
+        (where, layer_coord, shapes, diverge_above, fence),
+        scheduler=args.scheduler,
+        workers=workers,
+        gpu=any(needs_gpu(dict(t.plan.options)) for unit in groups for t in unit),
+        failed=failed,
+        lost=lost,
+        console=console,
+        warn=lambda text: err.print(f"[yellow]warning:[/yellow] {escape(text)}"),
+    )
+
+
+class DaskLauncher(Launcher):
+    """The units as tasks of a Dask cluster (``--scheduler ADDRESS``, or ``local`` for a
+    cluster on this machine)."""
+
+    def __init__(self, args: Any, workers: int) -> None:
+        self.args = args
+        self.workers = workers
+
+    def launch(self, units: list[list[Task]], job: Job) -> tuple[list[Outcome], bool]:
+        return _execute_on_cluster(
+            units,
+            job.store,
+            list(job.layer_coord),
+            job.shapes,
+            self.workers,
+            self.args,
+            job.console,
+            job.err,
+            job.diverge_above,
+            job.fence,
+        )

@@ -354,3 +354,10 @@ def sweep_columns() -> tuple[Any, ...]:
         TimeElapsedColumn(),
         TextColumn("{task.fields[eta]}"),
     )
+
+
+def escape(text: str) -> str:
+    """Text shown verbatim by rich (``mfdsl[jax]`` is not markup)."""
+    from rich.markup import escape as rich_escape
+
+    return rich_escape(text)

@@ -14,55 +14,42 @@ its workers with it.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures as cf
 import contextlib
 import errno
 import math
-import multiprocessing as mp
 import os
-import queue
-import re
 import signal
-import sys
 import threading
 import time
-import traceback
-from collections.abc import Iterable, Mapping, Sequence
-from concurrent.futures.process import BrokenProcessPool
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from mfdsl.core import location as loc
 from mfdsl.core.errors import SpecError, count
-from mfdsl.core.plugins import WORKER_ENV, Backend, BackendUnavailable, available_backends, get_backend
+from mfdsl.core.plugins import Backend, BackendUnavailable, available_backends, get_backend
+from mfdsl.core.resources import default_workers
 from mfdsl.core.version import __version__
+from mfdsl.execution.cluster import DaskLauncher, _check_scheduler
+from mfdsl.execution.launch import Job, Launcher
+from mfdsl.execution.local import LocalPool
+from mfdsl.execution.progress import escape
+from mfdsl.execution.worker import (
+    _STORAGE_ERRORS,
+    DIVERGE_ABOVE,
+    _as_stored,
+    _attrs_folder,
+    _clear_attrs_folder,
+    _merge_run_attrs,
+)
 from mfdsl.language import ir as ir
 from mfdsl.language.load import to_yaml
 from mfdsl.plan.check import check_all
-from mfdsl.plan.layout import Layout, Task, plan_tasks
-from mfdsl.plan.layout import place as _place
-from mfdsl.plan.types import RunPlan
-from mfdsl.store.lock import fence_holds
+from mfdsl.plan.layout import Layout, Task, cost, plan_tasks
 from mfdsl.store.status import FINISHED
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
-#: times a run is run again after its worker process died while running it (the local
-#: pool): the run is failed when its worker dies WORKER_RETRIES + 1 times
-WORKER_RETRIES = 2
-#: the default divergence threshold: a run whose recorded train or test loss exceeds it
-#: is diverged (``--diverge-above``)
-DIVERGE_ABOVE = 1e10
-#: the recorded losses the divergence threshold applies to
-_LOSSES = ("train_loss", "test_loss")
-
-
-def default_workers() -> int:
-    """The cores this process may use."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
 
 
 def default_store(spec: ir.Spec) -> str:
@@ -85,359 +72,16 @@ def group_tasks(tasks: Sequence[Task], workers: int) -> list[list[Task]]:
         if sorted(i for unit in cut for i in unit) != list(range(len(mine))) or not all(cut):
             raise RuntimeError(f"backend '{name}': group() must use every run exactly once")
         groups.extend([mine[i] for i in unit] for unit in cut)
-    groups.sort(key=lambda unit: -sum(_cost(t.plan) for t in unit))
+    groups.sort(key=lambda unit: -sum(cost(t.plan) for t in unit))
     return groups
 
 
 # ---- one run, in a worker ------------------------------------------------------------
 
-_progress_queue: Any = None
-#: the local pool's unit slots: a worker writes its pid into a unit's slot when it starts
-#: the unit, so that the driver knows which units were running when a worker died
-_started: Any = None
-
 
 #: the environment variable that numbers the local pool's worker processes (0, 1, …,
 #: counting replacements on): a backend may pick a device by it (torch: ``device =
 #: cuda`` spread over the GPUs)
-
-
-def _init_worker(
-    progress_queue: Any, threads: int, driver: int | None = None, started: Any = None, counter: Any = None
-) -> None:
-    global _progress_queue, _started
-    _progress_queue = progress_queue
-    _started = started
-    if counter is not None:
-        with counter.get_lock():
-            os.environ[WORKER_ENV] = str(counter.value)
-            counter.value += 1
-    # Ctrl-C belongs to the driver, which stops the workers itself; a worker that took
-    # it would record its run as failed, or go on to the next task.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # Oversubscribed BLAS threads slow every worker down; pin each to its share.
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        os.environ[var] = str(threads)
-    _tie_to_driver(os.getppid() if driver is None else driver)
-
-
-def _tie_to_driver(driver: int) -> None:
-    """Leave with the driver.  A driver killed outright (SIGKILL) cannot stop its
-    workers, and a worker's queues never report it gone, so each worker sees to it:
-
-    * on Linux the kernel kills the worker when its parent dies (``PR_SET_PDEATHSIG``);
-    * then, the parent is checked to still be the driver — whose pid the driver passed
-      in, not read here: a driver that died while this worker was starting (importing,
-      before this runs) is already gone, and the worker's parent is then init;
-    * everywhere, a thread waits on the pipe from the driver that only its death
-      closes (multiprocessing's parent sentinel) and polls the parent pid.
-
-    A cell the worker was writing stays pending: its status is written last."""
-    _parent_death_signal()
-    if os.getppid() != driver:
-        os._exit(1)
-    parent = mp.parent_process()
-    sentinel = getattr(parent, "sentinel", None)
-    threading.Thread(
-        target=_orphan_watch, args=(driver, sentinel), daemon=True, name="mfdsl-orphan-watch"
-    ).start()
-
-
-def _parent_death_signal() -> None:
-    """Ask Linux to SIGKILL this process when its parent dies (``prctl``)."""
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-
-    pr_set_pdeathsig = 1
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
-
-
-def _orphan_watch(driver: int, sentinel: int | None) -> None:
-    from multiprocessing.connection import wait
-
-    while os.getppid() == driver:
-        if sentinel is None:
-            time.sleep(0.5)
-        elif wait([sentinel], timeout=0.5):
-            break  # the driver's end of the pipe closed: it is gone
-    os._exit(1)
-
-
-def _run_unit(
-    slot: int,
-    tasks: Sequence[Task],
-    store: str,
-    layer_coord: Sequence[int],
-    shapes: Mapping[str, tuple[int, ...]],
-    diverge_above: float,
-) -> list[tuple[str, str, str]]:
-    """:func:`execute_group` in a worker of the local pool, its slot marked started."""
-    if _started is not None:
-        _started[slot] = os.getpid()
-    if _progress_queue is not None and tasks:
-        _progress_queue.put((tasks[0].key, -1, math.nan))  # started: the driver times the unit
-    return execute_group(tasks, store, layer_coord, shapes, diverge_above)
-
-
-def execute(
-    task: Task,
-    store: str,
-    layer_coord: Sequence[int],
-    shapes: Mapping[str, tuple[int, ...]] | None = None,
-    diverge_above: float = DIVERGE_ABOVE,
-) -> tuple[str, str, str]:
-    """Run one task and write its cell: :func:`execute_group` of one task."""
-    return execute_group([task], store, layer_coord, shapes, diverge_above)[0]
-
-
-def execute_group(
-    tasks: Sequence[Task],
-    store: str,
-    layer_coord: Sequence[int],
-    shapes: Mapping[str, tuple[int, ...]] | None = None,
-    diverge_above: float = DIVERGE_ABOVE,
-    fence: Mapping[str, Any] | None = None,
-) -> list[tuple[str, str, str]]:
-    """Run one unit of work (tasks of one backend, grouped by :meth:`Backend.group`)
-    and write each task's cell as soon as the unit has finished.  Returns ``(key,
-    status, message)`` per task.  An exception inside the backend becomes failed cells,
-    not a crash: a unit of several tasks that raises is run again task by task, so that
-    only the tasks that fail are failed; an error in writing one task's records fails
-    that task alone.  ``shapes`` gives each variable's store dimensions after ``step``;
-    a run the backend calls done is diverged all the same when its records blow up
-    (:func:`judge`: a loss above ``diverge_above``, a non-finite value).  With a
-    ``fence`` (:meth:`mfdsl.store.lock.StoreLock.fence`), a cell is written only while the
-    sweep that started the unit still holds it; otherwise its run is ``lost``."""
-
-    def progress(i: int, step: int, loss: float) -> None:
-        if _progress_queue is not None:
-            _progress_queue.put((tasks[i].key, step, loss))
-
-    try:
-        backend = get_backend(tasks[0].backend)
-        results = backend.run_group([t.plan for t in tasks], progress=progress)
-        if len(results) != len(tasks):
-            raise RuntimeError(f"backend '{backend.name}' gave {len(results)} results for {len(tasks)} runs")
-    except Exception as error:  # noqa: BLE001 - a failed run is recorded, the sweep goes on
-        if len(tasks) > 1:
-            return [
-                outcome
-                for task in tasks
-                for outcome in execute_group([task], store, layer_coord, shapes, diverge_above, fence)
-            ]
-        if not fence_holds(fence):
-            return [_unfenced(tasks[0])]
-        return [_record_failure(store, tasks[0], error)]
-    return [
-        _record_result(store, task, result, layer_coord, shapes or {}, diverge_above)
-        if fence_holds(fence)
-        else _unfenced(task)
-        for task, result in zip(tasks, results, strict=True)
-    ]
-
-
-def _unfenced(task: Task) -> tuple[str, str, str]:
-    return (
-        task.key,
-        "lost",
-        "not written: the mfdsl run that started it has ended or given it up (its lock's token changed)",
-    )
-
-
-def _record_result(
-    store: str,
-    task: Task,
-    result: Mapping[str, Any],
-    layer_coord: Sequence[int],
-    shapes: Mapping[str, tuple[int, ...]],
-    diverge_above: float = DIVERGE_ABOVE,
-) -> tuple[str, str, str]:
-    from mfdsl.store.status import Status
-    from mfdsl.store.zarr import write_run
-
-    try:
-        records = _place(task.plan, dict(result["records"]), layer_coord, shapes)
-        status = Status.DIVERGED if result.get("status") == "diverged" else Status.DONE
-        message = str(result.get("message", ""))
-        if status == Status.DONE:
-            verdict = judge(task.plan, records, layer_coord, shapes, diverge_above)
-            if verdict is not None:
-                status, message = Status.DIVERGED, verdict
-        write_run(
-            store,
-            index=task.index,
-            records=records,
-            steps=task.plan.record_steps,
-            status=status,
-            message=message,
-        )
-        _save_run_attrs(store, task, result.get("attrs"))
-    except Exception as error:  # noqa: BLE001 - a failed run is recorded, the sweep goes on
-        return _record_failure(store, task, error)
-    return task.key, status.name.lower(), message
-
-
-def judge(
-    plan: RunPlan,
-    records: dict[str, np.ndarray],
-    layer_coord: Sequence[int],
-    shapes: Mapping[str, tuple[int, ...]],
-    diverge_above: float = DIVERGE_ABOVE,
-) -> str | None:
-    """Whether a run its backend calls done blew up: the message of a diverged run,
-    or ``None``.  It diverged at the first record step where a recorded loss
-    (``train_loss``, ``test_loss``) is above ``diverge_above``, or any recorded value
-    is infinite, or NaN where the run records a value (never its padding, which the
-    plan gives: :func:`mfdsl.store.verify.expected`).  ``records`` (placed on the store's
-    dimensions, one row per record step) keep that step's values, the evidence, and
-    read NaN after it, as a backend leaves a run that diverged."""
-    from mfdsl.store.verify import expected
-
-    steps = np.asarray(plan.record_steps, dtype=np.int64)
-    where = expected(plan, steps, layer_coord, {n: tuple(np.shape(r)[1:]) for n, r in records.items()})
-    first: tuple[int, str, str] | None = None  # (row, variable, what)
-    for name, values in records.items():
-        rows = np.asarray(values, dtype=np.float64)
-        if rows.ndim == 0 or rows.shape[0] != len(steps):
-            continue
-        flat = rows.reshape(len(steps), -1)
-        bad = np.isinf(flat)
-        if where is not None and name in where.required:
-            bad |= np.isnan(flat) & where.required[name].reshape(len(steps), -1)
-        if name in _LOSSES:
-            with np.errstate(invalid="ignore"):
-                bad |= flat > diverge_above
-        hit = np.flatnonzero(bad.any(axis=1))
-        if hit.size and (first is None or hit[0] < first[0]):
-            row = int(hit[0])
-            value = float(flat[row][bad[row]][0])
-            if math.isfinite(value):
-                what = f"is {value:.4g}, above the divergence threshold {diverge_above:g} (--diverge-above)"
-            else:
-                what = f"is {value}"
-            first = (row, name, what)
-    if first is None:
-        return None
-    row, name, what = first
-    for key, values in records.items():
-        if np.ndim(values) and np.shape(values)[0] == len(steps):
-            records[key] = np.array(values, dtype=np.float64)
-            records[key][row + 1 :] = np.nan
-    step = int(steps[row])
-    return f"diverged: {name} at step {step} {what}; records after step {step} are NaN"
-
-
-def _write_failed(store: str, task: Task, message: str) -> None:
-    """The task's cell marked failed, with ``message``."""
-    from mfdsl.store.status import Status
-    from mfdsl.store.zarr import write_run
-
-    write_run(
-        store,
-        index=task.index,
-        records={},
-        steps=task.plan.record_steps,
-        status=Status.FAILED,
-        message=message,
-    )
-
-
-def _record_failure(store: str, task: Task, error: BaseException) -> tuple[str, str, str]:
-    """The task's cell marked failed, with ``error``'s whole traceback as its message."""
-    _write_failed(store, task, "".join(traceback.format_exception(error)))
-    return task.key, "failed", f"{type(error).__name__}: {error}"
-
-
-def _attrs_folder(store: str) -> str:
-    return f"{store}.attrs"
-
-
-def _save_run_attrs(store: str, task: Task, attrs: Mapping[str, Any] | None) -> None:
-    """Keep a run's ``attrs`` (facts a backend reports about the run, e.g. the limit's
-    reductions) in a file of its own beside the store: the store's root attributes are
-    one file that concurrent writers must not share.  :func:`_merge_run_attrs` moves
-    them into the store when the sweep ends."""
-    if not attrs:
-        return
-    import json
-
-    folder = _attrs_folder(store)
-    loc.make_dirs(folder)
-    path = loc.join(folder, "-".join(str(task.index[d]) for d in task.index) + ".json")
-    loc.write_text(path, json.dumps({"key": task.key, "attrs": dict(attrs)}))
-
-
-#: the file a run's reported attributes are kept in: its sweep index, joined by "-"
-_ATTRS_FILE = re.compile(r"^\d+(-\d+)*\.json$")
-#: what :func:`mfdsl.core.location.write_text` leaves when killed before its rename
-_ATTRS_TEMP = re.compile(r"^\d+(-\d+)*\.json\.tmp\d+$")
-
-
-def _merge_run_attrs(store: str, warn: Any = None) -> None:
-    """Root attribute ``NAME`` = ``{run key: value}`` for every ``NAME`` a run reported
-    (merged into what the store holds, so a resumed sweep keeps earlier runs').  A file
-    that cannot be read is left where it is, with a warning; the folder is removed once
-    nothing but mfdsl's files was in it."""
-    import json
-
-    import zarr
-
-    folder = _attrs_folder(store)
-    entries = []
-    unreadable = []
-    for name in loc.list_names(folder):
-        if not _ATTRS_FILE.match(name):
-            continue
-        try:
-            entry = json.loads(loc.read_text(loc.join(folder, name)))
-            if not (
-                isinstance(entry, dict)
-                and isinstance(entry.get("key"), str)
-                and isinstance(entry.get("attrs"), dict)
-            ):
-                raise ValueError("not the attributes of a run")
-        except (OSError, ValueError, UnicodeDecodeError):
-            unreadable.append(name)
-            continue
-        entries.append(entry)
-    if entries:
-        group = zarr.open_group(store, mode="r+", zarr_format=3, use_consolidated=False)
-        merged: dict[str, dict[str, Any]] = {}
-        for entry in entries:
-            for name, value in entry["attrs"].items():
-                if name not in merged:
-                    before = group.attrs.get(name)
-                    merged[name] = dict(before) if isinstance(before, Mapping) else {}
-                merged[name][entry["key"]] = value
-        group.attrs.update(merged)
-    if unreadable and warn is not None:
-        warn(
-            f"{count(len(unreadable), 'file')} of the attributes runs reported cannot be read and "
-            f"{'is' if len(unreadable) == 1 else 'are'} left in {folder}: {', '.join(unreadable[:3])}"
-        )
-    with contextlib.suppress(OSError):
-        _clear_attrs_folder(folder, keep=set(unreadable))
-
-
-def _clear_attrs_folder(folder: str, keep: set[str] | None = None) -> None:
-    """Remove the files :func:`_save_run_attrs` writes in ``folder`` (but ``keep``), and
-    the folder once it is empty: never a file mfdsl did not write there."""
-    names = loc.list_names(folder)
-    for name in names:
-        if name in (keep or set()) or not (_ATTRS_FILE.match(name) or _ATTRS_TEMP.match(name)):
-            continue
-        path = loc.join(folder, name)
-        if loc.is_url(path) or (os.path.isfile(path) and not os.path.islink(path)):
-            loc.remove(path)
-    if names and loc.list_names(folder):
-        return
-    if loc.is_url(folder):
-        loc.remove(folder)
-    elif os.path.isdir(folder) and not os.path.islink(folder):
-        os.rmdir(folder)
 
 
 # ---- the command -----------------------------------------------------------------------
@@ -681,17 +325,22 @@ def _run_locked(args: argparse.Namespace, spec: ir.Spec, finish: str, lock: Any 
     shapes = {v.name: tuple(len(layout.extra[d]) for d in v.dims) for v in layout.variables}
     stop: KeyboardInterrupt | None = None
     try:
-        if getattr(args, "scheduler", None):
-            fence = lock.fence() if lock is not None else None
-            outcomes, interrupted = _execute_on_cluster(
-                groups, store, layer_coord, shapes, workers, args, console, err, diverge_above, fence
-            )
-            if lock is not None and any(o[1] == "lost" for o in outcomes):
-                outcomes = _settle_lost(store, groups, outcomes, lock)
-        else:
-            outcomes, interrupted = _execute_all(
-                groups, store, layer_coord, shapes, workers, console, diverge_above
-            )
+        remote = bool(getattr(args, "scheduler", None))
+        # a cluster's workers outlive a driver that died: their cells are fenced by the lock
+        fence = lock.fence() if remote and lock is not None else None
+        launcher: Launcher = DaskLauncher(args, workers) if remote else LocalPool(workers)
+        job = Job(
+            store=store,
+            layer_coord=layer_coord,
+            shapes=shapes,
+            diverge_above=diverge_above,
+            fence=fence,
+            console=console,
+            err=err,
+        )
+        outcomes, interrupted = launcher.launch(groups, job)
+        if remote and lock is not None and any(o[1] == "lost" for o in outcomes):
+            outcomes = _settle_lost(store, groups, outcomes, lock)
     except KeyboardInterrupt as error:  # between the sweep's own handlers
         outcomes, interrupted, stop = [], True, error
     from mfdsl.store.zarr import finalize
@@ -732,13 +381,6 @@ def _run_locked(args: argparse.Namespace, spec: ir.Spec, finish: str, lock: Any 
         )
         return code
     return EXIT_FAILED if failed or lost else EXIT_OK
-
-
-def escape(text: str) -> str:
-    """Text shown verbatim by rich (``mfdsl[jax]`` is not markup)."""
-    from rich.markup import escape as rich_escape
-
-    return rich_escape(text)
 
 
 def _backends(spec: ir.Spec, requested: Sequence[str] | None, err: Any) -> list[Backend] | None:
@@ -1172,7 +814,6 @@ def _remove_old_log(store: str, err: Any) -> None:
 
 
 # errors that mean "the store's storage cannot take it", not a bug
-_STORAGE_ERRORS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT}
 
 
 def _storage_problem(where: str, error: OSError) -> str:
@@ -1350,258 +991,6 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _cost(plan: RunPlan) -> float:
-    if not math.isfinite(plan.width):
-        return math.inf  # a limit run is usually the longest: start it first
-    params = sum(layer.fan_in * layer.fan_out for layer in plan.layers)
-    return float(plan.steps) * float(plan.batch) * params
-
-
-def _execute_all(
-    groups: list[list[Task]],
-    store: str,
-    layer_coord: list[int],
-    shapes: Mapping[str, tuple[int, ...]],
-    workers: int,
-    console: Any,
-    diverge_above: float = DIVERGE_ABOVE,
-) -> tuple[list[tuple[str, str, str]], bool]:
-    """Every unit of work in a local pool of worker processes: each run's outcome, and
-    whether Ctrl-C (or SIGTERM) stopped the sweep.
-
-    A worker process that dies (killed, out of memory) breaks the whole pool: the units
-    that were running on it are charged — each of their runs counts one death of its
-    worker — and every unfinished unit runs again in a fresh pool, the charged ones
-    split run by run.  The units queued behind them, and those the broken pool's other
-    workers were running when it tore them down, are not charged.  A run charged
-    ``WORKER_RETRIES + 1`` times is failed."""
-    from mfdsl.execution.progress import Tracker
-
-    outcomes: list[tuple[str, str, str]] = []
-    if not groups:
-        return outcomes, False
-    # spawn, not fork: the driver runs threads (progress), and forking those is unsafe.
-    ctx = mp.get_context("spawn")
-    # A worker killed while it writes to the progress queue leaves the queue's lock taken
-    # for good, so every pool gets a fresh queue; ``channel[0]`` is the live one.
-    channel = [ctx.Queue()]
-    numbers = ctx.Value("i", 0)  # numbers the workers, replacements too (WORKER_ENV)
-    total_threads = default_workers()
-    threads = max(1, total_threads // workers)
-    interrupted = False
-    with Tracker(console, groups, workers, counts=lambda: _counts(outcomes)) as tracker:
-        stop = threading.Event()
-
-        def pump() -> None:
-            while not stop.is_set():
-                live = channel[0]
-                try:
-                    key, step, loss = live.get(timeout=0.1)
-                except queue.Empty:
-                    continue
-                except (EOFError, OSError, ValueError):
-                    if live is channel[0]:
-                        return
-                    continue  # the queue was replaced: read the new one
-                if step < 0:
-                    tracker.started(key)
-                else:
-                    tracker.step(key, step, loss)
-
-        def finish(unit: Sequence[Task], finished: Sequence[tuple[str, str, str]]) -> None:
-            for task, outcome in zip(unit, finished, strict=True):
-                outcomes.append(outcome)
-                tracker.finished(task.key, outcome[1])
-
-        pumper = threading.Thread(target=pump, daemon=True)
-        pumper.start()
-        futures: dict[cf.Future[list[tuple[str, str, str]]], tuple[int, int]] = {}
-        units = [list(unit) for unit in groups]
-        deaths: dict[str, int] = {}  # run key -> times its worker died while running it
-        left = list(range(len(units)))
-        pool: cf.ProcessPoolExecutor | None = None
-        try:
-            while left:
-                if pool is not None:  # a worker died: replace the queue it may have locked
-                    old, channel[0] = channel[0], ctx.Queue()
-                    old.cancel_join_thread()
-                    old.close()
-                started = ctx.RawArray("q", len(left))  # slot -> pid of the worker running it
-                pool = cf.ProcessPoolExecutor(
-                    max_workers=min(workers, len(left)),
-                    mp_context=ctx,
-                    initializer=_init_worker,
-                    initargs=(channel[0], threads, os.getpid(), started, numbers),
-                )
-                # submitted largest first: the pool hands them out in this order
-                futures = {
-                    pool.submit(_run_unit, slot, units[i], store, layer_coord, shapes, diverge_above): (
-                        slot,
-                        i,
-                    )
-                    for slot, i in enumerate(left)
-                }
-                processes = dict(getattr(pool, "_processes", None) or {})
-                broken: list[tuple[int, int]] = []
-                for future in cf.as_completed(futures):
-                    slot, i = futures[future]
-                    unit = units[i]
-                    try:
-                        finished = future.result()
-                    except BrokenProcessPool:
-                        broken.append((slot, i))
-                        continue
-                    except Exception as error:  # recorded, and the sweep goes on
-                        if isinstance(error, OSError) and error.errno in _STORAGE_ERRORS:
-                            raise  # the store cannot be written: stop, say so
-                        finished = [(t.key, "failed", f"worker error: {error!r}") for t in unit]
-                        for task, outcome in zip(unit, finished, strict=True):
-                            _mark_failed(store, task, outcome[2])
-                    finish(unit, finished)
-                processes.update(getattr(pool, "_processes", None) or {})
-                pool.shutdown(wait=True)
-                left = []
-                if not broken:
-                    continue
-                charged = _charged(broken, started, processes)
-                again: list[int] = []
-                for _, i in sorted(broken, key=lambda b: b[1]):
-                    if i not in charged:
-                        again.append(i)
-                        continue
-                    how = _death(charged[i])
-                    for task in units[i]:
-                        deaths[task.key] = deaths.get(task.key, 0) + 1
-                        if deaths[task.key] > WORKER_RETRIES:
-                            times = deaths[task.key]
-                            message = (
-                                f"its worker process died while running it, {times} times (the last {how})"
-                            )
-                            _mark_failed(store, task, message)
-                            finish([task], [(task.key, "failed", message)])
-                        elif len(units[i]) == 1:
-                            again.append(i)
-                        else:  # run by run from now on: one bad run cannot take the others down
-                            units.append([task])
-                            again.append(len(units) - 1)
-                    names = ", ".join(t.key for t in units[i][:3]) + (" …" if len(units[i]) > 3 else "")
-                    console.print(
-                        f"[yellow]a worker process died[/yellow] ({escape(how)}) while running {escape(names)}"
-                    )
-                left = sorted(again, key=lambda i: -sum(_cost(t.plan) for t in units[i]))
-                if left:
-                    console.print(f"running the broken pool's {count(len(left), 'unfinished unit')} again")
-                for unit in (units[i] for i in left):
-                    tracker.requeued([task.key for task in unit])
-        except KeyboardInterrupt:
-            interrupted = True
-            for future in futures:
-                future.cancel()
-            if pool is not None:
-                _terminate(pool)
-        finally:
-            if pool is not None:
-                pool.shutdown(wait=True, cancel_futures=True)
-            stop.set()
-            pumper.join(timeout=1)
-            channel[0].close()
-    return outcomes, interrupted
-
-
-def _charged(broken: Sequence[tuple[int, int]], started: Any, processes: Mapping[int, Any]) -> dict[int, Any]:
-    """The units a broken pool's death is charged to (unit → the exit code of the worker
-    that ran it): those that were running on a worker that died by itself; if none
-    can be told (every worker ended by the pool's SIGTERM, or none had started a
-    unit), those that were running; if none was, every unit the pool lost, so that a
-    pool whose workers die before running anything cannot go round forever."""
-    codes = {pid: getattr(process, "exitcode", None) for pid, process in processes.items()}
-    running = {i: int(started[slot]) for slot, i in broken if int(started[slot]) > 0}
-    died = {
-        i: codes.get(pid) for i, pid in running.items() if codes.get(pid) not in (None, -int(signal.SIGTERM))
-    }
-    if died:
-        return died
-    if running:
-        return {i: codes.get(pid) for i, pid in running.items()}
-    return {i: None for _, i in broken}
-
-
-def _death(exitcode: Any) -> str:
-    """How a worker process ended, in words."""
-    if isinstance(exitcode, int) and exitcode < 0:
-        try:
-            name = signal.Signals(-exitcode).name
-        except ValueError:
-            name = f"signal {-exitcode}"
-        hint = ", out of memory?" if -exitcode == int(signal.SIGKILL) else ""
-        return f"killed by {name}{hint}"
-    if isinstance(exitcode, int):
-        return f"exit code {exitcode}"
-    return "it ended abruptly"
-
-
-def _check_scheduler(args: argparse.Namespace, err: Any) -> None:
-    """Validate ``--scheduler`` before the store is touched (:class:`ClusterError`)."""
-    from mfdsl.execution.cluster import ClusterError, connect, require
-
-    require()
-    if args.scheduler == "local":
-        return
-    if args.workers:
-        raise ClusterError(
-            f"--workers sets the size of a local pool or cluster (--scheduler local); the cluster at "
-            f"{args.scheduler} has the workers it was started with"
-        )
-    if "://" not in args.scheduler:
-        raise ClusterError(
-            f"--scheduler takes a scheduler's address, e.g. tcp://HOST:8786, or 'local' (got {args.scheduler!r})"
-        )
-    with connect(args.scheduler, None, False) as client:
-        # group the sweep for the cluster's size, as the local pool does for its workers
-        info = client.scheduler_info().get("workers", {})
-        args.workers = sum(int(w.get("nthreads", 1)) for w in info.values()) or None
-
-
-def _execute_on_cluster(
-    groups: list[list[Task]],
-    store: str,
-    layer_coord: list[int],
-    shapes: Mapping[str, tuple[int, ...]],
-    workers: int,
-    args: argparse.Namespace,
-    console: Any,
-    err: Any,
-    diverge_above: float = DIVERGE_ABOVE,
-    fence: Mapping[str, Any] | None = None,
-) -> tuple[list[tuple[str, str, str]], bool]:
-    """The units of work as tasks of a Dask cluster (:mod:`mfdsl.execution.cluster`); each
-    task writes its cells only while ``fence`` holds (:func:`_settle_lost`)."""
-    from mfdsl.execution.cluster import execute_on_cluster, needs_gpu
-
-    def failed(unit: Sequence[Task], message: str) -> list[tuple[str, str, str]]:
-        for task in unit:
-            _mark_failed(store, task, message)
-        return [(task.key, "failed", message) for task in unit]
-
-    def lost(unit: Sequence[Task], message: str) -> list[tuple[str, str, str]]:
-        return _as_stored(store, unit, message)
-
-    # workers elsewhere resolve a relative path against their own folder
-    where = store if loc.is_url(store) else os.path.abspath(store)
-    return execute_on_cluster(
-        groups,
-        execute_group,
-        (where, layer_coord, shapes, diverge_above, fence),
-        scheduler=args.scheduler,
-        workers=workers,
-        gpu=any(needs_gpu(dict(t.plan.options)) for unit in groups for t in unit),
-        failed=failed,
-        lost=lost,
-        console=console,
-        warn=lambda text: err.print(f"[yellow]warning:[/yellow] {escape(text)}"),
-    )
-
-
 #: how long a worker that passed the fence check may take to finish writing its cell
 _FENCE_GRACE_S = 1.0
 
@@ -1622,63 +1011,6 @@ def _settle_lost(
         (outcome,) = _as_stored(store, [task], messages[task.key].split("; it is pending")[0])
         settled[task.key] = outcome
     return [settled.get(key, (key, state, message)) for key, state, message in outcomes]
-
-
-def _as_stored(store: str, unit: Sequence[Task], message: str) -> list[tuple[str, str, str]]:
-    """The outcomes of runs the cluster lost track of (its scheduler gone): what the
-    store says of each — a worker that survived may have written it after all — and
-    for a cell still pending, ``lost``: it is left pending (never marked failed, which a
-    surviving worker could overwrite with done), so the log, the exit code and the
-    store agree, and ``--resume`` runs it."""
-    import zarr
-
-    from mfdsl.store.status import Status
-
-    names = {Status.DONE: "done", Status.DIVERGED: "diverged", Status.FAILED: "failed"}
-    out = []
-    try:
-        group: Any = zarr.open_group(store, mode="r", use_consolidated=False)
-        status, messages = group["status"], group["message"]
-        dims = [str(d) for d in status.metadata.dimension_names]
-    except Exception:  # noqa: BLE001 - unreadable now: every run stays as lost
-        status = messages = None
-        dims = []
-    for task in unit:
-        state, text = None, ""
-        if status is not None and messages is not None:
-            cell = tuple(task.index[d] for d in dims)
-            with contextlib.suppress(Exception):
-                state = int(np.asarray(status[cell]))
-                text = str(np.asarray(messages[cell]))
-        if state in names:
-            out.append((task.key, names[Status(state)], text if state != Status.DONE else ""))
-        else:
-            out.append((task.key, "lost", f"{message}; it is pending in the store"))
-    return out
-
-
-def _terminate(pool: cf.ProcessPoolExecutor) -> None:
-    """Stop the workers now; their unfinished cells stay pending for ``--resume``."""
-    terminate = getattr(pool, "terminate_workers", None)  # Python >= 3.14
-    if terminate is not None:
-        terminate()
-        return
-    for process in list(getattr(pool, "_processes", {}).values()):
-        process.terminate()
-
-
-def _mark_failed(store: str, task: Task, message: str) -> None:
-    """Record a run its worker could not (the worker died).  If even that cannot be
-    written, the cell stays pending, which ``--resume`` runs again all the same."""
-    with contextlib.suppress(OSError):
-        _write_failed(store, task, message)
-
-
-def _counts(outcomes: Iterable[tuple[str, str, str]]) -> str:
-    tally: dict[str, int] = {}
-    for _, status, _ in outcomes:
-        tally[status] = tally.get(status, 0) + 1
-    return ", ".join(f"{n} {s}" for s, n in sorted(tally.items()))
 
 
 #: how each entry of ``<store>.log`` starts

@@ -197,3 +197,11 @@ def place(
                 placed[(slice(None), *(slice(0, n) for n in rec.shape[1:]))] = rec
                 out[obs.name] = placed
     return out
+
+
+def cost(plan: RunPlan) -> float:
+    """A run's rough cost, steps × batch × weights, to schedule the longest first."""
+    if not math.isfinite(plan.width):
+        return math.inf  # a limit run is usually the longest: start it first
+    params = sum(layer.fan_in * layer.fan_out for layer in plan.layers)
+    return float(plan.steps) * float(plan.batch) * params
