@@ -15,6 +15,7 @@ from typing import Any, Literal
 import numpy as np
 
 from . import _streams
+from ._conv import ConvPlan
 
 # probe inputs of output/neuron_spread when the spec names none
 DEFAULT_PROBES = 16
@@ -202,6 +203,9 @@ class RunPlan:
     record_steps: np.ndarray  # int64, sorted, within [0, steps]
     observables: tuple[ObservablePlan, ...]
     options: Mapping[str, Any] = field(default_factory=dict)  # this backend's options
+    #: the convolutional part of a ``network cnn`` (``None`` for an mlp); its layers are
+    #: weight layers 1 … len(conv.layers) of ``layers`` (``mfdsl._conv``)
+    conv: ConvPlan | None = None
 
     @property
     def depth(self) -> int:

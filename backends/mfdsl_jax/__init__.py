@@ -84,8 +84,11 @@ class JaxBackend(Backend):
         with weight decay or Langevin noise, which μP applies at its own per-layer rates.
         ``ntk`` and ``standard`` have a kernel (lazy) limit at any depth, not this one.
         """
-        from mfdsl._ir import is_expr
+        from mfdsl._ir import ConvNetwork, is_expr
 
+        if isinstance(spec.network, ConvNetwork):
+            self._check_cnn(spec)
+            return
         scaling, hidden = spec.scaling, spec.network.hidden
         where = spec.where("scaling")
         if not is_expr(scaling):
@@ -115,6 +118,59 @@ class JaxBackend(Backend):
                     hint="use 'scaling mean_field' (decay and noise at rate lr on every weight)",
                 )
         self._check_options(spec)
+
+    def _check_cnn(self, spec: Spec) -> None:
+        """What the cnn limit (``_cnn``) cannot compute: it integrates the mean-field
+        limit over channels with plain particles, by Euler steps, without noise."""
+        from mfdsl._ir import is_expr
+
+        scaling = spec.scaling
+        if not is_expr(scaling) and scaling != "mean_field":
+            raise SpecError(
+                f"the jax backend computes the infinite-channel mean-field limit of a cnn, and "
+                f"'{scaling}' scaling has none it computes ("
+                + (
+                    "its limit is a kernel (lazy-training) limit"
+                    if scaling in ("ntk", "standard")
+                    else "μP's limit is the mean-field one only for a two-layer mlp"
+                )
+                + ")",
+                spec.where("scaling"),
+                hint="use 'scaling mean_field', or drop jax from 'backends' for this spec",
+            )
+        opt = spec.train.optimizer
+        if isinstance(opt, Langevin):
+            raise SpecError(
+                "the jax backend's cnn limit has no Langevin noise (the McKean–Vlasov noise on filters "
+                "is not implemented for convolutions)",
+                opt.span,
+                hint="use sgd(...) with jax, or drop jax from 'backends' for this spec",
+            )
+        block = spec.options_for(self.name)
+        if block is None:
+            return
+        if block.get("solver", "euler") == "heun":
+            raise SpecError(
+                "the jax backend integrates a cnn limit with Euler steps only",
+                block.where("solver"),
+                hint="drop 'solver' (or set solver = euler) and make dt smaller for accuracy",
+            )
+        if "reduce" in dict(block.values) and block.get("reduce") == "auto":
+            raise SpecError(
+                "the reductions R1/R2 are derived for dense middle layers, not for convolutions: "
+                "a cnn limit is computed with plain particles (each channel a particle carrying its filter)",
+                block.where("reduce"),
+                hint="write reduce = none, or leave 'reduce' out",
+            )
+        momentum = getattr(opt, "momentum", 0.0)
+        dt = block.get("dt")
+        concrete = not (is_expr(momentum) or is_expr(dt) or is_expr(opt.lr))
+        if momentum and concrete and dt is not None and abs(dt - opt.lr) > 1e-12 * opt.lr:
+            raise SpecError(
+                "momentum is a discrete recursion with step lr: the jax backend integrates it only with dt = lr",
+                block.where("dt"),
+                hint="drop 'dt' from the jax block, or use momentum = 0",
+            )
 
     def _check_options(self, spec: Spec) -> None:
         from mfdsl._ir import is_expr
@@ -148,6 +204,24 @@ class JaxBackend(Backend):
 
         options = plan.options
         dataset = make_dataset(plan.data, plan.seed)
+        if plan.conv is not None:
+            from ._cnn import solve_cnn
+
+            result = solve_cnn(
+                plan,
+                dataset,
+                particles=int(options.get("particles", 4096)),
+                data_samples=int(options.get("data_samples", 1024)),
+                dt=options.get("dt"),
+                dtype=str(options.get("dtype", "float32")),
+                progress=progress,
+            )
+            return {
+                "records": result.records,
+                "status": result.status,
+                "message": result.message,
+                "attrs": result.attrs,
+            }
         result = solve(
             plan,
             dataset,

@@ -120,6 +120,16 @@ class TorchBackend(Backend):
         initial laws, learning rate, …) train as one batched network, as many as fit
         in cache and a worker's share of the sweep (``_ensemble.group_plans``)."""
         self.require()
+        if any(p.conv is not None for p in plans):
+            # cnns train one at a time (mlps still group among themselves)
+            mlp = [i for i, p in enumerate(plans) if p.conv is None]
+            cnn = [[i] for i, p in enumerate(plans) if p.conv is not None]
+            if not mlp:
+                return cnn
+            from ._ensemble import group_plans
+
+            sub = group_plans([plans[i] for i in mlp], workers=workers)
+            return [[mlp[j] for j in g] for g in sub] + cnn
         from ._ensemble import group_plans
 
         return group_plans(plans, workers=workers)
@@ -135,6 +145,13 @@ class TorchBackend(Backend):
         self.require()
         if not plans:
             return []
+        if any(p.conv is not None for p in plans):
+            # cnns (mfdsl_torch._cnn): one at a time, never by the native loop
+            out: list[Mapping[str, Any]] = []
+            for i, p in enumerate(plans):
+                r = _cnn_result(p, i, progress)
+                out.append({"records": r.records, "status": r.status, "message": r.message})
+            return out
         options = {
             (
                 p.options.get("device", "cpu"),
@@ -161,6 +178,27 @@ class TorchBackend(Backend):
             native=str(native),
         )
         return [{"records": r.records, "status": r.status, "message": r.message} for r in results]
+
+
+def _cnn_result(plan: RunPlan, member: int, progress: Callable[[int, int, float], None] | None) -> Any:
+    from mfdsl._data import make_dataset
+
+    from ._cnn import train_cnn
+
+    report = None
+    if progress is not None:
+        tell = progress
+
+        def report(step: int, loss: float) -> None:
+            tell(member, step, loss)
+
+    return train_cnn(
+        plan,
+        make_dataset(plan.data, plan.seed),
+        progress=report,
+        device=str(plan.options.get("device", "cpu")),
+        dtype=str(plan.options.get("dtype", "float64")),
+    )
 
 
 def _cuda_problem(device: str) -> str | None:

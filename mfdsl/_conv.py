@@ -1,0 +1,97 @@
+"""The geometry of a convolutional network (``network cnn``), shared by the compiler
+and both backends: plain numbers, no torch or jax.
+
+A ``cnn`` network is a stack of convolution layers, each with ``width`` output
+channels, then a head (global average pooling, or flattening) and ``dense`` mean-field
+dense layers of ``width`` neurons, then the output layer.  Weight layer ℓ is held, in
+every backend, as one matrix ``(fan_in, fan_out)``:
+
+* conv layer ℓ: ``(C_{ℓ-1} · k · k, C_ℓ)``, rows ordered ``(input channel, kernel row,
+  kernel column)`` — the layout of ``torch.nn.functional.unfold`` and of a torch conv
+  weight ``W.T.reshape(C_ℓ, C_{ℓ-1}, k, k)``;
+* the first layer after a ``flatten`` head: ``(C · S, n)`` with rows ``(channel,
+  position)``, ``S`` the positions of the last feature map (row-major);
+* the other dense layers and the output layer as in an mlp.
+
+so :func:`mfdsl._plan.initial_weights` draws a width-N network and an N-particle
+system alike.  A conv layer computes, at each output position ``p``,
+``H_ℓ[c, p] = m_ℓ Σ_{i, δ} a_{ℓ-1}[i, s·p + δ − pad] W_ℓ[(i, δ), c] (+ b_ℓ[c])`` over
+input channels ``i`` and kernel offsets ``δ`` (zero padding), then
+``a_ℓ = pool(φ(H_ℓ))`` with ``pool`` an average over non-overlapping ``pool × pool``
+windows (a remainder is dropped, as ``avg_pool2d`` does).  The head maps the last
+``a`` to the vector ``g``: ``avg`` — ``g[c] = mean_p a[c, p]``; ``flatten`` —
+``g[(c, p)] = a[c, p]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConvLayerPlan:
+    """One convolution layer: square ``kernel``, ``stride``, zero ``padding``, then
+    average pooling over ``pool × pool`` windows (``pool = 1``: none)."""
+
+    kernel: int
+    stride: int = 1
+    padding: int = 0
+    pool: int = 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConvPlan:
+    """The convolutional part of a network: the input image ``(channels, height,
+    width)``, the conv layers, and the head (``avg`` or ``flatten``)."""
+
+    channels: int
+    height: int
+    width: int
+    layers: tuple[ConvLayerPlan, ...]
+    head: str = "avg"
+
+    def sizes(self) -> list[tuple[int, int, int, int]]:
+        """Per conv layer ``(H_conv, W_conv, H_pooled, W_pooled)``: the spatial size
+        of its pre-activation and of its output after pooling."""
+        out = []
+        h, w = self.height, self.width
+        for i, layer in enumerate(self.layers, start=1):
+            problem = shape_problem(layer, h, w)
+            if problem:
+                raise ValueError(f"conv layer {i}: {problem}")
+            hc, wc = conv_size(h, layer), conv_size(w, layer)
+            h, w = hc // layer.pool, wc // layer.pool
+            out.append((hc, wc, h, w))
+        return out
+
+    def positions(self) -> int:
+        """``S``: the positions of the last feature map (what ``flatten`` multiplies the
+        channels by)."""
+        _, _, h, w = self.sizes()[-1]
+        return h * w
+
+    def head_features(self, channels: int) -> int:
+        """The length of the head's vector ``g`` for ``channels`` channels."""
+        return channels * self.positions() if self.head == "flatten" else channels
+
+
+def conv_size(size: int, layer: ConvLayerPlan) -> int:
+    """The output size of a convolution along one axis (before pooling)."""
+    return (size + 2 * layer.padding - layer.kernel) // layer.stride + 1
+
+
+def shape_problem(layer: ConvLayerPlan, height: int, width: int) -> str | None:
+    """Why ``layer`` cannot run on a ``height × width`` feature map, or ``None``."""
+    padded = (height + 2 * layer.padding, width + 2 * layer.padding)
+    where = f"the {height}×{width} feature map" + (
+        f" (padded by {layer.padding}: {padded[0]}×{padded[1]})" if layer.padding else ""
+    )
+    if layer.kernel > min(padded):
+        return f"the {layer.kernel}×{layer.kernel} kernel is larger than {where}"
+    hc, wc = conv_size(height, layer), conv_size(width, layer)
+    if layer.pool > min(hc, wc):
+        return (
+            f"the convolution (kernel {layer.kernel}, stride {layer.stride}) leaves a {hc}×{wc} map, "
+            f"smaller than the {layer.pool}×{layer.pool} pooling window"
+        )
+    return None

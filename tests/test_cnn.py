@@ -1,0 +1,276 @@
+"""Convolutional mean-field networks (``network cnn``): the language (shapes and their
+errors), the textures data, one-step exactness of the jax infinite-channel limit
+against the torch cnn of the same width (float64, 1e-10), and convergence in the
+channel count to the limit.
+
+Every exactness problem is a finite training set used full-batch (torch: batch =
+n_train, so one step is one epoch and its mean loss is the whole set's), dt = lr:
+the N-particle limit with reduce = none *is* the width-N cnn trained by gradient flow
+on the empirical measure (``mfdsl_jax._cnn``), so the two agree to float64 rounding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+
+import mfdsl
+from mfdsl import SpecError
+from mfdsl._compile import compile_point
+from mfdsl._data import make_dataset
+from mfdsl._plan import RunPlan
+
+SPEC = """\
+experiment cnn_test
+data textures {{ channels = 2, size = 6, classes = {classes}, noise = 0.5, train = {train}, test = 24 }}
+network cnn {{
+  layers = [{layers}]
+  head = {head}
+  dense = {dense}
+  activation = {act}
+  bias = {bias}
+}}
+init {{
+{init}
+}}
+train {{
+  optimizer = {optimizer}
+  loss = {loss}
+  batch = {batch}
+  steps = {steps}
+{extra}
+}}
+record every {every} {{ {observables} }}
+sweep {{ width = [{width}], seed = [{seed}] }}
+backends torch, jax
+"""
+
+OBSERVABLES = (
+    "train_loss, test_loss, test_accuracy, output(probes = 5), neuron_spread(probes = 5), weight_change"
+)
+
+
+def cnn_text(
+    *,
+    layers: str = "conv(3, padding = 1), conv(3, stride = 2)",
+    head: str = "avg",
+    dense: int = 1,
+    act: str = "tanh",
+    bias: bool = True,
+    classes: int = 2,
+    train: int | str = 16,
+    init: str | None = None,
+    optimizer: str = "sgd(lr = 0.2)",
+    loss: str = "mse",
+    batch: int | None = None,
+    steps: int = 1,
+    extra: str = "",
+    every: int = 1,
+    observables: str = OBSERVABLES,
+    width: int = 6,
+    seed: int = 0,
+) -> str:
+    depth = layers.count("conv(") + dense
+    if init is None:
+        lines = ["  layer 1 ~ normal(0.2, 0.5)"]
+        lines += [f"  layer {ell} ~ normal(0.5, 1)" for ell in range(2, depth + 1)]
+        lines.append(f"  layer {depth + 1} ~ normal(0, 1)")
+        init = "\n".join(lines)
+    return SPEC.format(
+        layers=layers,
+        head=head,
+        dense=dense,
+        act=act,
+        bias=str(bias).lower(),
+        classes=classes,
+        train=train,
+        init=init,
+        optimizer=optimizer,
+        loss=loss,
+        batch=batch if batch is not None else train,
+        steps=steps,
+        extra=extra,
+        every=every,
+        observables=observables,
+        width=width,
+        seed=seed,
+    )
+
+
+def cnn_plans(text: str) -> tuple[RunPlan, RunPlan]:
+    spec = mfdsl.parse(text)
+    point = next(iter(mfdsl.expand(spec)))
+    finite = compile_point(point.spec, dict(point.coords), "torch")
+    limit = compile_point(point.spec, {**point.coords, "width": math.inf}, "jax")
+    return finite, limit
+
+
+def rel_err(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    assert np.array_equal(np.isnan(a), np.isnan(b)), "NaN patterns differ"
+    mask = ~np.isnan(a)
+    scale = max(float(np.max(np.abs(b[mask]))), 1e-300)
+    return float(np.max(np.abs(a[mask] - b[mask]))) / scale
+
+
+# --------------------------------------------------------------------------- language
+
+
+def error_of(text: str) -> SpecError:
+    with pytest.raises(SpecError) as info:
+        mfdsl.parse(text, "cnn.mf")
+    return info.value
+
+
+def test_cnn_parses_into_conv_layers_and_numbers_hidden_layers_conv_first() -> None:
+    spec = mfdsl.parse(
+        cnn_text(layers="conv(3, padding = 1), conv(kernel = 3, stride = 2, pool = 2)", dense=2)
+    )
+    net = spec.network
+    assert isinstance(net, mfdsl.ConvNetwork)
+    assert [(c.kernel, c.stride, c.padding, c.pool) for c in net.layers] == [(3, 1, 1, 1), (3, 2, 0, 2)]
+    assert net.hidden == 4 and net.head == "avg"
+
+
+def test_kernel_larger_than_the_feature_map_names_the_layer_and_sizes() -> None:
+    # 6×6 → conv(3, stride 2) → 2×2 → conv(3) cannot fit
+    err = error_of(cnn_text(layers="conv(3, padding = 1), conv(3, stride = 2), conv(3)", dense=0))
+    text = str(err)
+    assert "conv layer 3" in text and "3×3 kernel is larger than the 2×2 feature map" in text
+    assert "cnn.mf:4:56:" in text  # the position of the offending conv(...)
+    assert err.span is not None and err.span.line == 4 and err.span.column == 56
+
+
+def test_a_pooling_window_the_map_cannot_hold_is_an_error() -> None:
+    err = error_of(cnn_text(layers="conv(3, stride = 3, pool = 4)"))
+    assert "conv layer 1" in str(err) and "2×2 map, smaller than the 4×4 pooling window" in str(err)
+
+
+def test_padding_not_smaller_than_the_kernel_is_an_error() -> None:
+    err = error_of(cnn_text(layers="conv(3, padding = 3)"))
+    assert "padding 3 is not smaller than the kernel size 3" in str(err)
+    assert "padding ≤ 2" in (err.hint or "")
+
+
+def test_cnn_language_errors() -> None:
+    assert "did you mean 'conv'" in (error_of(cnn_text(layers="cnv(3)")).hint or "")
+    assert "needs 'layers'" in str(
+        error_of(cnn_text().replace("  layers = [conv(3, padding = 1), conv(3, stride = 2)]\n", ""))
+    )
+    mlp_data = cnn_text().replace(
+        "textures { channels = 2, size = 6, classes = 2, noise = 0.5, train = 16, test = 24 }",
+        "isotropic_gaussian { dim = 4, train = 16, test = 24 }",
+    )
+    assert "a cnn network needs image data" in str(error_of(mlp_data))
+    assert "particles is not recorded for cnn" in str(error_of(cnn_text(observables="particles")))
+    assert "did you mean 'cnn'" in (error_of(cnn_text().replace("network cnn", "network cnm")).hint or "")
+    # init selectors count conv and dense layers: 2 conv + 1 dense + output = 4 weight layers
+    err = error_of(cnn_text(init="  layer 1..3 ~ normal(0, 1)"))
+    assert "no init rule for layer 4" in str(err)
+
+
+def test_jax_rejects_what_the_cnn_limit_cannot_compute() -> None:
+    from mfdsl_jax import JaxBackend
+
+    pytest.importorskip("jax")
+
+    def check(text: str) -> str:
+        with pytest.raises(SpecError) as info:
+            JaxBackend().check(mfdsl.parse(text))
+        return str(info.value)
+
+    assert "kernel (lazy-training) limit" in check(
+        cnn_text().replace("backends torch, jax", "scaling ntk\nbackends torch, jax")
+    )
+    assert "no Langevin noise" in check(cnn_text(optimizer="langevin(lr = 0.1, temperature = 0.01)"))
+    assert "not for convolutions" in check(cnn_text() + "jax { reduce = auto }\n")
+    assert "Euler steps only" in check(cnn_text() + "jax { solver = heun }\n")
+    JaxBackend().check(mfdsl.parse(cnn_text() + "jax { reduce = none, particles = 8 }\n"))
+
+
+def test_textures_data_is_seeded_and_class_dependent() -> None:
+    spec = mfdsl.parse(cnn_text(classes=3, loss="cross_entropy"))
+    a, b = make_dataset(spec.data, 0), make_dataset(spec.data, 0)
+    np.testing.assert_array_equal(a.train_x, b.train_x)
+    assert a.train_x.shape == (16, 2 * 6 * 6) and a.task == "multiclass" and a.outputs == 3
+    assert set(np.unique(a.test_y)) <= {0, 1, 2} and a.test_y.dtype == np.int64
+    # online: step s takes examples s·B … of the train stream, as for every generated source
+    online = mfdsl.parse(cnn_text(train="online", batch=4))
+    d = make_dataset(online.data, 1)
+    x, _ = d.train_chunk(2, 1, 4)
+    x_all, _ = d.train_chunk(0, 3, 4)
+    np.testing.assert_array_equal(x[0], x_all[2])
+    # the grating's orientation is the class: horizontal (class 0) varies along rows only
+    clean = dataclasses.replace(spec.data, noise=0.0, classes=2)
+    ds = make_dataset(clean, 0)
+    img = ds.test_x[0].reshape(2, 6, 6)
+    axis = 1 if ds.test_y[0] < 0 else 0  # class 0 (−1): constant along columns? check variation
+    assert np.allclose(np.ptp(img, axis=axis + 1), 0.0)
+
+
+# --------------------------------------------------------------------------- exactness
+
+EXACT_CASES = {
+    # flatten head straight to the output, pooling, relu, no bias, logistic loss
+    "flatten-pool-relu-logistic": dict(
+        layers="conv(3, padding = 1, pool = 2), conv(2)",
+        head="flatten",
+        dense=0,
+        act="relu",
+        bias=False,
+        loss="logistic",
+    ),
+    # avg head, a dense layer, biases, padding and stride; three classes with
+    # cross-entropy; momentum, weight decay, a cosine schedule; layer 1 frozen
+    "multiclass-momentum-decay-frozen": dict(
+        classes=3,
+        loss="cross_entropy",
+        act="sigmoid",
+        optimizer="sgd(lr = 0.3, momentum = 0.5, weight_decay = 0.01)",
+        extra="  schedule = cosine(final = 0.1)\n  freeze = [1]",
+        steps=3,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(EXACT_CASES), ids=list(EXACT_CASES))
+def test_limit_with_n_particles_is_the_width_n_cnn_at_t0_and_after_steps(case: str) -> None:
+    """At t = 0 and after each step: jax with N particles (plain particles) equals the
+    torch cnn of width N with the same filters, every record to 1e-10 in float64."""
+    pytest.importorskip("jax")
+    pytest.importorskip("torch")
+    from mfdsl_jax._cnn import solve_cnn
+    from mfdsl_torch._cnn import train_cnn
+
+    kw = {"steps": 2, **EXACT_CASES[case]}
+    n = 6
+    finite, limit = cnn_plans(cnn_text(width=n, **kw))
+    data = make_dataset(finite.data, finite.seed)
+    assert finite.batch == data.n_train
+    expected = train_cnn(finite, data, dtype="float64")
+    got = solve_cnn(limit, data, particles=n, dtype="float64")
+    assert expected.status == got.status == "done"
+    assert sorted(got.records) == sorted(expected.records)
+    assert list(np.asarray(finite.record_steps)) == list(range(kw["steps"] + 1))
+    for name, values in expected.records.items():
+        assert not np.isnan(values).any(), name
+        assert rel_err(got.records[name], values) < 1e-10, name
+    # and the network moved: the comparison is not of two initial states
+    assert np.all(expected.records["weight_change"][-1][:-1] > 0) or "frozen" in case
+    assert got.attrs["limit_reductions"].startswith("none")
+
+
+def test_width_n_plan_and_limit_plan_draw_the_same_filters() -> None:
+    """The limit plan's fans are per particle; the jax solver multiplies them by N and
+    so draws exactly the width-N matrices (the first layer's C k² rows, then N k²)."""
+    from mfdsl._compile import cnn_fans
+
+    finite, limit = cnn_plans(cnn_text(width=5, head="flatten"))
+    assert finite.conv is not None
+    fans = cnn_fans(finite.conv, finite.depth, 5, 1)
+    assert fans == [(layer.fan_in, layer.fan_out) for layer in finite.layers]
+    assert fans == [(2 * 9, 5), (5 * 9, 5), (5 * 4, 5), (5, 1)]  # 6×6 → 6×6 → 2×2: S = 4
+    assert [(layer.fan_in, layer.fan_out) for layer in limit.layers] == [(18, 1), (9, 1), (4, 1), (1, 1)]
