@@ -45,6 +45,8 @@ __all__ = ["CnnNetwork", "train_cnn"]
 _CHUNK_ELEMENTS = 1 << 22
 # test rows per evaluation block
 _EVAL_ROWS = 512
+# a step with fewer activations than this runs on one thread
+_SMALL_STEP = 1 << 22
 
 
 class CnnNetwork:
@@ -83,11 +85,7 @@ class CnnNetwork:
         hs: list[Tensor] = []
         n_conv = len(conv.layers)
         for i, geo in enumerate(conv.layers):
-            patches = F.unfold(a, geo.kernel, padding=geo.padding, stride=geo.stride)  # (B, C k², P)
-            h = patches.transpose(1, 2) @ self.W[i]  # (B, P, C_out)
-            hc = (a.shape[2] + 2 * geo.padding - geo.kernel) // geo.stride + 1
-            wc = (a.shape[3] + 2 * geo.padding - geo.kernel) // geo.stride + 1
-            h = h.transpose(1, 2).reshape(x.shape[0], -1, hc, wc)
+            h = _conv(a, self.W[i], geo.kernel, geo.stride, geo.padding)
             h = self._affine(i, h, channel_axis=True)
             hs.append(h)
             a = self.phi(h)
@@ -150,7 +148,37 @@ def train_cnn(
     dtype: str = "float64",
 ) -> Result:
     """Train the finite cnn of ``plan`` on ``dataset`` and record its observables
-    (the module docstring gives the semantics)."""
+    (the module docstring gives the semantics).
+
+    A small network trains on one CPU thread (the thread count is restored after):
+    its ops are too small to split, and splitting them costs ten times the arithmetic
+    on a busy machine."""
+    threads = torch.get_num_threads()
+    small = torch.device(device).type == "cpu" and _step_elements(plan) < _SMALL_STEP
+    if small and threads > 1:
+        torch.set_num_threads(1)
+    try:
+        return _train_cnn(plan, dataset, progress=progress, device=device, dtype=dtype)
+    finally:
+        if small and threads > 1:
+            torch.set_num_threads(threads)
+
+
+def _step_elements(plan: RunPlan) -> int:
+    """The activations of one step: batch × Σ_ℓ (channels × positions) of the conv layers."""
+    assert plan.conv is not None
+    width = max(layer.fan_out for layer in plan.layers)
+    return plan.batch * width * sum(hc * wc for hc, wc, _, _ in plan.conv.sizes())
+
+
+def _train_cnn(
+    plan: RunPlan,
+    dataset: Dataset,
+    *,
+    progress: Callable[[int, float], None] | None,
+    device: str | torch.device,
+    dtype: str,
+) -> Result:
     task = str(dataset.task)
     outputs = int(dataset.outputs)
     check_compatible(plan.loss, task, outputs)
@@ -344,6 +372,20 @@ class _Observer:
                 else:
                     correct += int((torch.argmax(z, dim=1) == labels).sum())
         return loss_sum / n, (correct / n if self.labels is not None else math.nan)
+
+
+def _conv(a: Tensor, w: Tensor, kernel: int, stride: int, padding: int) -> Tensor:
+    """``Σ_{i, δ} a[:, i, s p + δ − pad] w[(i, δ), c]`` as ``(B, C_out, h, w)``: the
+    windows are a strided view of the padded input (``Tensor.unfold``), contracted with
+    ``w`` seen as ``(C, k, k, C_out)`` — rows ``(channel, kernel row, kernel column)``,
+    ``F.unfold``'s order — by one matrix product (``F.unfold`` itself is far slower on
+    the CPU in float64)."""
+    if padding:
+        a = F.pad(a, (padding, padding, padding, padding))
+    windows = a.unfold(2, kernel, stride).unfold(3, kernel, stride)  # (B, C, h, w, k, k)
+    b, c, ho, wo = windows.shape[:4]
+    flat = windows.permute(0, 2, 3, 1, 4, 5).reshape(b * ho * wo, c * kernel * kernel)
+    return (flat @ w).reshape(b, ho, wo, -1).permute(0, 3, 1, 2)
 
 
 def _host(t: Tensor) -> np.ndarray:
