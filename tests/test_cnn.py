@@ -337,3 +337,31 @@ def test_finite_cnns_approach_the_infinite_channel_limit_at_the_mean_field_rate(
     ]
     slope, se = loglog_slope(np.array(widths), np.array(dist))
     assert -0.8 <= slope <= -0.3, (slope, se, dist)
+
+
+def test_cifar10_spec_runs_on_fake_batches(tmp_path: Path) -> None:
+    """specs/nguyen2019_cifar10.mf as shipped, shrunk by overrides, on tiny fake CIFAR-10
+    batches (the real ones are not on CI): the data root is the only thing to give."""
+    pytest.importorskip("torch")
+    import xarray as xr
+    from conftest import run_cli
+    from test_datasets import write_cifar
+
+    write_cifar(tmp_path / "cifar")
+    store = tmp_path / "cifar.zarr"
+    overrides = [
+        f'data.root="{tmp_path / "cifar"}"',
+        "data.train=40",
+        "data.test=10",
+        "train.steps=3",
+        "train.batch=4",
+        "sweep.width=[4, 8]",
+        "sweep.seed=0",
+    ]
+    args: list[str | Path] = ["run", ROOT / "specs" / "nguyen2019_cifar10.mf", "-o", store, "--workers", "1"]
+    result = run_cli(*args, *[a for o in overrides for a in ("--set", o)])
+    assert result.code == 0, result.out + result.err
+    with xr.open_zarr(store) as ds:
+        assert (ds.status.values == 1).all()
+        assert np.isfinite(ds.test_accuracy.values).all()
+        assert np.isfinite(ds.neuron_spread.sel(layer=[1, 2, 3]).values).all()  # hidden layers
