@@ -377,3 +377,24 @@ def test_a_cnn_spec_round_trips_through_yaml(tmp_path: Path) -> None:
     path.write_text(mfdsl.to_yaml(spec), encoding="utf-8")
     back = mfdsl.load(path)
     assert back.network == spec.network and back.data == spec.data
+
+
+@pytest.mark.parametrize(("kernel", "stride", "padding"), [(3, 1, 1), (2, 2, 0), (3, 2, 2)])
+def test_torch_conv_paths_agree(kernel: int, stride: int, padding: int) -> None:
+    """The float64 CPU path (a strided view times the weight matrix) and the path float32
+    and GPUs take (``F.conv2d`` with the matrix as an OIHW filter) compute the same sum,
+    and both are ``F.unfold``'s (rows ordered channel, kernel row, kernel column)."""
+    torch = pytest.importorskip("torch")
+    import torch.nn.functional as F
+    from mfdsl_torch._cnn import _conv
+
+    # deterministic, irregular numbers (no generator needed)
+    a = torch.sin(torch.arange(3 * 2 * 7 * 6, dtype=torch.float64) * 1.7).reshape(3, 2, 7, 6)
+    w = torch.cos(torch.arange(2 * kernel * kernel * 5, dtype=torch.float64) * 0.9).reshape(-1, 5)
+    view = _conv(a, w, kernel, stride, padding)
+    ho = (7 + 2 * padding - kernel) // stride + 1
+    wo = (6 + 2 * padding - kernel) // stride + 1
+    unfold = (F.unfold(a, kernel, padding=padding, stride=stride).transpose(1, 2) @ w).transpose(1, 2)
+    np.testing.assert_allclose(view.numpy(), unfold.reshape(3, 5, ho, wo).numpy(), rtol=1e-12, atol=1e-12)
+    conv2d = _conv(a.float(), w.float(), kernel, stride, padding)  # float32 takes F.conv2d
+    np.testing.assert_allclose(conv2d.double().numpy(), view.numpy(), rtol=1e-4, atol=1e-4)
