@@ -398,3 +398,45 @@ def test_torch_conv_paths_agree(kernel: int, stride: int, padding: int) -> None:
     np.testing.assert_allclose(view.numpy(), unfold.reshape(3, 5, ho, wo).numpy(), rtol=1e-12, atol=1e-12)
     conv2d = _conv(a.float(), w.float(), kernel, stride, padding)  # float32 takes F.conv2d
     np.testing.assert_allclose(conv2d.double().numpy(), view.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_cnn_scaling_table() -> None:
+    """The conv analogues of the mlp's table (docs/language.md, "scaling"): fan_in is
+    C_in k² for a conv layer; mean_field averages over channels (1/n) with learning-rate
+    multipliers n, n², n; ntk multiplies by 1/√fan_in; standard and mup scale the init."""
+    n = 8
+
+    def layers(scaling: str) -> list[tuple[int, float, float, float]]:
+        text = cnn_text(width=n).replace("backends torch, jax", f"scaling {scaling}\nbackends torch")
+        finite, _ = cnn_plans(text)
+        return [(ly.fan_in, ly.forward_mult, ly.lr_mult, ly.init.b) for ly in finite.layers]
+
+    # 2 conv layers (C = 2 channels in, k = 3), a dense layer, the output; init stds 0.5, 1, 1, 1
+    assert layers("mean_field") == [
+        (18, 1.0, n, 0.5),
+        (72, 1 / n, n * n, 1.0),
+        (n, 1 / n, n * n, 1.0),
+        (n, 1 / n, n, 1.0),
+    ]
+    ntk = layers("ntk")
+    assert [m for _, m, _, _ in ntk] == pytest.approx([18**-0.5, 72**-0.5, n**-0.5, n**-0.5])
+    assert all(r == 1.0 for _, _, r, _ in ntk)
+    standard = layers("standard")
+    assert [s for _, _, _, s in standard] == pytest.approx([0.5 / 18**0.5, 72**-0.5, n**-0.5, n**-0.5])
+    mup = layers("mup")
+    assert [r for _, _, r, _ in mup] == pytest.approx([n, 1.0, 1.0, 1 / n])
+    assert mup[-1][3] == pytest.approx(1 / n)
+
+
+def test_torch_cnn_langevin_noise_is_seeded() -> None:
+    """Langevin noise on a cnn (torch only) comes from the stream NOISE: the same seed
+    gives the same run, and the noise moves the weights beyond plain SGD's."""
+    pytest.importorskip("torch")
+    from mfdsl_torch._cnn import train_cnn
+
+    noisy, _ = cnn_plans(cnn_text(optimizer="langevin(lr = 0.1, temperature = 0.01)", steps=3))
+    plain, _ = cnn_plans(cnn_text(optimizer="sgd(lr = 0.1)", steps=3))
+    data = make_dataset(noisy.data, noisy.seed)
+    a, b, c = train_cnn(noisy, data), train_cnn(noisy, data), train_cnn(plain, data)
+    np.testing.assert_array_equal(a.records["weight_change"], b.records["weight_change"])
+    assert np.all(a.records["weight_change"][-1] != c.records["weight_change"][-1])
