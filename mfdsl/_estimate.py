@@ -738,7 +738,8 @@ def _cnn_unit(point: Any, facts: _Facts, backend: str, limit: bool) -> Unit:
     feature maps — per example and conv layer, the pre-activation, the activation and
     its pooled copy (``n h w`` each) and the unfolded input (``C_in k² h w``), kept
     for the backward pass; with ``n`` the width, or the particles of a limit (whose
-    ``E_Z`` batch is the training set or ``data_samples``)."""
+    ``E_Z`` batch is the training set or ``data_samples``).  Every member of a torch
+    ensemble holds its own."""
     from ._compile import cnn_fans, conv_plan
 
     spec: ir.Spec = point.spec
@@ -800,8 +801,11 @@ def _cnn_unit(point: Any, facts: _Facts, backend: str, limit: bool) -> Unit:
             )
         )
     coords = {**point.coords, "width": math.inf} if limit else dict(point.coords)
-    # torch trains cnns one at a time: "weights" past the ensemble limit keep them single
-    return Unit(backend, coords, 1, tuple(parts), tuple(shared), _ENSEMBLE_BYTES + 1)
+    # torch trains up to 16 seeds of a cnn together (mfdsl_torch._cnn_groups): "weights"
+    # of at least 1/16 of the ensemble limit cap the members at 16
+    return Unit(
+        backend, coords, 1, tuple(parts), tuple(shared), max(params * item, -(-_ENSEMBLE_BYTES // 16))
+    )
 
 
 # ---- against the machine -------------------------------------------------------------------

@@ -440,3 +440,50 @@ def test_torch_cnn_langevin_noise_is_seeded() -> None:
     a, b, c = train_cnn(noisy, data), train_cnn(noisy, data), train_cnn(plain, data)
     np.testing.assert_array_equal(a.records["weight_change"], b.records["weight_change"])
     assert np.all(a.records["weight_change"][-1] != c.records["weight_change"][-1])
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(optimizer="sgd(lr = 0.3, momentum = 0.5, weight_decay = 0.01)", extra="  freeze = [1]"),
+        dict(head="flatten", dense=0, act="relu", bias=False, loss="logistic", train="online", batch=4),
+    ],
+    ids=["momentum-decay-frozen", "flatten-online"],
+)
+def test_torch_cnn_ensemble_members_match_training_alone(kw: dict[str, object]) -> None:
+    """Seeds trained together (stacked parameters, one vmapped gradient pass) get what
+    each gets alone, to float64 rounding."""
+    pytest.importorskip("torch")
+    from mfdsl_torch._cnn import train_cnn, train_cnn_ensemble
+
+    plans = [cnn_plans(cnn_text(seed=s, steps=4, every=2, **kw))[0] for s in (0, 1, 2)]  # type: ignore[arg-type]
+    datasets = [make_dataset(p.data, p.seed) for p in plans]
+    together = train_cnn_ensemble(plans, datasets)
+    for plan, data, got in zip(plans, datasets, together, strict=True):
+        alone = train_cnn(plan, data)
+        assert got.status == alone.status == "done" and got.steps_done == alone.steps_done == 4
+        for name, values in alone.records.items():
+            assert rel_err(got.records[name], values) < 1e-10, name
+    a, b = together[0].records["train_loss"], together[1].records["train_loss"]
+    assert not np.allclose(a, b)  # the members are different networks
+
+
+def test_torch_backend_groups_a_cnns_seeds_and_runs_them_together() -> None:
+    pytest.importorskip("torch")
+    from mfdsl_torch import TorchBackend
+
+    spec = mfdsl.parse(
+        cnn_text(steps=2).replace("seed = [0]", "seed = [0, 1, 2]").replace("width = [6]", "width = [4, 6]")
+    )
+    plans = [compile_point(p.spec, dict(p.coords), "torch") for p in mfdsl.expand(spec)]
+    backend = TorchBackend()
+    groups = backend.group(plans, workers=1)
+    assert sorted(sorted(plans[i].width for i in g) for g in groups) == [[4.0] * 3, [6.0] * 3]
+    # two workers: each takes a share of a width's seeds
+    assert max(len(g) for g in backend.group(plans, workers=2)) == 2
+    group = next(g for g in groups if plans[g[0]].width == 6)
+    results = backend.run_group([plans[i] for i in group])
+    alone = backend.run(plans[group[1]])
+    assert [r["status"] for r in results] == ["done"] * 3
+    for name, values in alone["records"].items():
+        assert rel_err(results[1]["records"][name], values) < 1e-10, name

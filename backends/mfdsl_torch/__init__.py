@@ -12,6 +12,7 @@ torch only for a spec that asks for ``device = cuda``, to ask it for a GPU.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, final
@@ -121,15 +122,16 @@ class TorchBackend(Backend):
         in cache and a worker's share of the sweep (``_ensemble.group_plans``)."""
         self.require()
         if any(p.conv is not None for p in plans):
-            # cnns train one at a time (mlps still group among themselves)
+            # cnns: the seeds of one network train together (mfdsl_torch._cnn); mlps
+            # group among themselves as always
             mlp = [i for i, p in enumerate(plans) if p.conv is None]
-            cnn = [[i] for i, p in enumerate(plans) if p.conv is not None]
-            if not mlp:
-                return cnn
-            from ._ensemble import group_plans
+            out = _cnn_groups(plans, [i for i, p in enumerate(plans) if p.conv is not None], workers)
+            if mlp:
+                from ._ensemble import group_plans
 
-            sub = group_plans([plans[i] for i in mlp], workers=workers)
-            return [[mlp[j] for j in g] for g in sub] + cnn
+                sub = group_plans([plans[i] for i in mlp], workers=workers)
+                out = [[mlp[j] for j in g] for g in sub] + out
+            return out
         from ._ensemble import group_plans
 
         return group_plans(plans, workers=workers)
@@ -146,12 +148,11 @@ class TorchBackend(Backend):
         if not plans:
             return []
         if any(p.conv is not None for p in plans):
-            # cnns (mfdsl_torch._cnn): one at a time, never by the native loop
-            out: list[Mapping[str, Any]] = []
-            for i, p in enumerate(plans):
-                r = _cnn_result(p, i, progress)
-                out.append({"records": r.records, "status": r.status, "message": r.message})
-            return out
+            # cnns (mfdsl_torch._cnn): an ensemble of seeds, never by the native loop
+            return [
+                {"records": r.records, "status": r.status, "message": r.message}
+                for r in _cnn_results(plans, progress)
+            ]
         options = {
             (
                 p.options.get("device", "cpu"),
@@ -180,25 +181,48 @@ class TorchBackend(Backend):
         return [{"records": r.records, "status": r.status, "message": r.message} for r in results]
 
 
-def _cnn_result(plan: RunPlan, member: int, progress: Callable[[int, int, float], None] | None) -> Any:
+#: the most seeds of one cnn trained together
+_CNN_MEMBERS = 16
+
+
+def _cnn_groups(plans: Sequence[RunPlan], indices: list[int], workers: int) -> list[list[int]]:
+    """The cnn plans ``indices`` as ensembles: those that differ in the seed only, at
+    most ``_CNN_MEMBERS`` together and no more than a worker's share of them."""
+    from ._cnn import ensemble_key
+
+    by_key: dict[Any, list[int]] = {}
+    for i in indices:
+        by_key.setdefault(ensemble_key(plans[i]), []).append(i)
+    out = []
+    for group in by_key.values():
+        size = max(1, min(_CNN_MEMBERS, -(-len(group) // max(1, workers))))
+        out += [group[s : s + size] for s in range(0, len(group), size)]
+    return out
+
+
+def _renumber(
+    progress: Callable[[int, int, float], None], index: int, _: int, step: int, loss: float
+) -> None:
+    progress(index, step, loss)
+
+
+def _cnn_results(plans: Sequence[RunPlan], progress: Callable[[int, int, float], None] | None) -> list[Any]:
     from mfdsl._data import make_dataset
 
-    from ._cnn import train_cnn
+    from ._cnn import ensemble_key, train_cnn_ensemble
 
-    report = None
-    if progress is not None:
-        tell = progress
-
-        def report(step: int, loss: float) -> None:
-            tell(member, step, loss)
-
-    return train_cnn(
-        plan,
-        make_dataset(plan.data, plan.seed),
-        progress=report,
-        device=str(plan.options.get("device", "cpu")),
-        dtype=str(plan.options.get("dtype", "float64")),
-    )
+    options = plans[0].options
+    device, dtype = str(options.get("device", "cpu")), str(options.get("dtype", "float64"))
+    if len({ensemble_key(p) for p in plans}) > 1:  # not one ensemble: train each alone
+        out = []
+        for i, p in enumerate(plans):
+            member = None if progress is None else functools.partial(_renumber, progress, i)
+            out += train_cnn_ensemble(
+                [p], [make_dataset(p.data, p.seed)], progress=member, device=device, dtype=dtype
+            )
+        return out
+    datasets = [make_dataset(p.data, p.seed) for p in plans]
+    return train_cnn_ensemble(plans, datasets, progress=progress, device=device, dtype=dtype)
 
 
 def _cuda_problem(device: str) -> str | None:

@@ -17,15 +17,18 @@ frozen layers, the minibatch order, divergence and the observables ``train_loss`
 (:mod:`._engine`'s docstring) exactly; gradients come from autograd.
 ``neuron_spread`` of a conv layer is the standard deviation across channels of
 ``H_ℓ[c, p]``, averaged over the probe inputs and the positions ``p`` (of a dense layer,
-across its neurons, as for the mlp).  Seeds are trained one at a time (no ensemble
-batching) and never by the native C loop.
+across its neurons, as for the mlp).  The seeds of one network train together
+(:func:`train_cnn_ensemble`: stacked parameters, one ``torch.func.vmap`` gradient pass,
+each member what it gets alone up to rounding), never by the native C loop.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,7 +42,7 @@ from mfdsl._streams import Stream
 
 from ._engine import _DTYPES, Dataset, Result, _activation, _example_losses, _output_map, _prepare_targets
 
-__all__ = ["CnnNetwork", "train_cnn"]
+__all__ = ["CnnNetwork", "ensemble_key", "train_cnn", "train_cnn_ensemble"]
 
 # input entries per chunk of minibatches moved to the device
 _CHUNK_ELEMENTS = 1 << 22
@@ -80,31 +83,35 @@ class CnnNetwork:
     def forward(self, x: Tensor) -> tuple[list[Tensor], Tensor]:
         """Hidden pre-activations ``[H_1 … H_L]`` (conv: ``(B, C, h, w)``) and the output
         before ψ, ``(B, K)``, for flat inputs ``x`` ``(B, C·H·W)``."""
+        return self.forward_with(self.W, self.b, x)
+
+    def forward_with(self, W: list[Tensor], b: list[Tensor | None], x: Tensor) -> tuple[list[Tensor], Tensor]:
+        """:meth:`forward` with the weights ``W`` and biases ``b`` (a member's slice of
+        an ensemble's stacked parameters, under ``torch.func.vmap``)."""
         conv = self.conv
         a = x.reshape(x.shape[0], conv.channels, conv.height, conv.width)
         hs: list[Tensor] = []
         n_conv = len(conv.layers)
         for i, geo in enumerate(conv.layers):
-            h = _conv(a, self.W[i], geo.kernel, geo.stride, geo.padding)
-            h = self._affine(i, h, channel_axis=True)
+            h = _conv(a, W[i], geo.kernel, geo.stride, geo.padding)
+            h = self._affine(i, h, b[i], channel_axis=True)
             hs.append(h)
             a = self.phi(h)
             if geo.pool > 1:
                 a = F.avg_pool2d(a, geo.pool)
         g = a.mean(dim=(2, 3)) if conv.head == "avg" else a.reshape(a.shape[0], -1)
         for i in range(n_conv, self.depth + 1):
-            h = self._affine(i, g @ self.W[i], channel_axis=False)
+            h = self._affine(i, g @ W[i], b[i], channel_axis=False)
             if i == self.depth:
                 return hs, h
             hs.append(h)
             g = self.phi(h)
         raise AssertionError("unreachable")
 
-    def _affine(self, i: int, h: Tensor, *, channel_axis: bool) -> Tensor:
+    def _affine(self, i: int, h: Tensor, b: Tensor | None, *, channel_axis: bool) -> Tensor:
         m = self.layers[i].forward_mult
         if m != 1.0:
             h = h * m
-        b = self.b[i]
         if b is not None:
             h = h + (b[:, None, None] if channel_axis else b)
         return h
@@ -148,17 +155,68 @@ def train_cnn(
     dtype: str = "float64",
 ) -> Result:
     """Train the finite cnn of ``plan`` on ``dataset`` and record its observables
-    (the module docstring gives the semantics).
+    (the module docstring gives the semantics): :func:`train_cnn_ensemble` with one
+    member."""
+    member_progress = None
+    if progress is not None:
+        report = progress
+
+        def member_progress(member: int, step: int, loss: float) -> None:
+            report(step, loss)
+
+    return train_cnn_ensemble([plan], [dataset], progress=member_progress, device=device, dtype=dtype)[0]
+
+
+def ensemble_key(plan: RunPlan) -> tuple[Any, ...]:
+    """What the members of one cnn ensemble share: everything but the seed (and the
+    sweep coordinates), so their shapes, rates, data sizes and record steps agree."""
+    return (
+        plan.layers,
+        plan.conv,
+        plan.activation,
+        plan.output,
+        plan.loss,
+        repr(plan.data),
+        plan.batch,
+        plan.steps,
+        plan.optimizer,
+        plan.schedule,
+        tuple(int(s) for s in plan.record_steps),
+        plan.observables,
+        tuple(sorted((k, str(v)) for k, v in plan.options.items())),
+    )
+
+
+def train_cnn_ensemble(
+    plans: Sequence[RunPlan],
+    datasets: Sequence[Dataset],
+    *,
+    progress: Callable[[int, int, float], None] | None = None,
+    device: str | torch.device = "cpu",
+    dtype: str = "float64",
+) -> list[Result]:
+    """Train several seeds of one cnn together: their parameters are stacked along a
+    leading member axis and a step's gradients of every member come from one batched
+    pass (``torch.func.vmap``), each member on its own data.  A member's numbers are
+    those it gets alone up to rounding (batched and single products may sum in another
+    order); one member alone takes plain autograd.  A member that diverges stops
+    recording; the others go on.
 
     A small network trains on one CPU thread (the thread count is restored after):
     its ops are too small to split, and splitting them costs ten times the arithmetic
     on a busy machine."""
+    if not plans or len(plans) != len(datasets):
+        raise ValueError("train_cnn_ensemble needs one dataset per plan")
+    keys = {ensemble_key(p) for p in plans}
+    if len(keys) > 1:
+        raise ValueError("an ensemble's plans may differ in their seed only")
     threads = torch.get_num_threads()
-    small = torch.device(device).type == "cpu" and _step_elements(plan) < _SMALL_STEP
+    elements = _step_elements(plans[0]) * len(plans)
+    small = torch.device(device).type == "cpu" and elements < _SMALL_STEP
     if small and threads > 1:
         torch.set_num_threads(1)
     try:
-        return _train_cnn(plan, dataset, progress=progress, device=device, dtype=dtype)
+        return _train(list(plans), list(datasets), progress=progress, device=device, dtype=dtype)
     finally:
         if small and threads > 1:
             torch.set_num_threads(threads)
@@ -171,102 +229,181 @@ def _step_elements(plan: RunPlan) -> int:
     return plan.batch * width * sum(hc * wc for hc, wc, _, _ in plan.conv.sizes())
 
 
-def _train_cnn(
-    plan: RunPlan,
-    dataset: Dataset,
+@dataclass
+class _Member:
+    plan: RunPlan
+    dataset: Dataset
+    net: CnnNetwork
+    obs: _Observer
+    records: dict[str, np.ndarray]
+    noise: torch.Generator | None
+    status: str = "done"
+    message: str = ""
+    steps_done: int = 0
+
+
+def _train(
+    plans: list[RunPlan],
+    datasets: list[Dataset],
     *,
-    progress: Callable[[int, float], None] | None,
+    progress: Callable[[int, int, float], None] | None,
     device: str | torch.device,
     dtype: str,
-) -> Result:
-    task = str(dataset.task)
-    outputs = int(dataset.outputs)
+) -> list[Result]:
+    plan = plans[0]
+    task = str(datasets[0].task)
+    outputs = int(datasets[0].outputs)
     check_compatible(plan.loss, task, outputs)
-    net = CnnNetwork(plan, device=device, dtype=dtype)
-    if net.layers[-1].fan_out != outputs:
-        raise ValueError(f"the plan has {net.layers[-1].fan_out} outputs, the dataset {outputs}")
-    obs = _Observer(net, plan, dataset, task, outputs)
     steps_rec = np.asarray(plan.record_steps, dtype=np.int64)
-    records = obs.allocate(len(steps_rec))
-    rates = _rates(net)
-    params = net.parameters()
     opt = plan.optimizer
-    momentum = {name: torch.zeros_like(p) for name, p in params} if opt.momentum else {}
-    noise_gen: torch.Generator | None = None
-    if opt.kind == "langevin" and opt.temperature > 0:
-        noise_gen = torch.Generator(device=net.device)
-        noise_gen.manual_seed(_streams.torch_seed(plan.seed, Stream.NOISE))
+    members = []
+    for p, data in zip(plans, datasets, strict=True):
+        net = CnnNetwork(p, device=device, dtype=dtype)
+        if net.layers[-1].fan_out != outputs or int(data.outputs) != outputs:
+            raise ValueError(f"the plan has {net.layers[-1].fan_out} outputs, the dataset {data.outputs}")
+        obs = _Observer(net, p, data, task, outputs)
+        noise = None
+        if opt.kind == "langevin" and opt.temperature > 0:
+            noise = torch.Generator(device=net.device)
+            noise.manual_seed(_streams.torch_seed(p.seed, Stream.NOISE))
+        members.append(_Member(p, data, net, obs, obs.allocate(len(steps_rec)), noise))
+    E = len(members)
+    first_net = members[0].net
+    rates = _rates(first_net)
+    names = [name for name, _ in first_net.parameters()]
+    # the parameters: one tensor per member (alone), or stacked with views per member
+    stacked: dict[str, Tensor] = {}
+    if E > 1:
+        for i in range(len(first_net.layers)):
+            for kind in ("W", "b"):
+                tensors = [getattr(m.net, kind)[i] for m in members]
+                if tensors[0] is None:
+                    continue
+                big = torch.stack([t.detach() for t in tensors])
+                stacked[f"{kind}{i + 1}"] = big
+                for e, m in enumerate(members):
+                    getattr(m.net, kind)[i] = big[e]
+                    if kind == "W" and i + 1 in m.obs.w0:
+                        m.obs.w0[i + 1] = big[e].detach().clone()
+    momentum: list[dict[str, Tensor]] = [
+        {name: torch.zeros_like(p) for name, p in m.net.parameters()} if opt.momentum else {} for m in members
+    ]
     batch = plan.batch
-    chunk = max(1, _CHUNK_ELEMENTS // max(1, batch * dataset.dim))
+    chunk = max(1, _CHUNK_ELEMENTS // max(1, batch * int(datasets[0].dim) * E))
+    grad_fn = _batched_grad(first_net, plan.loss) if E > 1 else None
 
-    def loss_of(x: Tensor, y: Tensor) -> Tensor:
-        _, z = net.forward(x)
-        return _example_losses(plan.loss, net.psi(z), y).mean()
-
-    def fetch(start: int, n: int) -> tuple[Tensor, Tensor]:
-        x, y = dataset.train_chunk(start, n, batch)
-        xs = torch.as_tensor(np.asarray(x, np.float64)).to(device=net.device, dtype=net.dtype)
+    def fetch(m: _Member, start: int, n: int) -> tuple[Tensor, Tensor]:
+        x, y = m.dataset.train_chunk(start, n, batch)
+        xs = torch.as_tensor(np.asarray(x, np.float64)).to(device=m.net.device, dtype=m.net.dtype)
         ys = _prepare_targets(
-            y, lead=2, loss=plan.loss, task=task, outputs=outputs, device=net.device, dtype=net.dtype
+            y, lead=2, loss=plan.loss, task=task, outputs=outputs, device=m.net.device, dtype=m.net.dtype
         )
         return xs, ys
 
-    status, message, steps_done = "done", "", 0
+    def step_grads(xs: list[Tensor], ys: list[Tensor]) -> tuple[list[float], list[dict[str, Tensor]]]:
+        """Each member's minibatch loss and gradients (of its trainable parameters)."""
+        if grad_fn is None:
+            m = members[0]
+            _, z = m.net.forward(xs[0])
+            loss = _example_losses(plan.loss, m.net.psi(z), ys[0]).mean()
+            params = m.net.parameters()
+            grads = torch.autograd.grad(loss, [p for _, p in params]) if params else ()
+            return [float(loss.detach())], [dict(zip([n for n, _ in params], grads, strict=True))]
+        train = {n: stacked[n] for n in names}
+        fixed = {n: t for n, t in stacked.items() if n not in train}
+        with warnings.catch_warnings():
+            # unfold's backward has no batching rule yet: vmap loops over the members
+            # there (correct, a little slower), and says so at every step
+            warnings.filterwarnings("ignore", message=".*batching rule for aten::unfold_backward")
+            grads, losses = grad_fn(train, fixed, torch.stack(xs), torch.stack(ys))
+        values = losses.detach().cpu().tolist()
+        return values, [{n: grads[n][e] for n in names} for e in range(E)]
+
     step = 0
-    losses: list[float] = []
     last = int(steps_rec[-1]) if steps_rec.size else 0
     for r, target in enumerate(steps_rec):
         target = int(target)
+        active = [m for m in members if m.status == "done"]
+        if not active:
+            break
         if target == 0:
-            xs, ys = fetch(0, 1)
-            with torch.no_grad():
-                first = float(loss_of(xs[0], ys[0]))
-            obs.record(records, r, first)
-            if progress is not None:
-                progress(0, first)
+            for e, m in enumerate(members):
+                xs, ys = fetch(m, 0, 1)
+                with torch.no_grad():
+                    _, z = m.net.forward(xs[0])
+                    first = float(_example_losses(plan.loss, m.net.psi(z), ys[0]).mean())
+                m.obs.record(m.records, r, first)
+                if progress is not None:
+                    progress(e, 0, first)
             continue
-        losses = []
+        losses: list[list[float]] = [[] for _ in members]
         while step < target:
             n = min(chunk, target - step)
-            xs, ys = fetch(step, n)
+            batches = [fetch(m, step, n) for m in members]
             for j in range(n):
-                loss = loss_of(xs[j], ys[j])
-                value = float(loss.detach())
-                if not math.isfinite(value):
-                    status = "diverged"
-                    message = f"the minibatch loss became non-finite at step {step}"
-                    break
-                grads = torch.autograd.grad(loss, [p for _, p in params])
+                values, grads = step_grads([bx[j] for bx, _ in batches], [by[j] for _, by in batches])
                 xi = float(plan.schedule(step, plan.steps))
                 with torch.no_grad():
-                    for (name, p), g in zip(params, grads, strict=True):
-                        rate = rates[name]
-                        if opt.weight_decay:
-                            g = g + (opt.weight_decay * rate.decay / rate.lr_mult) * p
-                        if opt.momentum:
-                            momentum[name].mul_(opt.momentum).add_(g)
-                            g = momentum[name]
-                        p.sub_((opt.lr * xi * rate.lr_mult) * g)
-                        if noise_gen is not None and rate.noise > 0:
-                            scale = math.sqrt(2.0 * opt.lr * xi * rate.noise * opt.temperature)
-                            noise = torch.randn(
-                                p.shape, generator=noise_gen, device=net.device, dtype=net.dtype
-                            )
-                            p.add_(scale * noise)
-                losses.append(value)
+                    for e, m in enumerate(members):
+                        if m.status != "done":
+                            continue
+                        if not math.isfinite(values[e]):
+                            m.status = "diverged"
+                            m.message = f"the minibatch loss became non-finite at step {step}"
+                            continue
+                        for name, param in m.net.parameters():
+                            rate = rates[name]
+                            g = grads[e][name]
+                            if opt.weight_decay:
+                                g = g + (opt.weight_decay * rate.decay / rate.lr_mult) * param
+                            if opt.momentum:
+                                momentum[e][name].mul_(opt.momentum).add_(g)
+                                g = momentum[e][name]
+                            param.sub_((opt.lr * xi * rate.lr_mult) * g)
+                            if m.noise is not None and rate.noise > 0:
+                                scale = math.sqrt(2.0 * opt.lr * xi * rate.noise * opt.temperature)
+                                draw = torch.randn(
+                                    param.shape, generator=m.noise, device=param.device, dtype=param.dtype
+                                )
+                                param.add_(scale * draw)
+                        losses[e].append(values[e])
+                        m.steps_done = step + 1
                 step += 1
-                steps_done = step
-            if status != "done":
+                if all(m.status != "done" for m in members):
+                    break
+            if all(m.status != "done" for m in members):
                 break
-        if status != "done":
-            break
-        mean_loss = float(np.mean(losses)) if losses else math.nan
-        obs.record(records, r, mean_loss)
-        if progress is not None:
-            progress(target, mean_loss)
+        for e, m in enumerate(members):
+            if m.status != "done":
+                continue
+            mean_loss = float(np.mean(losses[e])) if losses[e] else math.nan
+            m.obs.record(m.records, r, mean_loss)
+            if progress is not None:
+                progress(e, target, mean_loss)
         if target >= last:
             break
-    return Result(records=records, status=status, message=message, steps_done=steps_done)
+    return [
+        Result(records=m.records, status=m.status, message=m.message, steps_done=m.steps_done)
+        for m in members
+    ]
+
+
+def _batched_grad(net: CnnNetwork, loss: str) -> Callable[..., Any]:
+    """``(train, fixed, xs, ys) → (grads, losses)`` for stacked members: the gradient of
+    each member's minibatch loss in its own trainable parameters, in one vmapped pass."""
+    from torch.func import grad_and_value, vmap
+
+    depth = len(net.layers)
+
+    def member_loss(train: dict[str, Tensor], fixed: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+        params = {**fixed, **train}
+        W = [params[f"W{i + 1}"] for i in range(depth)]
+        b = [params.get(f"b{i + 1}") for i in range(depth)]
+        _, z = net.forward_with(W, b, x)
+        return _example_losses(loss, net.psi(z), y).mean()
+
+    fn: Callable[..., Any] = vmap(grad_and_value(member_loss))
+    return fn
 
 
 class _Observer:
