@@ -120,7 +120,7 @@ EXPERIMENTS = (
             "sweep.seed=0..7",
         ),
         note="64 training images and t = 4 (the early, feature-learning part of the run, where "
-        "the losses of all widths are still apart), 8 seeds — tests/test_cnn.py's configuration",
+        "the losses of all widths are still apart), 8 seeds — the run of tests/test_cnn.py, which compares with one limit at another seed (slope −0.44 there)",
     ),
     Experiment(
         key="fig1",
