@@ -27,6 +27,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
+from . import _streams
+from ._streams import Stream
+
 
 @dataclass(frozen=True, kw_only=True)
 class ConvLayerPlan:
@@ -95,3 +100,47 @@ def shape_problem(layer: ConvLayerPlan, height: int, width: int) -> str | None:
             f"smaller than the {layer.pool}×{layer.pool} pooling window"
         )
     return None
+
+
+def particle_sample(seed: int, width: int, sample: int) -> np.ndarray:
+    """The channels (neurons) ``particles(sample = S)`` follows: ``S`` of ``width``
+    chosen without replacement from the stream ``PARTICLES``, sorted, padded with −1
+    where the layer has fewer (``S = 0``: every one) — as the mlp engines choose them."""
+    size = int(sample) or width
+    rng = _streams.rng(seed, Stream.PARTICLES)
+    take = np.sort(rng.choice(width, size=min(size, width), replace=False))
+    idx = np.full(size, -1, dtype=np.int64)
+    idx[: take.size] = take
+    return idx
+
+
+def outgoing_row(conv: ConvPlan, depth: int, layer: int, channel: int) -> int:
+    """The row of weight layer ``layer + 1`` that carries channel (neuron) ``channel`` of
+    hidden layer ``layer`` at its first kernel offset or position: ``channel · k²`` into
+    a conv layer, ``channel · S`` into the first layer after a ``flatten`` head, else
+    ``channel``."""
+    n_conv = len(conv.layers)
+    if layer < n_conv:
+        return channel * conv.layers[layer].kernel ** 2
+    if layer == n_conv and conv.head == "flatten" and layer <= depth:
+        return channel * conv.positions()
+    return channel
+
+
+def particle_table(
+    conv: ConvPlan, depth: int, layer: int, w_in: np.ndarray, w_out: np.ndarray, idx: np.ndarray
+) -> np.ndarray:
+    """``particles`` of a cnn: per chosen channel ``j`` of hidden layer ``layer``,
+    ``(W_ℓ[0, j], W_ℓ[1, j], ‖W_ℓ[:, j]‖₂, W_{ℓ+1}[r_j, 0])`` with ``r_j`` its
+    :func:`outgoing_row`; rows of −1 (padding) are NaN."""
+    out = np.full((len(idx), 4), np.nan)
+    for row, j in enumerate(idx):
+        if j < 0:
+            continue
+        column = w_in[:, j]
+        out[row, 0] = column[0]
+        if column.shape[0] > 1:
+            out[row, 1] = column[1]
+        out[row, 2] = float(np.linalg.norm(column))
+        out[row, 3] = w_out[outgoing_row(conv, depth, layer, int(j)), 0]
+    return out

@@ -724,7 +724,7 @@ class Spec(Node):
             )
 
     def _check_cnn(self, net: ConvNetwork) -> None:
-        """A cnn reads images, its layers fit the image, and it records what it can."""
+        """A cnn reads images and its layers fit the image."""
         shape = image_shape(self.data)
         if shape is None:
             net.fail(
@@ -733,15 +733,6 @@ class Spec(Node):
                 f"but the data is {self.data.kind}",
                 hint="use 'data textures { ... }' for a synthetic image task, or 'network mlp'",
             )
-        if self.record is not None:
-            for obs in self.record.observables:
-                if obs.name == "particles":
-                    raise SpecError(
-                        "particles is not recorded for cnn networks: a channel's particle is a whole "
-                        "filter, which the four columns of 'particles' do not describe",
-                        obs.span,
-                        hint="record weight_change and neuron_spread (the spread across channels) instead",
-                    )
         if any(is_expr(v) for v in shape):
             return
         from ._conv import ConvLayerPlan, conv_size, shape_problem

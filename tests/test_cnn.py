@@ -168,7 +168,6 @@ def test_cnn_language_errors() -> None:
         "isotropic_gaussian { dim = 4, train = 16, test = 24 }",
     )
     assert "a cnn network needs image data" in str(error_of(mlp_data))
-    assert "particles is not recorded for cnn" in str(error_of(cnn_text(observables="particles")))
     assert "did you mean 'cnn'" in (error_of(cnn_text().replace("network cnn", "network cnm")).hint or "")
     # init selectors count conv and dense layers: 2 conv + 1 dense + output = 4 weight layers
     err = error_of(cnn_text(init="  layer 1..3 ~ normal(0, 1)"))
@@ -280,6 +279,13 @@ def test_width_n_plan_and_limit_plan_draw_the_same_filters() -> None:
     assert fans == [(layer.fan_in, layer.fan_out) for layer in finite.layers]
     assert fans == [(2 * 9, 5), (5 * 9, 5), (5 * 4, 5), (5, 1)]  # 6×6 → 6×6 → 2×2: S = 4
     assert [(layer.fan_in, layer.fan_out) for layer in limit.layers] == [(18, 1), (9, 1), (4, 1), (1, 1)]
+    # particles: channel j's first outgoing weight is at row j·k² of a conv layer's
+    # matrix, j·S of the layer after a flatten head, j of a dense layer
+    from mfdsl._conv import outgoing_row
+
+    assert outgoing_row(finite.conv, 3, 1, 2) == 2 * 9
+    assert outgoing_row(finite.conv, 3, 2, 2) == 2 * 4
+    assert outgoing_row(finite.conv, 3, 3, 2) == 2
 
 
 # --------------------------------------------------------------------------- convergence

@@ -40,7 +40,8 @@ activations take about ``B Σ_ℓ (N + N k²) h_ℓ w_ℓ`` numbers.
 ``train_loss``, ``test_loss``, ``test_accuracy``, ``output`` and ``weight_change`` as
 there, ``neuron_spread`` as ``mfdsl_torch._cnn`` defines it (across channels, averaged
 over probes and positions).  Not supported for cnns (``mfdsl check`` rejects them):
-Langevin noise, ``solver = heun``, ``particles`` and every scaling but ``mean_field``.
+Langevin noise, ``solver = heun`` and every scaling but ``mean_field``.  ``particles``
+is :func:`mfdsl._conv.particle_table` of the sampled channels, as torch records it.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ import numpy as np
 from jax import lax
 
 from mfdsl._compile import cnn_fans
-from mfdsl._conv import ConvPlan
+from mfdsl._conv import ConvPlan, particle_sample, particle_table
 from mfdsl._plan import RunPlan, check_compatible, initial_weights
 
 from ._solver import Result, _activation, _example_losses, _intervals, _output_map, _targets, _x64
@@ -297,8 +298,6 @@ class _Observer:
     ) -> None:
         self.plan, self.task, self.outputs = plan, task, outputs
         names = {o.name for o in plan.observables}
-        if "particles" in names:
-            raise ValueError("particles is not recorded for cnn networks")
         self.n_test = int(np.asarray(dataset.test_x).shape[0])
         self.labels = np.asarray(dataset.test_y)
         by_name = {o.name: o for o in plan.observables}
@@ -312,6 +311,12 @@ class _Observer:
         self.change_layers: tuple[int, ...] = ()
         if "weight_change" in by_name:
             self.change_layers = by_name["weight_change"].layers_or(range(1, depth + 2), 1, depth + 1)
+        self.conv, self.depth = conv, depth
+        self.particle_layer, self.particle_idx = 1, np.zeros(0, np.int64)
+        if "particles" in by_name:
+            o = by_name["particles"]
+            (self.particle_layer,) = o.layers_or((1,), 1, depth)
+            self.particle_idx = particle_sample(plan.seed, n, o.sample)
         self.names = names
 
         self.psi = _output_map(plan.output)
@@ -362,6 +367,8 @@ class _Observer:
                 shapes[o.name] = (len(self.spread_layers),)
             elif o.name == "weight_change":
                 shapes[o.name] = (len(self.change_layers),)
+            elif o.name == "particles":
+                shapes[o.name] = (len(self.particle_idx), 4)
         return {name: np.full((count, *s), np.nan) for name, s in shapes.items()}
 
     def record(
@@ -400,3 +407,10 @@ class _Observer:
             records["neuron_spread"][k] = np.asarray(first["spread"], np.float64)
         if "weight_change" in records:
             records["weight_change"][k] = np.asarray(first["change"], np.float64)
+        if "particles" in records:
+            ell = self.particle_layer
+            w_in = np.asarray(params[f"W{ell}"], np.float64)
+            w_out = np.asarray(params[f"W{ell + 1}"], np.float64)
+            records["particles"][k] = particle_table(
+                self.conv, self.depth, ell, w_in, w_out, self.particle_idx
+            )

@@ -15,7 +15,10 @@ SGD, the learning-rate multipliers, weight decay, momentum, Langevin noise, sche
 frozen layers, the minibatch order, divergence and the observables ``train_loss``,
 ``test_loss``, ``test_accuracy``, ``output`` and ``weight_change`` follow the mlp engine
 (:mod:`._engine`'s docstring) exactly; gradients come from autograd.
-``neuron_spread`` of a conv layer is the standard deviation across channels of
+``particles(layer = ℓ, sample = S)`` follows S channels (neurons) of hidden layer ℓ chosen
+from the stream ``PARTICLES``: ``mfdsl._conv.particle_table`` — the first two entries of
+each one's incoming column, its ℓ2 norm (the whole filter), and its first outgoing
+weight.  ``neuron_spread`` of a conv layer is the standard deviation across channels of
 ``H_ℓ[c, p]``, averaged over the probe inputs and the positions ``p`` (of a dense layer,
 across its neurons, as for the mlp).  The seeds of one network train together
 (:func:`train_cnn_ensemble`: stacked parameters, one ``torch.func.vmap`` gradient pass,
@@ -36,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mfdsl import _streams
-from mfdsl._conv import ConvPlan
+from mfdsl._conv import ConvPlan, particle_sample, particle_table
 from mfdsl._plan import RunPlan, check_compatible
 from mfdsl._streams import Stream
 
@@ -412,8 +415,6 @@ class _Observer:
     def __init__(self, net: CnnNetwork, plan: RunPlan, dataset: Dataset, task: str, outputs: int) -> None:
         self.net, self.plan, self.task, self.outputs = net, plan, task, outputs
         self.names = {o.name for o in plan.observables}
-        if "particles" in self.names:
-            raise ValueError("particles is not recorded for cnn networks")
         test_x = np.asarray(dataset.test_x, dtype=np.float64)
         self.n_test = test_x.shape[0]
         self.test_x = torch.as_tensor(test_x).to(device=net.device, dtype=net.dtype)
@@ -446,6 +447,13 @@ class _Observer:
         if "weight_change" in by_name:
             self.change_layers = by_name["weight_change"].layers_or(range(1, L + 2), 1, L + 1)
         self.w0 = {ell: net.W[ell - 1].detach().clone() for ell in self.change_layers}
+        self.particle_layer, self.particle_idx = 1, np.zeros(0, np.int64)
+        if "particles" in by_name:
+            o = by_name["particles"]
+            (self.particle_layer,) = o.layers_or((1,), 1, L)
+            self.particle_idx = particle_sample(
+                plan.seed, net.layers[self.particle_layer - 1].fan_out, o.sample
+            )
 
     def allocate(self, n: int) -> dict[str, np.ndarray]:
         shapes: dict[str, tuple[int, ...]] = {}
@@ -459,6 +467,8 @@ class _Observer:
                 shapes[o.name] = (len(self.spread_layers),)
             elif o.name == "weight_change":
                 shapes[o.name] = (len(self.change_layers),)
+            elif o.name == "particles":
+                shapes[o.name] = (len(self.particle_idx), 4)
         return {name: np.full((n, *shape), np.nan) for name, shape in shapes.items()}
 
     def record(self, records: dict[str, np.ndarray], r: int, train_loss: float) -> None:
@@ -483,6 +493,11 @@ class _Observer:
                         float(hs[ell - 1][: self.probes_spread].std(dim=1, correction=0).mean())
                         for ell in self.spread_layers
                     ]
+            if "particles" in records:
+                ell = self.particle_layer
+                records["particles"][r] = particle_table(
+                    net.conv, net.depth, ell, _host(net.W[ell - 1]), _host(net.W[ell]), self.particle_idx
+                )
             if "weight_change" in records:
                 records["weight_change"][r] = [
                     float(
