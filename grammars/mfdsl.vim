@@ -5,7 +5,7 @@ if exists("b:current_syntax")
 endif
 
 syntax keyword mfdslKeyword experiment data network scaling init layer train record every log sweep backends
-syntax keyword mfdslBuiltin all auto cifar10 cross_entropy erf false fashion_mnist gelu identity isotropic_gaussian last logistic mean_field mnist mse mup neuron_spread ntk online output particles piecewise_linear preactivation_rms relu sigmoid standard tanh teacher test_accuracy test_loss train_loss true weight_change
+syntax keyword mfdslBuiltin all auto cifar10 cross_entropy erf false fashion_mnist gelu identity isotropic_gaussian last logistic mean_field mnist mse mup neuron_spread ntk online output particles piecewise_linear preactivation_rms relu sigmoid standard tanh teacher test_accuracy test_loss textures train_loss true weight_change
 syntax keyword mfdslFunction abs cos exp sin sqrt tanh
 syntax match mfdslKey /\<[A-Za-z_][A-Za-z0-9_]*\ze\s*=/
 syntax match mfdslCall /\<[A-Za-z_][A-Za-z0-9_]*\ze\s*(/

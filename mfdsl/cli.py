@@ -379,7 +379,8 @@ def _check(args: argparse.Namespace) -> int:
     hidden = {p.spec.network.hidden for p in points}
     layers = "1 hidden layer" if hidden == {1} else f"{across(hidden)} hidden layers"
     activation = across({p.spec.network.activation for p in points})
-    table.add_row("network", f"mlp, {layers}, {activation}")
+    kinds = across({p.spec.network.kind for p in points})
+    table.add_row("network", f"{kinds}, {layers}, {activation}")
     table.add_row("scaling", across({p.spec.scaling for p in points}))
     for row in summary(resources):
         table.add_row(*row)

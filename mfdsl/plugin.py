@@ -34,9 +34,10 @@ from mfdsl.core.errors import Span, SpecError
 from mfdsl.core.plugins import WORKER_ENV, Backend, BackendUnavailable
 from mfdsl.core.streams import Stream
 from mfdsl.data.make import Dataset, make_dataset
-from mfdsl.language.ir import Adam, Data, Langevin, Spec, is_expr
+from mfdsl.language.ir import Adam, ConvNetwork, Data, Langevin, Spec, is_expr
 from mfdsl.language.options import Bool, Choice, Float, Int, Option, Str
-from mfdsl.plan.compile import limit_problem
+from mfdsl.plan.compile import cnn_fans, limit_problem
+from mfdsl.plan.conv import ConvLayerPlan, ConvPlan, particle_sample, particle_table
 from mfdsl.plan.types import (
     DistPlan,
     LayerPlan,
@@ -59,6 +60,9 @@ __all__ = [
     "BackendUnavailable",
     "Bool",
     "Choice",
+    "ConvLayerPlan",
+    "ConvNetwork",
+    "ConvPlan",
     "Data",
     "Dataset",
     "DistPlan",
@@ -78,9 +82,12 @@ __all__ = [
     "Stream",
     "activations",
     "check_compatible",
+    "cnn_fans",
     "initial_weights",
     "is_expr",
     "limit_problem",
     "make_dataset",
+    "particle_sample",
+    "particle_table",
     "streams",
 ]

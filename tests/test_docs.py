@@ -173,6 +173,8 @@ def _blocks() -> list[tuple[str, tuple[Option, ...], tuple[str, ...]]]:
         )
     )
     blocks.append(("network mlp", ir.Network.options(), (r"## `network mlp`",)))
+    blocks.append(("network cnn", ir.ConvNetwork.options(), (r"## `network cnn`",)))
+    blocks.append(("conv layer", ir.ConvLayer.options(), (r"## `network cnn`", r"#### `conv\(")))
     blocks.append(("train", ir.Train.options(), (r"## `train`",)))
     for name, cls in ir.OPTIMIZERS.items():
         blocks.append(
@@ -246,7 +248,7 @@ def _words() -> list[str]:
     groups = (
         ir.OBSERVABLES,
         KEYWORDS,
-        ("layer", "every", "log", "last", "true", "false", "online", "all", "auto", "mlp"),
+        ("layer", "every", "log", "last", "true", "false", "online", "all", "auto", "mlp", "cnn", "conv"),
         BUILTIN_VARIABLES,
         ir.ACTIVATIONS,
         ir.OUTPUT_MAPS,

@@ -250,7 +250,14 @@ VALIDATION_ERRORS = [
         9,
         "did you mean 'mean_field'",
     ),
-    case("unknown-network", with_("network mlp", "network cnn"), 3, 9, "unknown network 'cnn'", "'mlp'"),
+    case(
+        "unknown-network",
+        with_("network mlp", "network resnet"),
+        3,
+        9,
+        "unknown network 'resnet'",
+        "'mlp' or 'cnn'",
+    ),
     case("no-sweep", with_("sweep {\n  width = [64, 256]\n  seed = 0..1\n}\n", ""), 1, 1, "no 'sweep' block"),
     case("sweeping-dim", sweeping("dim = [1, 2]", BASE), 19, 3, "'dim'", "cannot be swept"),
     case(

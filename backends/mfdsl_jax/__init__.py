@@ -17,8 +17,10 @@ from mfdsl.plugin import (
     Backend,
     BackendUnavailable,
     Choice,
+    ConvNetwork,
     Float,
     Int,
+    Langevin,
     Option,
     RunPlan,
     Spec,
@@ -92,7 +94,50 @@ class JaxBackend(Backend):
         problem = limit_problem(spec)
         if problem is not None:
             raise problem
+        if isinstance(spec.network, ConvNetwork):
+            self._check_cnn(spec)  # the infinite-channel limit: what its particle solver computes
+            return
         self._check_options(spec)
+
+    def _check_cnn(self, spec: Spec) -> None:
+        """What the cnn limit (``_cnn``) cannot compute: it integrates the mean-field
+        limit over channels with plain particles, by Euler steps, without noise (which
+        scalings have a limit at all: :func:`mfdsl.plugin.limit_problem`)."""
+        from mfdsl.plugin import is_expr
+
+        opt = spec.train.optimizer
+        if isinstance(opt, Langevin):
+            raise SpecError(
+                "the jax backend's cnn limit has no Langevin noise (the McKean–Vlasov noise on filters "
+                "is not implemented for convolutions)",
+                opt.span,
+                hint="use sgd(...) with jax, or drop jax from 'backends' for this spec",
+            )
+        block = spec.options_for(self.name)
+        if block is None:
+            return
+        if block.get("solver", "euler") == "heun":
+            raise SpecError(
+                "the jax backend integrates a cnn limit with Euler steps only",
+                block.where("solver"),
+                hint="drop 'solver' (or set solver = euler) and make dt smaller for accuracy",
+            )
+        if "reduce" in dict(block.values) and block.get("reduce") == "auto":
+            raise SpecError(
+                "the reductions R1/R2 are derived for dense middle layers, not for convolutions: "
+                "a cnn limit is computed with plain particles (each channel a particle carrying its filter)",
+                block.where("reduce"),
+                hint="write reduce = none, or leave 'reduce' out",
+            )
+        momentum = getattr(opt, "momentum", 0.0)
+        dt = block.get("dt")
+        concrete = not (is_expr(momentum) or is_expr(dt) or is_expr(opt.lr))
+        if momentum and concrete and dt is not None and abs(dt - opt.lr) > 1e-12 * opt.lr:
+            raise SpecError(
+                "momentum is a discrete recursion with step lr: the jax backend integrates it only with dt = lr",
+                block.where("dt"),
+                hint="drop 'dt' from the jax block, or use momentum = 0",
+            )
 
     def _check_options(self, spec: Spec) -> None:
         block = spec.options_for(self.name)
@@ -122,6 +167,24 @@ class JaxBackend(Backend):
 
         options = plan.options
         dataset = make_dataset(plan.data, plan.seed_of_data)
+        if plan.conv is not None:
+            from ._cnn import solve_cnn
+
+            result = solve_cnn(
+                plan,
+                dataset,
+                particles=int(options["particles"]),
+                data_samples=int(options["data_samples"]),
+                dt=options["dt"],
+                dtype=str(options["dtype"]),
+                progress=progress,
+            )
+            return {
+                "records": result.records,
+                "status": result.status,
+                "message": result.message,
+                "attrs": result.attrs,
+            }
         result = solve(
             plan,
             dataset,

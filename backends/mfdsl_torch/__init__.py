@@ -12,6 +12,7 @@ torch only for a spec that asks for ``device = cuda``, to ask it for a GPU.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -96,7 +97,15 @@ class TorchBackend(Backend):
     def check(self, spec: Spec) -> None:
         """Reject a ``native`` mode that forces the compiled loop on an optimizer it does
         not run (Adam: ATen ops only)."""
-        from mfdsl.plugin import Adam, is_expr
+        from mfdsl.plugin import Adam, ConvNetwork, is_expr
+
+        if isinstance(spec.network, ConvNetwork) and isinstance(spec.train.optimizer, Adam):
+            raise SpecError(
+                "the torch backend trains a cnn with SGD or Langevin steps; Adam is implemented for "
+                "mlp networks only",
+                spec.train.optimizer.span or spec.train.where("optimizer"),
+                hint="use optimizer = sgd(...) for a cnn, or network mlp for Adam",
+            )
 
         block = spec.options_for(self.name)
         native = block.get("native", "auto") if block is not None else "auto"
@@ -129,6 +138,17 @@ class TorchBackend(Backend):
         initial laws, learning rate, …) train as one batched network, as many as fit
         in cache and a worker's share of the sweep (``_ensemble.group_plans``)."""
         self.require()
+        if any(p.conv is not None for p in plans):
+            # cnns: the seeds of one network train together (mfdsl_torch._cnn); mlps
+            # group among themselves as always
+            mlp = [i for i, p in enumerate(plans) if p.conv is None]
+            out = _cnn_groups(plans, [i for i, p in enumerate(plans) if p.conv is not None], workers)
+            if mlp:
+                from ._ensemble import group_plans
+
+                sub = group_plans([plans[i] for i in mlp], workers=workers)
+                out = [[mlp[j] for j in g] for g in sub] + out
+            return out
         from ._ensemble import group_plans
 
         return group_plans(plans, workers=workers)
@@ -144,6 +164,12 @@ class TorchBackend(Backend):
         self.require()
         if not plans:
             return []
+        if any(p.conv is not None for p in plans):
+            # cnns (mfdsl_torch._cnn): an ensemble of seeds, never by the native loop
+            return [
+                {"records": r.records, "status": r.status, "message": r.message}
+                for r in _cnn_results(plans, progress)
+            ]
         options = {
             tuple(option(p, name) for name in ("device", "dtype", "lazy_updates", "native")) for p in plans
         }
@@ -164,6 +190,50 @@ class TorchBackend(Backend):
             native=str(native),
         )
         return [{"records": r.records, "status": r.status, "message": r.message} for r in results]
+
+
+#: the most seeds of one cnn trained together
+_CNN_MEMBERS = 16
+
+
+def _cnn_groups(plans: Sequence[RunPlan], indices: list[int], workers: int) -> list[list[int]]:
+    """The cnn plans ``indices`` as ensembles: those that differ in the seed only, at
+    most ``_CNN_MEMBERS`` together and no more than a worker's share of them."""
+    from ._cnn import ensemble_key
+
+    by_key: dict[Any, list[int]] = {}
+    for i in indices:
+        by_key.setdefault(ensemble_key(plans[i]), []).append(i)
+    out = []
+    for group in by_key.values():
+        size = max(1, min(_CNN_MEMBERS, -(-len(group) // max(1, workers))))
+        out += [group[s : s + size] for s in range(0, len(group), size)]
+    return out
+
+
+def _renumber(
+    progress: Callable[[int, int, float], None], index: int, _: int, step: int, loss: float
+) -> None:
+    progress(index, step, loss)
+
+
+def _cnn_results(plans: Sequence[RunPlan], progress: Callable[[int, int, float], None] | None) -> list[Any]:
+    from mfdsl.plugin import make_dataset
+
+    from ._cnn import ensemble_key, train_cnn_ensemble
+
+    options = plans[0].options
+    device, dtype = str(options.get("device", "cpu")), str(options.get("dtype", "float64"))
+    if len({ensemble_key(p) for p in plans}) > 1:  # not one ensemble: train each alone
+        out = []
+        for i, p in enumerate(plans):
+            member = None if progress is None else functools.partial(_renumber, progress, i)
+            out += train_cnn_ensemble(
+                [p], [make_dataset(p.data, p.seed_of_data)], progress=member, device=device, dtype=dtype
+            )
+        return out
+    datasets = [make_dataset(p.data, p.seed_of_data) for p in plans]
+    return train_cnn_ensemble(plans, datasets, progress=progress, device=device, dtype=dtype)
 
 
 def _cuda_problem(device: str) -> str | None:

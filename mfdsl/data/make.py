@@ -263,6 +263,8 @@ def make_dataset(data: Any, seed: int) -> Dataset:
         return _teacher(data, seed)
     if kind in IMAGE_KINDS:
         return _images(data, seed)
+    if kind == "textures":
+        return _textures(data, seed)
     raise DataError(f"unknown data kind {kind!r}")
 
 
@@ -312,6 +314,71 @@ def _teacher(data: Any, seed: int) -> Dataset:
         return x, teacher(x) + noise * eps
 
     return Dataset(draw=draw, seed=seed, dim=dim, task="regression", n_train=n_train, n_test=n_test)
+
+
+def _textures(data: Any, seed: int) -> Dataset:
+    """Class-dependent Gaussian textures: ``channels × size × size`` images, flattened
+    channel-major (the layout of CIFAR-10's files).  Inside a block the draws are, in
+    order: labels ``integers(0, classes, n)``, phases ``uniform(0, 2π, (n, channels))``,
+    noise ``standard_normal((n, channels, size, size))``; pixel ``(c, i, j)`` of an
+    example of class ``k`` is ``√2 cos(2π f (i cos θ_k + j sin θ_k) / size + phase_c) +
+    noise · ε`` with ``θ_k = π k / classes`` and ``f = frequency``: a grating whose
+    orientation is the class, at a random position, so a translation-invariant feature
+    (a convolution then average pooling) separates the classes.  Two classes give
+    labels ±1 (class 0 → −1), more give integer labels 0 … K−1."""
+    channels, size, classes = int(data.channels), int(data.size), int(data.classes)
+    if channels < 1 or size < 1 or classes < 2:
+        raise DataError(
+            f"textures need channels ≥ 1, size ≥ 1, classes ≥ 2 (got {channels}, {size}, {classes})"
+        )
+    dim = channels * size * size
+    _, n_train, n_test = _sizes(_Sized(dim=dim, train=data.train, test=data.test))
+    freq, noise = float(data.frequency), float(data.noise)
+    grid = np.arange(size, dtype=np.float64)
+    angles = np.pi * np.arange(classes) / classes
+    # (classes, size, size): the grating's phase at each pixel, before the random shift
+    waves = (
+        2.0
+        * np.pi
+        * freq
+        / size
+        * (
+            grid[None, :, None] * np.cos(angles)[:, None, None]
+            + grid[None, None, :] * np.sin(angles)[:, None, None]
+        )
+    )
+
+    def draw(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+        k = rng.integers(0, classes, size=n)
+        phase = rng.uniform(0.0, 2.0 * np.pi, size=(n, channels))
+        eps = rng.standard_normal((n, channels, size, size))
+        x = math.sqrt(2.0) * np.cos(waves[k][:, None] + phase[:, :, None, None]) + noise * eps
+        y = (2.0 * k - 1.0) if classes == 2 else k.astype(np.float64)
+        return x.reshape(n, dim), y
+
+    task: Task = "binary" if classes == 2 else "multiclass"
+    dataset = Dataset(
+        draw=draw,
+        seed=seed,
+        dim=dim,
+        task=task,
+        n_train=n_train,
+        n_test=n_test,
+        outputs=1 if classes == 2 else classes,
+    )
+    if classes > 2:
+        # generated labels are float64 blocks; multiclass labels are integers
+        dataset.test_y = dataset.test_y.astype(np.int64)
+        if dataset.train_y is not None:
+            dataset.train_y = dataset.train_y.astype(np.int64)
+    return dataset
+
+
+class _Sized:
+    """The fields :func:`_sizes` reads, for a source whose ``dim`` is derived."""
+
+    def __init__(self, *, dim: int, train: Any, test: Any) -> None:
+        self.dim, self.train, self.test = dim, train, test
 
 
 def teacher_network(spec: Any, dim: int, seed: int) -> Callable[[np.ndarray], np.ndarray]:

@@ -180,12 +180,14 @@ def _build(module: Module) -> ir.Spec:
     )
 
 
-def _network(stmt: Statement, ctx: _Context) -> ir.Network:
+def _network(stmt: Statement, ctx: _Context) -> ir.Network | ir.ConvNetwork:
+    if stmt.names[0] == "cnn":
+        return _cnn_network(stmt, ctx)
     if stmt.names[0] != "mlp":
         raise SpecError(
-            f"unknown network '{stmt.names[0]}'; the only network is 'mlp'",
+            f"unknown network '{stmt.names[0]}'; expected 'mlp' or 'cnn'",
             stmt.name_spans[0],
-            hint=did_you_mean(stmt.names[0], ["mlp"]),
+            hint=did_you_mean(stmt.names[0], ["mlp", "cnn"]),
         )
     network: ir.Network = construct(ir.Network, _entries(stmt), ctx, stmt.span, "network")
     return network
@@ -527,6 +529,44 @@ def _data(stmt: Statement, ctx: _Context) -> ir.Data:
         )
     extra = {"kind": kind} if cls is ir.ImageData else None
     node: ir.Data = construct(cls, _entries(stmt), ctx, stmt.span, f"data {kind}", extra=extra)
+    return node
+
+
+def _cnn_network(stmt: Statement, ctx: _Context) -> ir.ConvNetwork:
+    """``network cnn { layers = [conv(...), ...], head, dense, ... }``: the ``layers``
+    list is built call by call (each a :class:`~mfdsl.language.ir.ConvLayer`), the other keys
+    as any block's."""
+    entries = _entries(stmt)
+    layer_entries = [e for e in entries if e.key == "layers"]
+    if not layer_entries:
+        raise SpecError(
+            "network cnn needs 'layers', the list of its convolution layers",
+            stmt.span,
+            hint="add e.g. layers = [conv(3, padding = 1), conv(3, pool = 2)]",
+        )
+    if len(layer_entries) > 1:
+        first = layer_entries[0].key_span
+        at = f" (first at line {first.line})" if first else ""
+        raise SpecError(f"duplicate key 'layers' in network cnn{at}", layer_entries[1].key_span)
+    written = layer_entries[0].value
+    items = written.items if isinstance(written, ex.List) else (written,)
+    layers = []
+    for item in items:
+        if isinstance(item, ex.Name) and item.id == "conv":
+            item = ex.Call(func="conv", span=item.span, func_span=item.span)
+        if not isinstance(item, ex.Call) or item.func != "conv":
+            got = f"'{item.func}(...)'" if isinstance(item, ex.Call) else f"'{ex.to_source(item)}'"
+            raise SpecError(
+                f"'layers' lists convolution layers conv(kernel, stride, padding, pool), got {got}",
+                item.func_span if isinstance(item, ex.Call) else item.span,
+                hint=did_you_mean(item.func, ["conv"]) if isinstance(item, ex.Call) else None,
+            )
+        kw = [Entry(key=k, value=v, span=v.span, key_span=v.span) for k, v in item.kwargs]
+        layers.append(construct(ir.ConvLayer, kw, ctx, item.span, "conv", positional=item.args))
+    others = [e for e in entries if e.key != "layers"]
+    node: ir.ConvNetwork = construct(
+        ir.ConvNetwork, others, ctx, stmt.span, "network cnn", extra={"layers": tuple(layers)}
+    )
     return node
 
 

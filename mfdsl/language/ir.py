@@ -194,21 +194,65 @@ class ImageData(Node):
                 self.fail(name, f"{self.kind} has only {full} {name} images, asked for {value}")
 
 
-Data = IsotropicGaussian | Teacher | ImageData
+@dataclass(frozen=True, kw_only=True)
+class Textures(Node):
+    """A built-in synthetic image task for convolutional networks (no files): class
+    ``k`` of ``classes`` is a sinusoidal grating at the angle ``π k / classes`` with a
+    random phase per channel, in white Gaussian noise of std ``noise``
+    (``mfdsl.data.make`` has the exact draws)."""
+
+    kind: ClassVar[str] = "textures"
+    channels: Value = option_field(Int(min=1, max=64), default=3, help="image channels C")
+    size: Value = option_field(Int(min=2, max=256), default=8, help="image height and width in pixels")
+    classes: Value = option_field(Int(min=2, max=16), default=2, help="number of classes (2: a binary task)")
+    frequency: Value = option_field(
+        Float(min=0, open_min=True), default=2.0, help="cycles of the grating across the image"
+    )
+    noise: Value = option_field(Float(min=0), default=1.0, help="std of the white Gaussian noise")
+    train: Value = option_field(_TRAIN, default="online", help="'online' or a training-set size")
+    test: Value = option_field(Int(min=1), default=1000, help="test-set size")
+
+
+Data = IsotropicGaussian | Teacher | ImageData | Textures
 DATA_KINDS: dict[str, type[Node]] = {
     "isotropic_gaussian": IsotropicGaussian,
     "teacher": Teacher,
     "mnist": ImageData,
     "fashion_mnist": ImageData,
     "cifar10": ImageData,
+    "textures": Textures,
 }
+#: (channels, height, width) of the image data sets read from files
+IMAGE_SHAPES = {"mnist": (1, 28, 28), "fashion_mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
+
+
+def image_shape(data: Data) -> tuple[Value, Value, Value] | None:
+    """``(channels, height, width)`` of image data (expressions while the textures'
+    sizes are), or ``None`` for data that are not images."""
+    if isinstance(data, ImageData):
+        return IMAGE_SHAPES[data.kind]
+    if isinstance(data, Textures):
+        return (data.channels, data.size, data.size)
+    return None
 
 
 def data_dim(data: Data) -> Value:
     """The input dimension (an expression if ``dim`` is one)."""
     if isinstance(data, ImageData):
         return IMAGE_DIMS[data.kind]
+    if isinstance(data, Textures):
+        if is_expr(data.channels) or is_expr(data.size):
+            return ex.BinOp(
+                op="*",
+                left=_as_expr(data.channels),
+                right=ex.BinOp(op="*", left=_as_expr(data.size), right=_as_expr(data.size)),
+            )
+        return int(data.channels) * int(data.size) ** 2
     return data.dim
+
+
+def _as_expr(value: Value) -> ex.Expr:
+    return value if is_expr(value) else ex.Num(value=value)
 
 
 def task(data: Data) -> str:
@@ -217,12 +261,14 @@ def task(data: Data) -> str:
         return "regression"
     if isinstance(data, ImageData) and not is_expr(data.classes) and len(data.classes) > 2:
         return "multiclass"
+    if isinstance(data, Textures) and not is_expr(data.classes) and data.classes > 2:
+        return "multiclass"
     return "binary"
 
 
 def task_known(data: Data) -> bool:
     """Whether :func:`task` is final (not while image classes are an expression)."""
-    return not (isinstance(data, ImageData) and is_expr(data.classes))
+    return not (isinstance(data, (ImageData, Textures)) and is_expr(data.classes))
 
 
 def static_test_size(data: Data) -> int | None:
@@ -254,6 +300,64 @@ class Network(Node):
         default="auto",
         help="outputs K; auto: the number of classes for multiclass data, else 1",
     )
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConvLayer(Node):
+    """``conv(kernel, stride = 1, padding = 0, pool = 1)``: one convolution layer with
+    ``width`` output channels, then average pooling over ``pool × pool`` windows."""
+
+    constructor: ClassVar[str] = "conv"
+    kernel: Value = option_field(Int(min=1, max=64), help="kernel size k (square k × k)")
+    stride: Value = option_field(Int(min=1, max=64), default=1, help="stride")
+    padding: Value = option_field(Int(min=0, max=64), default=0, help="zero padding on each side")
+    pool: Value = option_field(
+        Int(min=1, max=64), default=1, help="average pooling window (and stride) after φ; 1: none"
+    )
+
+    def validate(self) -> None:
+        if self.concrete("kernel", "padding") and self.padding >= self.kernel:
+            self.fail(
+                "padding",
+                f"padding {self.padding} is not smaller than the kernel size {self.kernel}: the outer "
+                "outputs would see only padding",
+                hint=f"use padding ≤ {self.kernel - 1} ({self.kernel // 2} keeps the size at stride 1)",
+            )
+
+
+HEADS = ("avg", "flatten")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConvNetwork(Node):
+    """``network cnn { layers = [conv(...), ...], ... }``: convolution layers with
+    ``width`` channels each, a head (global average pooling, or flattening), ``dense``
+    mean-field dense layers of ``width`` neurons, and the output layer.  Its hidden
+    layers are numbered conv layers first: 1 … len(layers), then the dense ones."""
+
+    kind: str = "cnn"
+    layers: tuple[ConvLayer, ...] = ()
+    head: Value = option_field(
+        Choice(HEADS), default="avg", help="avg: global average pooling over positions; flatten"
+    )
+    dense: Value = option_field(Int(min=0, max=64), default=0, help="dense hidden layers after the head")
+    activation: Value = option_field(Choice(ACTIVATIONS), default="relu", help="activation φ")
+    output: Value = option_field(Choice(OUTPUT_MAPS), default="identity", help="output map ψ")
+    bias: Value = option_field(Bool(), default=False, help="biases on every layer (one per channel)")
+    outputs: Value = option_field(
+        Either((Int(min=1), Choice(("auto",)))),
+        default="auto",
+        help="outputs K; auto: the number of classes for multiclass data, else 1",
+    )
+
+    @property
+    def hidden(self) -> Value:
+        """The number of hidden layers L: conv layers plus dense layers."""
+        return self.dense if is_expr(self.dense) else len(self.layers) + int(self.dense)
+
+    def validate(self) -> None:
+        if not self.layers:
+            self.fail(None, "a cnn needs at least one conv layer", hint="layers = [conv(3, padding = 1)]")
 
 
 # ---- init ------------------------------------------------------------------------------
@@ -582,7 +686,7 @@ class Spec(Node):
 
     experiment: str
     data: Data
-    network: Network = field(default_factory=Network)
+    network: Network | ConvNetwork = field(default_factory=Network)
     scaling: Value = option_field(Choice(SCALINGS), default="mean_field", help="parametrisation")
     init: Init | None = None
     train: Train
@@ -607,6 +711,8 @@ class Spec(Node):
         depth = net.hidden if not is_expr(net.hidden) else None
         if depth is not None:
             self._check_layers(depth)
+        if isinstance(net, ConvNetwork):
+            self._check_cnn(net)
         kind = task(self.data)
         if not is_expr(train.loss):
             if train.loss == "logistic" and kind != "binary":
@@ -661,8 +767,8 @@ class Spec(Node):
                     hint="outputs = 1, or leave it out (auto)",
                 )
             return
-        assert isinstance(self.data, ImageData)
-        k = len(self.data.classes)
+        assert isinstance(self.data, (ImageData, Textures))
+        k = self.data.classes if isinstance(self.data, Textures) else len(self.data.classes)
         if net.outputs != "auto" and net.outputs != k:
             targets = "one-hot targets" if loss == "mse" else "logits"
             net.fail(
@@ -671,6 +777,41 @@ class Spec(Node):
                 f"not {net.outputs}",
                 hint=f"outputs = {k}, or leave it out (auto)",
             )
+
+    def _check_cnn(self, net: ConvNetwork) -> None:
+        """A cnn reads images, its layers fit the image, and it records what the cnn
+        backends compute."""
+        for obs in self.record.observables if self.record is not None else ():
+            if obs.name == "preactivation_rms":
+                obs.fail(
+                    None,
+                    "preactivation_rms is recorded for mlp networks only: neither backend computes it "
+                    "for a cnn yet (its conv layers' pre-activations are feature maps)",
+                    hint="record neuron_spread (the spread across channels) instead, or use network mlp",
+                )
+        shape = image_shape(self.data)
+        if shape is None:
+            net.fail(
+                None,
+                f"a cnn network needs image data (textures, mnist, fashion_mnist or cifar10), "
+                f"but the data is {self.data.kind}",
+                hint="use 'data textures { ... }' for a synthetic image task, or 'network mlp'",
+            )
+        if any(is_expr(v) for v in shape):
+            return
+        from mfdsl.core.geometry import ConvLayerPlan, conv_size, shape_problem
+
+        _, h, w = (int(v) for v in shape)
+        for i, layer in enumerate(net.layers, start=1):
+            if not layer.concrete("kernel", "stride", "padding", "pool"):
+                return
+            plan = ConvLayerPlan(
+                kernel=layer.kernel, stride=layer.stride, padding=layer.padding, pool=layer.pool
+            )
+            problem = shape_problem(plan, h, w)
+            if problem:
+                layer.fail(None, f"conv layer {i} (layer {i} of the network): {problem}")
+            h, w = conv_size(h, plan) // plan.pool, conv_size(w, plan) // plan.pool
 
     def _check_layers(self, depth: int) -> None:
         last = depth + 1

@@ -279,6 +279,9 @@ def to_dict(spec: ir.Spec) -> dict[str, Any]:
     data = _node_dict(spec.data)
     out["data"] = {"kind": spec.data.kind, **data}
     out["network"] = _node_dict(spec.network)
+    if isinstance(spec.network, ir.ConvNetwork):
+        layers = [_call(layer) for layer in spec.network.layers]
+        out["network"] = {"kind": "cnn", "layers": layers, **out["network"]}
     out["scaling"] = _plain(spec.scaling)
     if spec.init is not None:
         out["init"] = [{"layer": _plain(r.layers), "dist": _call(r.dist)} for r in spec.init.rules]

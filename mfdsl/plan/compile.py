@@ -59,6 +59,7 @@ from mfdsl.core.plugins import available_backends
 from mfdsl.language import expr as ex
 from mfdsl.language import ir as ir
 from mfdsl.language.latent import bind
+from mfdsl.plan.conv import ConvLayerPlan, ConvPlan
 from mfdsl.plan.types import (
     DEFAULT_PROBES,
     DistPlan,
@@ -120,6 +121,8 @@ def outputs(spec: ir.Spec) -> int:
         return int(spec.network.outputs)
     if ir.task(spec.data) == "multiclass" and isinstance(spec.data, ir.ImageData):
         return len(spec.data.classes)
+    if ir.task(spec.data) == "multiclass" and isinstance(spec.data, ir.Textures):
+        return int(spec.data.classes)
     return 1
 
 
@@ -169,8 +172,125 @@ def adam_rates(scaling: str, n: int, is_first: bool, is_last: bool) -> tuple[flo
     return 1.0, 1.0, 1.0, 1.0
 
 
+def conv_plan(spec: ir.Spec) -> ConvPlan | None:
+    """The convolutional geometry of a ``network cnn`` (``None`` for an mlp)."""
+    net = spec.network
+    if not isinstance(net, ir.ConvNetwork):
+        return None
+    shape = ir.image_shape(spec.data)
+    assert shape is not None  # the spec's validation requires image data
+    channels, height, width = (int(v) for v in shape)
+    layers = tuple(
+        ConvLayerPlan(kernel=int(c.kernel), stride=int(c.stride), padding=int(c.padding), pool=int(c.pool))
+        for c in net.layers
+    )
+    return ConvPlan(channels=channels, height=height, width=width, layers=layers, head=str(net.head))
+
+
+def cnn_fans(conv: ConvPlan, depth: int, n: int | None, k: int) -> list[tuple[int, int]]:
+    """``(fan_in, fan_out)`` of every weight layer of a cnn with ``n`` channels and
+    neurons (``None``: a limit plan, whose hidden fans are 1 per particle): conv layer
+    ℓ's is ``(C_{ℓ-1} k², n)``, the first layer after a ``flatten`` head's ``(n S, n)``
+    (per particle ``(S, 1)``)."""
+    fans: list[tuple[int, int]] = []
+    channels = conv.channels
+    for layer in conv.layers:
+        fans.append((channels * layer.kernel**2 if n is not None or not fans else layer.kernel**2, n or 1))
+        channels = n or 1
+    head = conv.head_features(n or 1)
+    for ell in range(len(conv.layers) + 1, depth + 2):
+        fan_in = head if ell == len(conv.layers) + 1 else (n or 1)
+        fans.append((fan_in, k if ell == depth + 1 else (n or 1)))
+    return fans
+
+
+def _cnn_layer_plans(spec: ir.Spec, width: int) -> tuple[LayerPlan, ...]:
+    """:func:`layer_plans` for a cnn: the mlp's table with channels as the width.
+    Conv layer ℓ ≥ 2 averages over input channels (``m = 1/n`` under mean_field, sums
+    over the k² offsets); the first layer after the head averages over channels too
+    (``1/n``; with ``flatten`` it sums over the S positions); ``ntk``, ``standard`` and
+    ``mup`` use the conv fan-in ``C k²`` (``n S`` after a flatten head) where the mlp
+    uses its fan-in."""
+    conv = conv_plan(spec)
+    assert conv is not None
+    depth = int(spec.network.hidden)
+    k = outputs(spec)
+    n = width
+    scaling = spec.scaling
+    frozen = {depth + 1 if f == "last" else int(f) for f in spec.train.freeze}
+    fans = cnn_fans(conv, depth, n, k)
+    laws = _init_laws(spec, depth, fans[0][0])
+    plans = []
+    for layer in range(1, depth + 2):
+        fan_in, fan_out = fans[layer - 1]
+        is_first, is_last = layer == 1, layer == depth + 1
+        init_scale = 1.0
+        if scaling == "mean_field":
+            mult = 1.0 if is_first else 1.0 / n
+            lr_mult = float(n if (is_first or is_last) else n * n)
+            bias_lr = float(1 if is_last else n)
+        elif scaling == "ntk":
+            mult, lr_mult, bias_lr = 1.0 / math.sqrt(fan_in), 1.0, 1.0
+        elif scaling == "standard":
+            mult, lr_mult, bias_lr = 1.0, 1.0, 1.0
+            init_scale = 1.0 / math.sqrt(fan_in)
+        else:  # mup
+            mult = 1.0
+            init_scale = 1.0 / fan_in if is_last else 1.0 / math.sqrt(fan_in)
+            lr_mult = float(n) if is_first else (1.0 / n if is_last else 1.0)
+            bias_lr = float(1 if is_last else n)
+        plans.append(
+            LayerPlan(
+                index=layer,
+                fan_in=fan_in,
+                fan_out=fan_out,
+                forward_mult=mult,
+                lr_mult=lr_mult,
+                init=_dist(laws[layer], init_scale),
+                bias=bool(spec.network.bias),
+                bias_lr_mult=bias_lr,
+                decay_mult=1.0 if scaling == "mean_field" else None,
+                bias_decay_mult=1.0 if scaling == "mean_field" else None,
+                bias_noise_mult=0.0 if is_last else None,
+                frozen=layer in frozen,
+            )
+        )
+    return tuple(plans)
+
+
+def _cnn_limit_layer_plans(spec: ir.Spec) -> tuple[LayerPlan, ...]:
+    """:func:`limit_layer_plans` for a cnn (mean_field only: the jax backend rejects
+    the other scalings for cnns).  Fans are per particle (:func:`cnn_fans`)."""
+    conv = conv_plan(spec)
+    assert conv is not None
+    depth = int(spec.network.hidden)
+    k = outputs(spec)
+    frozen = {depth + 1 if f == "last" else int(f) for f in spec.train.freeze}
+    fans = cnn_fans(conv, depth, None, k)
+    laws = _init_laws(spec, depth, fans[0][0])
+    return tuple(
+        LayerPlan(
+            index=layer,
+            fan_in=fans[layer - 1][0],
+            fan_out=fans[layer - 1][1],
+            forward_mult=1.0,
+            lr_mult=1.0,
+            init=_dist(laws[layer]),
+            bias=bool(spec.network.bias),
+            bias_lr_mult=1.0,
+            decay_mult=1.0,
+            bias_decay_mult=1.0,
+            bias_noise_mult=0.0 if layer == depth + 1 else None,
+            frozen=layer in frozen,
+        )
+        for layer in range(1, depth + 2)
+    )
+
+
 def layer_plans(spec: ir.Spec, width: int) -> tuple[LayerPlan, ...]:
     """Shapes, multipliers and initial laws of every weight layer."""
+    if isinstance(spec.network, ir.ConvNetwork):
+        return _cnn_layer_plans(spec, width)
     depth = int(spec.network.hidden)
     dim = int(ir.data_dim(spec.data))
     k = outputs(spec)
@@ -239,6 +359,8 @@ def limit_layer_plans(spec: ir.Spec) -> tuple[LayerPlan, ...]:
     ``v ~ law/n``).  Other scalings have no mean-field limit: their laws are the
     spec's.
     """
+    if isinstance(spec.network, ir.ConvNetwork):
+        return _cnn_limit_layer_plans(spec)
     depth = int(spec.network.hidden)
     dim = int(ir.data_dim(spec.data))
     k = outputs(spec)
@@ -268,7 +390,7 @@ def limit_layer_plans(spec: ir.Spec) -> tuple[LayerPlan, ...]:
 
 def test_size(data: ir.Data) -> int:
     """The test-set size."""
-    if data.test == "all":
+    if data.test == "all" and isinstance(data, ir.ImageData):
         return ir.IMAGE_SIZES[data.kind][1]
     return int(data.test)
 
@@ -365,6 +487,7 @@ def compile_point(spec: ir.Spec, coords: dict[str, Any], backend: str) -> RunPla
         options=backend_options(spec, backend),
         data_seed=_apart(coords, "data_seed"),
         init_seed=_apart(coords, "init_seed"),
+        conv=conv_plan(spec),
     )
 
 
@@ -389,10 +512,26 @@ def limit_problem(spec: ir.Spec) -> SpecError | None:
             hint="drop jax from 'backends' to train Adam at finite widths with torch, "
             "or use optimizer = sgd(...) for a spec with a limit",
         )
-    scaling, hidden = spec.scaling, spec.network.hidden
+    scaling = spec.scaling
     where = spec.where("scaling")
     if is_expr(scaling):
         return None
+    if isinstance(spec.network, ir.ConvNetwork):
+        if scaling == "mean_field":
+            return None
+        return SpecError(
+            f"the jax backend computes the infinite-channel mean-field limit of a cnn, and "
+            f"'{scaling}' scaling has none it computes ("
+            + (
+                "its limit is a kernel (lazy-training) limit"
+                if scaling in ("ntk", "standard")
+                else "μP's limit is the mean-field one only for a two-layer mlp"
+            )
+            + ")",
+            where,
+            hint="use 'scaling mean_field', or drop jax from 'backends' for this spec",
+        )
+    hidden = spec.network.hidden
     if scaling in ("ntk", "standard"):
         return SpecError(
             f"the jax backend computes the mean-field limit, and '{scaling}' scaling has none: "

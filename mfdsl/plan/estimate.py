@@ -179,7 +179,10 @@ def estimate(
             schedules[facts.schedule] = facts.records
             lrs.add(float(point.spec.train.optimizer.lr))
             if facts.key not in first:
-                first[facts.key] = (_limit_unit if limit else _finite_unit)(point, facts, name)
+                if isinstance(point.spec.network, ir.ConvNetwork):
+                    first[facts.key] = _cnn_unit(point, facts, name, limit)
+                else:
+                    first[facts.key] = (_limit_unit if limit else _finite_unit)(point, facts, name)
                 outputs = max(outputs, facts.outputs)
                 for variable, values in facts.stored.items():
                     stored[variable] = max(stored.get(variable, 0), values)
@@ -660,6 +663,81 @@ def _limit_unit(point: Any, facts: _Facts, backend: str) -> Unit:
             )
         )
     return Unit(backend, {**point.coords, "width": math.inf}, 1, tuple(parts), tuple(shared))
+
+
+def _cnn_unit(point: Any, facts: _Facts, backend: str, limit: bool) -> Unit:
+    """A ``network cnn`` run: its weight matrices (``mfdsl.plan.compile.cnn_fans``) and its
+    feature maps — per example and conv layer, the pre-activation, the activation and
+    its pooled copy (``n h w`` each) and the unfolded input (``C_in k² h w``), kept
+    for the backward pass; with ``n`` the width, or the particles of a limit (whose
+    ``E_Z`` batch is the training set or ``data_samples``).  Every member of a torch
+    ensemble holds its own."""
+    from mfdsl.plan.compile import cnn_fans, conv_plan
+
+    spec: ir.Spec = point.spec
+    conv = conv_plan(spec)
+    assert conv is not None
+    k, depth = facts.outputs, facts.hidden
+    if limit:
+        n = int(facts.options.get("particles", 4096))
+        item = _itemsize(facts.options, "float32")
+        rows = facts.n_train if facts.n_train is not None else int(facts.options.get("data_samples", 1024))
+        rows_at = spec.data.where("train")
+    else:
+        n = int(point.width)
+        item = _itemsize(facts.options, "float64")
+        rows, rows_at = facts.batch, spec.train.where("batch")
+    fans = cnn_fans(conv, depth, n, k)
+    params = sum(a * b for a, b in fans) + ((depth * n + k) if spec.network.bias else 0)
+    change = spec.record is not None and any(o.name == "weight_change" for o in spec.record.observables)
+    copies = item * (3 + (1 if change else 0)) + 8  # weights, gradient, velocity (+ initial), f64 draw
+    block = spec.options_for(backend)
+    width_at = block.where("particles") if limit and block is not None else None
+    width_at = width_at or _width_where(spec, n)
+    per_example = 0
+    c_in = conv.channels
+    for layer, (hc, wc, _, _) in zip(conv.layers, conv.sizes(), strict=True):
+        per_example += 3 * n * hc * wc + c_in * layer.kernel**2 * hc * wc
+        c_in = n
+    per_example += 3 * (n * (depth - len(conv.layers)) + k) + conv.head_features(n)
+    what = f"{_n(n)} particles a layer" if limit else f"width {_n(n)}"
+    parts = [
+        Part(
+            f"the cnn's weights: {_n(params)} ({what}, {len(conv.layers)} conv layers) in float{8 * item}, "
+            "with gradient, velocity and the float64 initial draw",
+            params * copies,
+            width_at,
+        ),
+        Part(
+            f"the feature maps of a step: {_n(rows)} examples × {_n(per_example)} numbers "
+            "(conv pre-activations, activations, pooled maps and unfolded inputs)",
+            rows * per_example * item,
+            _dominant((rows, rows_at), (per_example, width_at)),
+        ),
+        Part(
+            "the test evaluation's blocks",
+            min(facts.n_test, 512) * per_example * item,
+            spec.data.where("test"),
+        ),
+        _trajectory(spec, facts),
+    ]
+    parts += _data_parts(spec, facts, item, rows, _TORCH_CHUNK)
+    shared = [Part(f"the worker's runtime (Python, numpy, {backend})", _RUNTIME.get(backend, _RUNTIME_OTHER))]
+    if facts.image is not None:
+        count, dim = facts.image
+        shared.append(
+            Part(
+                f"the {spec.data.kind} files: {_n(count)} images × {_n(dim)} pixels (uint8)",
+                count * dim,
+                spec.data.span,
+            )
+        )
+    coords = {**point.coords, "width": math.inf} if limit else dict(point.coords)
+    # torch trains up to 16 seeds of a cnn together (mfdsl_torch._cnn_groups): "weights"
+    # of at least 1/16 of the ensemble limit cap the members at 16
+    return Unit(
+        backend, coords, 1, tuple(parts), tuple(shared), max(params * item, -(-_ENSEMBLE_BYTES // 16))
+    )
 
 
 # ---- against the machine -------------------------------------------------------------------

@@ -15,6 +15,7 @@ from typing import Any, Literal
 import numpy as np
 
 from mfdsl.core import streams as _streams
+from mfdsl.plan.conv import ConvPlan
 
 # probe inputs of output/neuron_spread when the spec names none
 DEFAULT_PROBES = 16
@@ -296,6 +297,10 @@ class RunPlan:
     def seed_of_init(self) -> int:
         """The seed of ``INIT``, ``PARTICLES`` and ``IID``: ``init_seed``, else ``seed``."""
         return self.seed if self.init_seed is None else self.init_seed
+
+    #: the convolutional part of a ``network cnn`` (``None`` for an mlp); its layers are
+    #: weight layers 1 … len(conv.layers) of ``layers`` (``mfdsl.plan.conv``)
+    conv: ConvPlan | None = None
 
     @property
     def depth(self) -> int:
