@@ -235,5 +235,5 @@ class LocalPool(Launcher):
 
     def launch(self, units: list[list[Task]], job: Job) -> tuple[list[Outcome], bool]:
         return _execute_all(
-            units, job.store, job.layer_coord, job.shapes, self.workers, job.console, job.diverge_above
+            units, job.store, list(job.layer_coord), job.shapes, self.workers, job.console, job.diverge_above
         )

@@ -10,12 +10,15 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from mfdsl.core import streams as _streams
 from mfdsl.plan.conv import ConvPlan
+
+if TYPE_CHECKING:
+    from mfdsl.language.ir import Data
 
 # probe inputs of output/neuron_spread when the spec names none
 DEFAULT_PROBES = 16
@@ -272,7 +275,9 @@ class RunPlan:
     activation: str
     output: str  # the output map ψ
     loss: Literal["mse", "logistic", "cross_entropy"]
-    data: Any  # an ``mfdsl.language.ir`` data node, concrete; ``mfdsl.make_dataset`` reads it
+    #: the concrete data node (every expression evaluated at the sweep point): what
+    #: :func:`mfdsl.plugin.make_dataset` reads; its kinds are ``mfdsl.plugin.Data``
+    data: Data
     batch: int
     steps: int
     optimizer: OptimizerPlan

@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from mfdsl.plan.layout import Task
     from mfdsl.plan.types import RunPlan
 
-_NAMES = {
+_NAMES: dict[int, str] = {
     Status.PENDING: "pending",
     Status.DONE: "done",
     Status.FAILED: "failed",
