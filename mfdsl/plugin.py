@@ -38,6 +38,7 @@ from mfdsl.language.ir import Adam, ConvNetwork, Data, Langevin, Spec, is_expr
 from mfdsl.language.options import Bool, Choice, Float, Int, Option, Str
 from mfdsl.plan.compile import cnn_fans, limit_problem
 from mfdsl.plan.conv import ConvLayerPlan, ConvPlan, particle_sample, particle_table
+from mfdsl.plan.layout import record_arrays
 from mfdsl.plan.types import (
     DistPlan,
     LayerPlan,
@@ -89,5 +90,6 @@ __all__ = [
     "make_dataset",
     "particle_sample",
     "particle_table",
+    "record_arrays",
     "streams",
 ]

@@ -63,6 +63,7 @@ from mfdsl.plugin import (
     initial_weights,
     particle_sample,
     particle_table,
+    record_arrays,
 )
 
 from ._solver import Result, _activation, _example_losses, _intervals, _output_map, _targets, _x64
@@ -362,20 +363,14 @@ class _Observer:
         ]
 
     def allocate(self, count: int) -> dict[str, np.ndarray]:
-        shapes: dict[str, tuple[int, ...]] = {}
-        for o in self.plan.observables:
-            if o.name in ("train_loss", "test_loss", "test_accuracy"):
-                shapes[o.name] = ()
-            elif o.name == "output":
-                k = self.outputs
-                shapes[o.name] = (self.probes_output,) if k == 1 else (self.probes_output, k)
-            elif o.name == "neuron_spread":
-                shapes[o.name] = (len(self.spread_layers),)
-            elif o.name == "weight_change":
-                shapes[o.name] = (len(self.change_layers),)
-            elif o.name == "particles":
-                shapes[o.name] = (len(self.particle_idx), 4)
-        return {name: np.full((count, *s), np.nan) for name, s in shapes.items()}
+        return record_arrays(
+            self.plan.observables,
+            count,
+            probes=self.probes_output,
+            outputs=self.outputs,
+            layers={"neuron_spread": self.spread_layers, "weight_change": self.change_layers},
+            particles=len(self.particle_idx),
+        )
 
     def record(
         self,

@@ -38,7 +38,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mfdsl.plugin import ConvPlan, RunPlan, Stream, check_compatible, particle_sample, particle_table
+from mfdsl.plugin import (
+    ConvPlan,
+    RunPlan,
+    Stream,
+    check_compatible,
+    particle_sample,
+    particle_table,
+    record_arrays,
+)
 from mfdsl.plugin import streams as _streams
 
 from ._engine import _DTYPES, Dataset, Result, _activation, _example_losses, _output_map, _prepare_targets
@@ -454,20 +462,14 @@ class _Observer:
             )
 
     def allocate(self, n: int) -> dict[str, np.ndarray]:
-        shapes: dict[str, tuple[int, ...]] = {}
-        for o in self.plan.observables:
-            if o.name in ("train_loss", "test_loss", "test_accuracy"):
-                shapes[o.name] = ()
-            elif o.name == "output":
-                k = self.outputs
-                shapes[o.name] = (self.probes_output,) if k == 1 else (self.probes_output, k)
-            elif o.name == "neuron_spread":
-                shapes[o.name] = (len(self.spread_layers),)
-            elif o.name == "weight_change":
-                shapes[o.name] = (len(self.change_layers),)
-            elif o.name == "particles":
-                shapes[o.name] = (len(self.particle_idx), 4)
-        return {name: np.full((n, *shape), np.nan) for name, shape in shapes.items()}
+        return record_arrays(
+            self.plan.observables,
+            n,
+            probes=self.probes_output,
+            outputs=self.outputs,
+            layers={"neuron_spread": self.spread_layers, "weight_change": self.change_layers},
+            particles=len(self.particle_idx),
+        )
 
     def record(self, records: dict[str, np.ndarray], r: int, train_loss: float) -> None:
         net = self.net

@@ -26,6 +26,7 @@ from mfdsl.plugin import (
     ObservablePlan,
     RunPlan,
     Stream,
+    record_arrays,
 )
 from mfdsl.plugin import streams as _streams
 
@@ -475,21 +476,15 @@ def _make_observer(net: MemberNet, plan: RunPlan, dataset: Dataset, task: str, o
 
 
 def _allocate(obs: _Observer, n: int) -> dict[str, np.ndarray]:
-    shapes: dict[str, tuple[int, ...]] = {}
-    for o in obs.observables:
-        if o.name in ("train_loss", "test_loss", "test_accuracy"):
-            shapes[o.name] = ()
-        elif o.name == "output":
-            shapes[o.name] = (obs.probes_output,) if obs.outputs == 1 else (obs.probes_output, obs.outputs)
-        elif o.name == "neuron_spread":
-            shapes[o.name] = (len(obs.spread_layers),)
-        elif o.name == "weight_change":
-            shapes[o.name] = (len(obs.change_layers),)
-        elif o.name == "preactivation_rms":
-            shapes[o.name] = (len(obs.rms_layers),)
-        elif o.name == "particles":
-            assert obs.particle_idx is not None
-            shapes[o.name] = (len(obs.particle_idx), 4)
-        else:
-            raise ValueError(f"unknown observable {o.name!r}")
-    return {name: np.full((n, *shape), np.nan) for name, shape in shapes.items()}
+    return record_arrays(
+        obs.observables,
+        n,
+        probes=obs.probes_output,
+        outputs=obs.outputs,
+        layers={
+            "neuron_spread": obs.spread_layers,
+            "weight_change": obs.change_layers,
+            "preactivation_rms": obs.rms_layers,
+        },
+        particles=0 if obs.particle_idx is None else len(obs.particle_idx),
+    )

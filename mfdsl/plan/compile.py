@@ -204,22 +204,32 @@ def cnn_fans(conv: ConvPlan, depth: int, n: int | None, k: int) -> list[tuple[in
     return fans
 
 
-def _cnn_layer_plans(spec: ir.Spec, width: int) -> tuple[LayerPlan, ...]:
-    """:func:`layer_plans` for a cnn: the mlp's table with channels as the width.
-    Conv layer ℓ ≥ 2 averages over input channels (``m = 1/n`` under mean_field, sums
-    over the k² offsets); the first layer after the head averages over channels too
-    (``1/n``; with ``flatten`` it sums over the S positions); ``ntk``, ``standard`` and
-    ``mup`` use the conv fan-in ``C k²`` (``n S`` after a flatten head) where the mlp
-    uses its fan-in."""
+def _fans(spec: ir.Spec, depth: int, n: int | None, k: int) -> list[tuple[int, int]]:
+    """``(fan_in, fan_out)`` of every weight layer at width ``n`` (``None``: the limit's
+    per-particle fans, every hidden fan 1): an mlp's, or a cnn's (:func:`cnn_fans`)."""
     conv = conv_plan(spec)
-    assert conv is not None
+    if conv is not None:
+        return cnn_fans(conv, depth, n, k)
+    dim, hidden = int(ir.data_dim(spec.data)), n or 1
+    return [(dim if ell == 1 else hidden, k if ell == depth + 1 else hidden) for ell in range(1, depth + 2)]
+
+
+def layer_plans(spec: ir.Spec, width: int) -> tuple[LayerPlan, ...]:
+    """Shapes, multipliers and initial laws of every weight layer.
+
+    A cnn takes the mlp's table with channels as the width: conv layer ℓ ≥ 2 averages
+    over input channels (``m = 1/n`` under mean_field, summing over the k² offsets),
+    and so does the first layer after the head (with ``flatten`` it sums over the S
+    positions); ``ntk``, ``standard`` and ``mup`` use the conv fan-in ``C k²`` (``n S``
+    after a flatten head) where the mlp uses its fan-in (:func:`cnn_fans`)."""
     depth = int(spec.network.hidden)
     k = outputs(spec)
     n = width
     scaling = spec.scaling
     frozen = {depth + 1 if f == "last" else int(f) for f in spec.train.freeze}
-    fans = cnn_fans(conv, depth, n, k)
+    fans = _fans(spec, depth, n, k)
     laws = _init_laws(spec, depth, fans[0][0])
+    adam = isinstance(spec.train.optimizer, ir.Adam)
     plans = []
     for layer in range(1, depth + 2):
         fan_in, fan_out = fans[layer - 1]
@@ -227,86 +237,6 @@ def _cnn_layer_plans(spec: ir.Spec, width: int) -> tuple[LayerPlan, ...]:
         init_scale = 1.0
         if scaling == "mean_field":
             mult = 1.0 if is_first else 1.0 / n
-            lr_mult = float(n if (is_first or is_last) else n * n)
-            bias_lr = float(1 if is_last else n)
-        elif scaling == "ntk":
-            mult, lr_mult, bias_lr = 1.0 / math.sqrt(fan_in), 1.0, 1.0
-        elif scaling == "standard":
-            mult, lr_mult, bias_lr = 1.0, 1.0, 1.0
-            init_scale = 1.0 / math.sqrt(fan_in)
-        else:  # mup
-            mult = 1.0
-            init_scale = 1.0 / fan_in if is_last else 1.0 / math.sqrt(fan_in)
-            lr_mult = float(n) if is_first else (1.0 / n if is_last else 1.0)
-            bias_lr = float(1 if is_last else n)
-        plans.append(
-            LayerPlan(
-                index=layer,
-                fan_in=fan_in,
-                fan_out=fan_out,
-                forward_mult=mult,
-                lr_mult=lr_mult,
-                init=_dist(laws[layer], init_scale),
-                bias=bool(spec.network.bias),
-                bias_lr_mult=bias_lr,
-                decay_mult=1.0 if scaling == "mean_field" else None,
-                bias_decay_mult=1.0 if scaling == "mean_field" else None,
-                bias_noise_mult=0.0 if is_last else None,
-                frozen=layer in frozen,
-            )
-        )
-    return tuple(plans)
-
-
-def _cnn_limit_layer_plans(spec: ir.Spec) -> tuple[LayerPlan, ...]:
-    """:func:`limit_layer_plans` for a cnn (mean_field only: the jax backend rejects
-    the other scalings for cnns).  Fans are per particle (:func:`cnn_fans`)."""
-    conv = conv_plan(spec)
-    assert conv is not None
-    depth = int(spec.network.hidden)
-    k = outputs(spec)
-    frozen = {depth + 1 if f == "last" else int(f) for f in spec.train.freeze}
-    fans = cnn_fans(conv, depth, None, k)
-    laws = _init_laws(spec, depth, fans[0][0])
-    return tuple(
-        LayerPlan(
-            index=layer,
-            fan_in=fans[layer - 1][0],
-            fan_out=fans[layer - 1][1],
-            forward_mult=1.0,
-            lr_mult=1.0,
-            init=_dist(laws[layer]),
-            bias=bool(spec.network.bias),
-            bias_lr_mult=1.0,
-            decay_mult=1.0,
-            bias_decay_mult=1.0,
-            bias_noise_mult=0.0 if layer == depth + 1 else None,
-            frozen=layer in frozen,
-        )
-        for layer in range(1, depth + 2)
-    )
-
-
-def layer_plans(spec: ir.Spec, width: int) -> tuple[LayerPlan, ...]:
-    """Shapes, multipliers and initial laws of every weight layer."""
-    if isinstance(spec.network, ir.ConvNetwork):
-        return _cnn_layer_plans(spec, width)
-    depth = int(spec.network.hidden)
-    dim = int(ir.data_dim(spec.data))
-    k = outputs(spec)
-    n = width
-    scaling = spec.scaling
-    frozen = {depth + 1 if f == "last" else int(f) for f in spec.train.freeze}
-    laws = _init_laws(spec, depth, dim)
-    adam = isinstance(spec.train.optimizer, ir.Adam)
-    plans = []
-    for layer in range(1, depth + 2):
-        fan_in = dim if layer == 1 else n
-        fan_out = k if layer == depth + 1 else n
-        is_first, is_last = layer == 1, layer == depth + 1
-        init_scale = 1.0
-        if scaling == "mean_field":
-            mult = 1.0 if is_first else 1.0 / fan_in
             lr_mult = float(n if (is_first or is_last) else n * n)
             bias_lr = float(1 if is_last else n)
         elif scaling == "ntk":
@@ -359,12 +289,11 @@ def limit_layer_plans(spec: ir.Spec) -> tuple[LayerPlan, ...]:
     ``v ~ law/n``).  Other scalings have no mean-field limit: their laws are the
     spec's.
     """
-    if isinstance(spec.network, ir.ConvNetwork):
-        return _cnn_limit_layer_plans(spec)
     depth = int(spec.network.hidden)
-    dim = int(ir.data_dim(spec.data))
     k = outputs(spec)
     frozen = {depth + 1 if f == "last" else int(f) for f in spec.train.freeze}
+    fans = _fans(spec, depth, None, k)  # a cnn's: per particle
+    dim = fans[0][0]
     laws = _init_laws(spec, depth, dim)
     plans = []
     for layer in range(1, depth + 2):
@@ -372,8 +301,8 @@ def limit_layer_plans(spec: ir.Spec) -> tuple[LayerPlan, ...]:
         plans.append(
             LayerPlan(
                 index=layer,
-                fan_in=dim if layer == 1 else 1,
-                fan_out=k if layer == depth + 1 else 1,
+                fan_in=fans[layer - 1][0],
+                fan_out=fans[layer - 1][1],
                 forward_mult=1.0,
                 lr_mult=1.0,
                 init=_dist(laws[layer], scale),

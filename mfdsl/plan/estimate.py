@@ -537,6 +537,22 @@ def _data_parts(spec: ir.Spec, facts: _Facts, item: int, rows: int, chunk_cap: i
     return parts
 
 
+def _shared_parts(spec: ir.Spec, facts: _Facts, backend: str) -> list[Part]:
+    """What a worker holds once, whatever its runs: the runtime (Python, numpy, the
+    backend's library) and, for image data, the files' pixels."""
+    shared = [Part(f"the worker's runtime (Python, numpy, {backend})", _RUNTIME.get(backend, _RUNTIME_OTHER))]
+    if facts.image is not None:
+        count, dim = facts.image
+        shared.append(
+            Part(
+                f"the {spec.data.kind} files: {_n(count)} images × {_n(dim)} pixels (uint8)",
+                count * dim,
+                spec.data.span,
+            )
+        )
+    return shared
+
+
 def _trajectory(spec: ir.Spec, facts: _Facts) -> Part:
     return Part(
         f"the recorded trajectory: {_n(facts.records)} records × {_n(facts.values)} values "
@@ -593,16 +609,7 @@ def _finite_unit(point: Any, facts: _Facts, backend: str) -> Unit:
         )
     )
     parts.append(_trajectory(spec, facts))
-    shared = [Part(f"the worker's runtime (Python, numpy, {backend})", _RUNTIME.get(backend, _RUNTIME_OTHER))]
-    if facts.image is not None:
-        count, dim = facts.image
-        shared.append(
-            Part(
-                f"the {spec.data.kind} files: {_n(count)} images × {_n(dim)} pixels (uint8)",
-                count * dim,
-                spec.data.span,
-            )
-        )
+    shared = _shared_parts(spec, facts, backend)
     return Unit(backend, dict(point.coords), 1, tuple(parts), tuple(shared), params * item)
 
 
@@ -652,16 +659,7 @@ def _limit_unit(point: Any, facts: _Facts, backend: str) -> Unit:
         )
     )
     parts.append(_trajectory(spec, facts))
-    shared = [Part(f"the worker's runtime (Python, numpy, {backend})", _RUNTIME.get(backend, _RUNTIME_OTHER))]
-    if facts.image is not None:
-        count, dim = facts.image
-        shared.append(
-            Part(
-                f"the {spec.data.kind} files: {_n(count)} images × {_n(dim)} pixels (uint8)",
-                count * dim,
-                spec.data.span,
-            )
-        )
+    shared = _shared_parts(spec, facts, backend)
     return Unit(backend, {**point.coords, "width": math.inf}, 1, tuple(parts), tuple(shared))
 
 
@@ -722,16 +720,7 @@ def _cnn_unit(point: Any, facts: _Facts, backend: str, limit: bool) -> Unit:
         _trajectory(spec, facts),
     ]
     parts += _data_parts(spec, facts, item, rows, _TORCH_CHUNK)
-    shared = [Part(f"the worker's runtime (Python, numpy, {backend})", _RUNTIME.get(backend, _RUNTIME_OTHER))]
-    if facts.image is not None:
-        count, dim = facts.image
-        shared.append(
-            Part(
-                f"the {spec.data.kind} files: {_n(count)} images × {_n(dim)} pixels (uint8)",
-                count * dim,
-                spec.data.span,
-            )
-        )
+    shared = _shared_parts(spec, facts, backend)
     coords = {**point.coords, "width": math.inf} if limit else dict(point.coords)
     # torch trains up to 16 seeds of a cnn together (mfdsl_torch._cnn_groups): "weights"
     # of at least 1/16 of the ensemble limit cap the members at 16

@@ -15,7 +15,7 @@ import numpy as np
 
 from mfdsl.language import ir
 from mfdsl.plan.compile import compile_point
-from mfdsl.plan.types import RunPlan
+from mfdsl.plan.types import ObservablePlan, RunPlan
 
 if TYPE_CHECKING:
     from mfdsl.core.plugins import Backend
@@ -205,3 +205,31 @@ def cost(plan: RunPlan) -> float:
         return math.inf  # a limit run is usually the longest: start it first
     params = sum(layer.fan_in * layer.fan_out for layer in plan.layers)
     return float(plan.steps) * float(plan.batch) * params
+
+
+def record_arrays(
+    observables: Sequence[ObservablePlan],
+    count: int,
+    *,
+    probes: int,
+    outputs: int,
+    layers: Mapping[str, Sequence[int]],
+    particles: int,
+) -> dict[str, np.ndarray]:
+    """A run's records before it starts: for each observable, ``count`` records of NaN
+    in its shape — scalars; ``output`` per probe (and unit when ``outputs > 1``); a
+    layered observable (:data:`LAYERED`) per layer of ``layers[name]``; ``particles``
+    as ``(particles, 4)`` (:data:`PARTICLE_COMPONENTS`)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for o in observables:
+        if o.name in ("train_loss", "test_loss", "test_accuracy"):
+            shapes[o.name] = ()
+        elif o.name == "output":
+            shapes[o.name] = (probes,) if outputs == 1 else (probes, outputs)
+        elif o.name in LAYERED:
+            shapes[o.name] = (len(layers[o.name]),)
+        elif o.name == "particles":
+            shapes[o.name] = (particles, len(PARTICLE_COMPONENTS))
+        else:
+            raise ValueError(f"unknown observable {o.name!r}")
+    return {name: np.full((count, *shape), np.nan) for name, shape in shapes.items()}
