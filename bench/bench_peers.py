@@ -27,7 +27,7 @@ Sections ``paths`` and ``langevin``, one thread: the step loops (``native`` = ``
 ``gemm``, ``off`` = ATen ops, and ``auto``, the default) at several widths and
 batches, timed alternately by the thread's CPU time; the GFLOP/s of a training step
 against the float32 GEMM peak measured in between; Langevin steps in the native loop
-against the ATen path.
+and the ATen path, with the counter-based noise and with torch's generator.
 
     python bench/bench_peers.py                      # everything (about an hour on 2 cores)
     python bench/bench_peers.py --only fig5 --rounds 3
@@ -382,11 +382,13 @@ def step_flops(plan: Any) -> float:
     return 2.0 * plan.batch * (fwd + bwd + upd)
 
 
-def _trainer(plan: Any, mode: str, dtype: str = "float32") -> Any:
+def _trainer(plan: Any, mode: str, dtype: str = "float32", noise: str | None = None) -> Any:
     from mfdsl_torch._ensemble import Ensemble, EnsembleTrainer
 
     from mfdsl.data.make import make_dataset
 
+    if noise is not None:
+        plan = dataclasses.replace(plan, options={**plan.options, "noise": noise})
     task = str(make_dataset(plan.data, plan.seed).task)
     return EnsembleTrainer(Ensemble([plan], dtype=dtype), [task], 1, native=mode)
 
@@ -394,6 +396,14 @@ def _trainer(plan: Any, mode: str, dtype: str = "float32") -> Any:
 def time_modes(plan: Any, modes: tuple[str, ...], rounds: int, dtype: str = "float32") -> dict[str, float]:
     """Seconds per step (the thread's CPU time, best of ``rounds`` alternated chunks) of
     one network in each ``native`` mode."""
+    return time_configs(plan, {m: (m, None) for m in modes}, rounds, dtype)
+
+
+def time_configs(
+    plan: Any, configs: dict[str, tuple[str, str | None]], rounds: int, dtype: str = "float32"
+) -> dict[str, float]:
+    """:func:`time_modes` for named ``(native mode, noise)`` configurations (``None``: the
+    plan's noise)."""
     from mfdsl.data.make import make_dataset
 
     budget = 0.08  # seconds of work per chunk (at ~40 GFLOP/s), at most 2^22 input entries
@@ -401,12 +411,12 @@ def time_modes(plan: Any, modes: tuple[str, ...], rounds: int, dtype: str = "flo
     n = int(max(3, min(cap, budget * 40e9 / max(step_flops(plan), 1.0))))
     data = make_dataset(plan.data, plan.seed)
     chunk = data.train_chunk(0, n, int(plan.batch))
-    trainers = {m: _trainer(plan, m, dtype) for m in modes}
+    trainers = {name: _trainer(plan, mode, dtype, noise) for name, (mode, noise) in configs.items()}
     prepared = {m: t.prepare_chunk([chunk]) for m, t in trainers.items()}
     for m, t in trainers.items():
         t.run(*prepared[m], 0)  # warm-up: the library, the pages, the caches
-    best = {m: float("inf") for m in modes}
-    order = list(modes)
+    best = {m: float("inf") for m in configs}
+    order = list(configs)
     for r in range(rounds):
         for m in order[r % len(order) :] + order[: r % len(order)]:  # the order rotates
             s = time.thread_time()
@@ -504,49 +514,69 @@ def _step_seconds(plan: Any, threads: int) -> float:
 # --------------------------------------------------------------------------- langevin
 
 
+#: the Langevin configurations timed: (native mode, noise generator)
+LANGEVIN_CONFIGS: dict[str, tuple[str, str | None]] = {
+    "before": ("off", "torch"),  # before issue 15: ATen ops, torch's generator
+    "native, torch noise": ("auto", "torch"),
+    "ATen, philox": ("off", "philox"),
+    "native, philox": ("auto", "philox"),  # the default
+}
+
+
 def langevin(args: argparse.Namespace) -> None:
     import torch
 
     torch.set_num_threads(1)
     width = 400 if not args.smoke else 16
     print(
-        f"\nLangevin steps at width {width}, batch 1, 1 thread (seconds per step, the thread's CPU time, "
-        f"best of {args.path_rounds} alternated chunks): native (auto) against the ATen path (off)"
+        f"\nLangevin steps at width {width}, batch 1, 1 thread (µs per step, the thread's CPU time, best of "
+        f"{args.path_rounds} alternated chunks): the step loop (native = auto, or off = ATen ops) and the noise "
+        "(noise = philox, the counter-based default, or torch's generator); 'before' is ATen ops with torch's "
+        "generator, Langevin's only path before issue 15; the draw alone per step (torch's normal_, philox)"
     )
     mmn = plans_of("mmn", args, [width], 1)[0]
     fig5 = plans_of("fig5", args, [width], 1)[0]
     # Fig. 5's net under the MMN spec's Langevin optimiser (at Fig. 5's learning rate)
     fig5 = dataclasses.replace(fig5, optimizer=dataclasses.replace(mmn.optimizer, lr=fig5.optimizer.lr))
+    print(
+        "  | network | dtype | "
+        + " | ".join(LANGEVIN_CONFIGS)
+        + " | before / default | draw: torch | draw: philox |"
+    )
+    print("  |---|---|" + "---:|" * (len(LANGEVIN_CONFIGS) + 3))
     for name, plan in (("MMN two-layer net", mmn), ("Fig. 5's 5-layer net", fig5)):
         for dtype in ("float32", "float64"):
-            t = time_modes(plan, ("auto", "off"), args.path_rounds, dtype)
-            draw = _draw_seconds(plan, dtype)
+            t = time_configs(plan, LANGEVIN_CONFIGS, args.path_rounds, dtype)
+            draws = _draw_seconds(plan, dtype)
             print(
-                f"  {name}, {dtype}: native {t['auto'] * 1e6:.1f} µs, ATen {t['off'] * 1e6:.1f} µs: "
-                f"{t['off'] / t['auto']:.2f}× (of which drawing the noise, torch's normal_: {draw * 1e6:.1f} µs)",
+                f"  | {name} | {dtype} | "
+                + " | ".join(f"{t[c] * 1e6:.1f}" for c in LANGEVIN_CONFIGS)
+                + f" | **{t['before'] / t['native, philox']:.2f}×** | {draws['torch'] * 1e6:.1f}"
+                f" | {draws['philox'] * 1e6:.1f} |",
                 flush=True,
             )
 
 
-def _draw_seconds(plan: Any, dtype: str) -> float:
+def _draw_seconds(plan: Any, dtype: str) -> dict[str, float]:
+    """Seconds per step of drawing a step's noise alone: torch's ``normal_`` and the
+    counter-based noise (the C loop where it is built), on the trainable weights."""
     import torch
+    from mfdsl_torch._noise import NoiseSource
 
-    from mfdsl.core import streams as _streams
-
-    gen = torch.Generator().manual_seed(_streams.torch_seed(0, _streams.Stream.NOISE))
-    bufs = [
-        torch.empty(ly.fan_in * ly.fan_out, dtype=getattr(torch, dtype))
-        for ly in plan.layers
-        if not ly.frozen
-    ]
-    best = float("inf")
-    for _ in range(5):
-        s = time.thread_time()
-        for _ in range(20):
-            for b in bufs:
-                b.normal_(generator=gen)
-        best = min(best, (time.thread_time() - s) / 20)
-    return best
+    sizes = [ly.fan_in * ly.fan_out for ly in plan.layers if not ly.frozen]
+    bufs = [torch.empty(n, dtype=getattr(torch, dtype)) for n in sizes]
+    out = {}
+    for kind in ("torch", "philox"):
+        src = NoiseSource(kind, 0, "cpu", getattr(torch, dtype))
+        best = float("inf")
+        for r in range(5):
+            s = time.thread_time()
+            for k in range(20):
+                for j, b in enumerate(bufs):
+                    src.fill(b, j, 20 * r + k)
+            best = min(best, (time.thread_time() - s) / 20)
+        out[kind] = best
+    return out
 
 
 # --------------------------------------------------------------------------- main

@@ -17,7 +17,8 @@ built-in backends do).  What it receives and uses:
   (:data:`Data`); :func:`make_dataset` turns it into arrays.
 - the random streams (:mod:`streams`): every generator a backend seeds comes from
   ``streams.rng`` / ``streams.torch_seed`` / ``streams.jax_seed`` with a
-  :class:`Stream`, so no two parts of a run share random numbers.
+  :class:`Stream`, so no two parts of a run share random numbers; :mod:`noise` defines
+  the counter-based Langevin noise (a numpy reference a backend reproduces bit for bit).
 - :func:`initial_weights`, which draws the finite network's initial weights exactly as
   every other backend does, and the activations' reference definitions.
 - :class:`SpecError` to reject, at ``mfdsl check`` time, what the backend cannot compute
@@ -28,7 +29,7 @@ built-in backends do).  What it receives and uses:
 
 from __future__ import annotations
 
-from mfdsl.core import activations, streams
+from mfdsl.core import activations, noise, streams
 from mfdsl.core.activations import PL_S1, PL_SLOPE, PL_T1, PL_T2
 from mfdsl.core.errors import Span, SpecError
 from mfdsl.core.plugins import WORKER_ENV, Backend, BackendUnavailable
@@ -88,6 +89,7 @@ __all__ = [
     "is_expr",
     "limit_problem",
     "make_dataset",
+    "noise",
     "particle_sample",
     "particle_table",
     "record_arrays",

@@ -92,6 +92,7 @@ def test_wheel_ships_grammar_and_backends(tmp_path: Path) -> None:
     assert "mfdsl/grammars/mfdsl.lark" in names
     assert "mfdsl_torch/__init__.py" in names and "mfdsl_jax/__init__.py" in names
     assert "mfdsl_torch/_native.c" in names  # compiled on the user's machine
+    assert "mfdsl_torch/_noise.c" in names
     assert "mfdsl/py.typed" in names
     for package in sorted({p.parent.name for p in (ROOT / "mfdsl").glob("*/__init__.py")}):
         assert f"mfdsl/{package}/__init__.py" in names, f"the wheel lacks mfdsl.{package}"

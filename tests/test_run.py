@@ -163,7 +163,8 @@ def test_resume_refuses_a_store_of_other_random_streams(
 
     store = tmp_path / "tiny.zarr"
     shutil.copytree(tiny.store, store)
-    number = {None: None, "older": STREAM_LAYOUT - 1, "newer": STREAM_LAYOUT + 1}[layout]
+    # layout 1 moved every draw (layout 2 only torch's Langevin noise, which tiny does not draw)
+    number = {None: None, "older": 1, "newer": STREAM_LAYOUT + 1}[layout]
     restamp(store, "stream_layout", number)
     (store / "status" / "c" / "0" / "0" / "0").unlink()  # a pending run it would otherwise run
     before = snapshot(store)
@@ -176,6 +177,31 @@ def test_resume_refuses_a_store_of_other_random_streams(
     assert ("Upgrade mfdsl to resume it" in text) == (layout == "newer")
     assert "Traceback" not in result.err and result.out == ""
     assert snapshot(store) == before
+
+
+def test_resume_takes_a_layout_2_store_whose_draws_did_not_move(tiny: SweepStore, tmp_path: Path) -> None:
+    """Layout 3 moved only the torch backend's Langevin noise: a layout-2 store of a
+    spec without it resumes (its runs draw what they drew), and the finished runs stay
+    bit for bit; a spec with it would not."""
+    from mfdsl.core.streams import same_draws
+    from mfdsl.store.verify import stream_layout_mismatch
+
+    assert same_draws(2, torch_noise=False) and not same_draws(2, torch_noise=True)
+    assert not same_draws(1, torch_noise=False)
+    assert stream_layout_mismatch({"stream_layout": 2}, torch_noise=False) is None
+    assert "random-stream layout 2" in str(stream_layout_mismatch({"stream_layout": 2}, torch_noise=True))
+    store = tmp_path / "tiny.zarr"
+    shutil.copytree(tiny.store, store)
+    restamp(store, "stream_layout", 2)
+    (store / "status" / "c" / "0" / "0" / "0").unlink()
+    import xarray as xr
+
+    kept = xr.open_zarr(store)["train_loss"].values.copy()
+    result = run_sweep(tiny.spec, store, "--resume")
+    assert result.code == 0, result.out + result.err
+    assert "1 to go" in result.out
+    # the pending run, trained again, draws what it drew: the whole array is as it was
+    np.testing.assert_array_equal(xr.open_zarr(store)["train_loss"].values, kept)
 
 
 @pytest.mark.parametrize("overwrite", [False, True])

@@ -106,7 +106,9 @@ backends torch
     "langevin": """\
 # batch 8: the native gemm loop, ensembles of 6 (seeds and learning rates as members);
 # Langevin noise and weight decay, a cosine schedule, teacher data with a finite
-# training set walked by epochs; particles sample more neurons than width 2 has
+# training set walked by epochs; particles sample more neurons than width 2 has; torch's
+# generator for the noise (noise = torch: the draws of stream layout 2, which these
+# pins were taken with and still match)
 experiment pin_langevin
 data teacher { dim = 4, teacher = mlp(width = 3), noise = 0.1, train = 64, test = 32 }
 network mlp { hidden = 1, activation = act }
@@ -121,10 +123,11 @@ train {
 record every 10 { train_loss, test_loss, output(probes = 2), neuron_spread, weight_change, particles(sample = 3) }
 sweep { width = [2, 12], seed = 0..2, rate = [0.05, 0.2], act = [sigmoid, gelu] }
 backends torch
+torch { noise = torch }
 """,
     "limit": """\
 # the mean-field limit (jax, float64) next to finite widths trained in ATen's batched
-# ensemble path (native = off); noisy SGD, biases, a frozen read-out
+# ensemble path (native = off); noisy SGD (the counter-based noise), biases, a frozen read-out
 experiment pin_limit
 data isotropic_gaussian { dim = 4, delta = 0.5, train = online, test = 32 }
 network mlp { hidden = 1, activation = tanh, bias = true }
@@ -159,7 +162,7 @@ PINNED_ON: dict[str, str] = {
 }
 PINS: dict[str, dict[str, str]] = {
     "batch1": {
-        "@attrs": "5e6cb304be70a8b22bb8f299e420c1c6daf1697619a1f05f7d28eac60b06f07c",
+        "@attrs": "30dd72427c5722dcba112ea7b57c3d9682c05fd53af03c0980072a58f4199be1",
         "component": "12c3205dddf393c0852206efb0e5ee4f40b826d90c220f9bd4eeadf28a0b7274",
         "layer": "33d71807e7417a736360fb8cce0c2764d268a55b285d2a82d1b36543c1bb34c7",
         "message": "02b84d44212e3b243502723b96ac583bb02358c92a13053c6d3a083d57f525de",
@@ -179,7 +182,7 @@ PINS: dict[str, dict[str, str]] = {
         "width": "6a7f97eaa549b29b75b5c89ed3e6bca684d9266b565bce1c3ea7fe9f7189818c",
     },
     "langevin": {
-        "@attrs": "09c7595f812f2aa9d5ae7b2d9f3979fa55b6c7f0b42a7d046c7b5e77b386246e",
+        "@attrs": "88286b9468e7867bd22484dd76f9f7fdbd48c4d31ac67a05ef233a0128cb22f3",
         "act": "7a87cc79c7b3b8d8a2e5512a8b85d64ee84caa7e0a9a2002b5249d28a77f5c28",
         "component": "12c3205dddf393c0852206efb0e5ee4f40b826d90c220f9bd4eeadf28a0b7274",
         "layer": "3c4abe8e2fbbe799e9f744be7a54c3b28726dc200183ceaf7cfcfbe1c23587bc",
@@ -200,21 +203,21 @@ PINS: dict[str, dict[str, str]] = {
         "width": "fe724d727f841e9c9ed0cc621c9aee73941ebf90c928fd9a86d5fa55e610ffc1",
     },
     "limit": {
-        "@attrs": "95e2bbb7400d75c0ebbd2cc44ee39574eb2b292011e146c940e90b95ac274772",
+        "@attrs": "20a7a7b88309ca35b169a3e5d731da3abe5e4bf2c272554e95b924da85a718ff",
         "component": "12c3205dddf393c0852206efb0e5ee4f40b826d90c220f9bd4eeadf28a0b7274",
         "layer": "3c4abe8e2fbbe799e9f744be7a54c3b28726dc200183ceaf7cfcfbe1c23587bc",
         "message": "f8d5b1d0984a7dddb828b41b55c4d1d49f9b1e6b7e1aab390ddbb2df3bac3f4d",
-        "neuron_spread": "ade275f86920cde01ddc7189f2401f4d294e46d912929145d950ec2bec737e72",
+        "neuron_spread": "11e03bb1c07394b08e9dea0bbde12b243f8f2e06dd37602488eaebb3c0360691",
         "particle": "8b12caf3bafb7025ab4aa46fecfa41f1f24970d3c7492fea0e893c5888228727",
-        "particles": "42266b5a33775ba2ff611730e2b50d0066a9f1455c013f9614f43f73172e15a8",
+        "particles": "b954c871af6e07b2a118f67d30381a0e8a8ea38d14fd2849732b906b8ce303b0",
         "seed": "d9ade9c1f09f1caa490cfb07a59c50950b7eb0364767558c7315ff853f99a1d8",
         "status": "b6aff513a5ffc4382386d8da8ba0c13951748511ebf16f193f0225302617bedb",
         "step": "1f4ecd2a4e2ef4d0acb6b9ee038eea730426a32e40896a21b4c709b75617b32b",
-        "test_accuracy": "0b0b2d5e9fc2c746dc5ae8492c82286355319068c4439b26da0bb76a2de0aa13",
-        "test_loss": "84a3da28a4f42bd38127c59b01c7b923971fa1186f8c2eeea481692f8725f938",
+        "test_accuracy": "5a9723861c306c3923391d2bf964ca78cad5950bd2c96330a2e4c328279aefea",
+        "test_loss": "14e98b5c37c1bca136e521d84daad915a9cda8886b5a19ac8073e5860f2aeebd",
         "time": "e4547f1e00943895fb79df306ca9f0a0ed9e606748cad7080de59de502079bdc",
-        "train_loss": "2915a7ebb09e449b92e8aa3daeae965de934e3f679aa52d15b1cb4d1117fb7f9",
-        "weight_change": "62a393c6071524a50d7f572ad2434f60efbf2c8a32a23571586bd40bd85ae095",
+        "train_loss": "09ebe81a416a8fd92935cc2dc3ca95fbb406d981b0b47ac04e79a77a3bb91414",
+        "weight_change": "0fe3ca5a70161aed31ae7278fe7d464100c59a0ca091dba350cbea15302f5c99",
         "width": "49e2d5fbd30eb2bb1f61b1ffe185021567263701c89b96db552b03ff195a839a",
     },
 }

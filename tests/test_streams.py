@@ -72,7 +72,7 @@ def streams_of(keys: Iterable[Key]) -> set[Stream]:
 
 
 def test_keys_are_three_words_and_the_streams_are_numbered_apart() -> None:
-    assert _streams.STREAM_LAYOUT == 2
+    assert _streams.STREAM_LAYOUT == 3
     assert _streams.key(7, Stream.INIT, 3) == (7, int(Stream.INIT), 3)
     assert _streams.key(7, Stream.TEACHER) == (7, int(Stream.TEACHER), 0)
     # stream 0 would be a bare default_rng(seed): [seed] pads to [seed, 0, 0]

@@ -171,7 +171,8 @@ class TorchBackend(Backend):
                 for r in _cnn_results(plans, progress)
             ]
         options = {
-            tuple(option(p, name) for name in ("device", "dtype", "lazy_updates", "native")) for p in plans
+            tuple(option(p, name) for name in ("device", "dtype", "lazy_updates", "native", "noise"))
+            for p in plans
         }
         if len(options) > 1:  # not one ensemble: train each alone
             return super().run_group(plans, progress=progress)
@@ -179,7 +180,7 @@ class TorchBackend(Backend):
 
         from ._ensemble import train_ensemble
 
-        device, dtype, lazy, native = options.pop()
+        device, dtype, lazy, native, _ = options.pop()  # the noise: each plan's own
         results = train_ensemble(
             plans,
             [make_dataset(plan.data, plan.seed_of_data) for plan in plans],

@@ -41,15 +41,15 @@ from torch import Tensor
 from mfdsl.plugin import (
     ConvPlan,
     RunPlan,
-    Stream,
     check_compatible,
     particle_sample,
     particle_table,
     record_arrays,
 )
-from mfdsl.plugin import streams as _streams
 
 from ._engine import _DTYPES, Dataset, Result, _activation, _example_losses, _output_map, _prepare_targets
+from ._noise import NoiseSource, slot
+from ._options import option
 
 __all__ = ["CnnNetwork", "ensemble_key", "train_cnn", "train_cnn_ensemble"]
 
@@ -245,7 +245,7 @@ class _Member:
     net: CnnNetwork
     obs: _Observer
     records: dict[str, np.ndarray]
-    noise: torch.Generator | None
+    noise: NoiseSource | None
     status: str = "done"
     message: str = ""
     steps_done: int = 0
@@ -273,13 +273,14 @@ def _train(
         obs = _Observer(net, p, data, task, outputs)
         noise = None
         if opt.kind == "langevin" and opt.temperature > 0:
-            noise = torch.Generator(device=net.device)
-            noise.manual_seed(_streams.torch_seed(p.seed_of_data, Stream.NOISE))
+            noise = NoiseSource(str(option(p, "noise")), p.seed_of_data, net.device, net.dtype)
         members.append(_Member(p, data, net, obs, obs.allocate(len(steps_rec)), noise))
     E = len(members)
     first_net = members[0].net
     rates = _rates(first_net)
     names = [name for name, _ in first_net.parameters()]
+    # the noise's parameter slots: W1, b1, W2, … as the mlp's weight layers
+    slots = {name: slot(int(name[1:]) - 1, bias=name[0] == "b") for name in names}
     # the parameters: one tensor per member (alone), or stacked with views per member
     stacked: dict[str, Tensor] = {}
     if E > 1:
@@ -371,9 +372,8 @@ def _train(
                             param.sub_((opt.lr * xi * rate.lr_mult) * g)
                             if m.noise is not None and rate.noise > 0:
                                 scale = math.sqrt(2.0 * opt.lr * xi * rate.noise * opt.temperature)
-                                draw = torch.randn(
-                                    param.shape, generator=m.noise, device=param.device, dtype=param.dtype
-                                )
+                                draw = torch.empty_like(param)
+                                m.noise.fill(draw, slots[name], step)
                                 param.add_(scale * draw)
                         losses[e].append(values[e])
                         m.steps_done = step + 1

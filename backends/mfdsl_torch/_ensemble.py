@@ -14,8 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mfdsl.plugin import PL_S1, PL_SLOPE, PL_T1, PL_T2, LayerPlan, RunPlan, Stream, check_compatible
-from mfdsl.plugin import streams as _streams
+from mfdsl.plugin import PL_S1, PL_SLOPE, PL_T1, PL_T2, LayerPlan, RunPlan, check_compatible
 
 from ._engine import (
     _CHUNK_ELEMENTS,
@@ -27,6 +26,7 @@ from ._engine import (
     _make_observer,
     _prepare_targets,
 )
+from ._noise import NoiseSource, slot
 from ._options import option
 
 __all__ = ["Ensemble", "EnsembleTrainer", "ensemble_key", "group_plans", "is_batched", "train_ensemble"]
@@ -461,15 +461,14 @@ class EnsembleTrainer:
                 for i, v in enumerate(state.get(name, ())):
                     if v is not None and mine[i] is not None:
                         mine[i][:E].copy_(v)
-        self.generators: list[torch.Generator | None] = list(state.get("generators", ()))
-        if not self.generators:
+        # each member's Langevin noise (None without): counter-based or torch's generator
+        self.noise: list[NoiseSource | None] = list(state.get("noise", ()))
+        if not self.noise:
             for plan, temp in zip(ens.plans, self.temperature, strict=False):
-                gen = None
-                if temp > 0:
-                    gen = torch.Generator(device=dev)
-                    gen.manual_seed(_streams.torch_seed(plan.seed_of_data, Stream.NOISE))
-                self.generators.append(gen)
-        self.noisy = any(g is not None for g in self.generators)
+                self.noise.append(
+                    NoiseSource(str(option(plan, "noise")), plan.seed_of_data, dev, dt) if temp > 0 else None
+                )
+        self.noisy = any(g is not None for g in self.noise)
 
         # ---- step buffers, allocated once
         B = self.batch
@@ -509,6 +508,7 @@ class EnsembleTrainer:
         self._noise_merge = False  # whether a piece's noise may be drawn at once
         self._zstride = 0
         self._zbuf: list[Tensor | None] = []
+        self._start = 0  # the step at which the ATen path's current chunk begins
         self._native = self._native_args() if self.allow_native != "off" else None
         self.TW: list[Tensor | None] = [None] * self.nl  # weight-sized scratch
         self.NZ: list[Tensor | None] = [None] * self.nl  # noise
@@ -753,21 +753,28 @@ class EnsembleTrainer:
                 coef[:, :, i, _native.COEFS.index("noise_b" if part else "noise")] = scale
         return coef.astype(np_dt)
 
-    def _draw_noise(self, e: int, coef: np.ndarray, s0: int, m: int) -> Tensor | None:
-        """Member ``e``'s noise for steps ``s0 … s0 + m − 1`` of the chunk, ``(m,
-        zstride)``: drawn from its generator step by step, each layer's weights then its
-        bias from the top down, each draw of the shape the ATen path draws (a contiguous
-        block of that size gives the same numbers), skipped where it draws none."""
+    def _draw_noise(self, e: int, coef: np.ndarray, start: int, s0: int, m: int) -> Tensor | None:
+        """Member ``e``'s noise for steps ``s0 … s0 + m − 1`` of the chunk that begins at
+        step ``start``, ``(m, zstride)``, laid out as ``zoff`` says.  Counter-based noise
+        is each draw's block of steps at once; torch's generator is drawn step by step,
+        each layer's weights then its bias from the top down, each draw of the shape the
+        ATen path draws (a contiguous block of that size gives the same numbers),
+        skipped where it draws none."""
         from . import _native
 
-        gen = self.generators[e]
-        if not self._noise_draws or gen is None:
+        src = self.noise[e]
+        if not self._noise_draws or src is None:
             return None
         buf = self._zbuf[e]
         if buf is None or buf.shape[0] < m:
             buf = torch.empty((m, self._zstride), dtype=self.ens.dtype)
             self._zbuf[e] = buf
         z = buf[:m]
+        if src.counter_based:
+            for i, part, off, size in self._noise_draws:
+                src.fill_steps(z[:, off : off + size], slot(i, bool(part)), start + s0)
+            return z
+        gen = src.generator
         fw, fb = _native.COEFS.index("noise"), _native.COEFS.index("noise_b")
         if self._noise_merge:
             scales = coef[s0 : s0 + m][
@@ -823,7 +830,7 @@ class EnsembleTrainer:
             try:
                 for s0 in range(0, n, piece):
                     m = min(piece, n - s0)
-                    z = self._draw_noise(e, coef[e], s0, m)
+                    z = self._draw_noise(e, coef[e], start, s0, m)
                     _native.run_member(
                         lib,
                         args,
@@ -975,6 +982,7 @@ class EnsembleTrainer:
         ens = self.ens
         losses = torch.empty((n, ens.Ea), device=ens.device, dtype=ens.dtype)
         self._prepare_coefs(start, n)
+        self._start = start
         with torch.no_grad():
             if self.loss == "mse":
                 # Residuals stay on the device; their squares are summed once per chunk.
@@ -1241,7 +1249,7 @@ class EnsembleTrainer:
                         self._momentum_update(i, k)
             if self.trainable[i]:
                 if self.noisy:
-                    self._noise(W, self.NZ[i], k, self.noise_rate[i])
+                    self._noise(W, self.NZ[i], k, self.noise_rate[i], slot(i))
                 if ens.b[i] is not None:
                     self._bias_update(i, k, g)
             if below:
@@ -1324,20 +1332,21 @@ class EnsembleTrainer:
             torch.mul(vb, cb.at(k), out=t)
             bias.add_(t)
         if self.NZb[i] is not None:
-            self._noise(bias, self.NZb[i], k, self.noise_rate_b[i])
+            self._noise(bias, self.NZb[i], k, self.noise_rate_b[i], slot(i, bias=True))
 
-    def _noise(self, p: Tensor, buf: Tensor | None, k: int, rate: np.ndarray) -> None:
-        """Each member with a generator draws its own noise, as alone."""
+    def _noise(self, p: Tensor, buf: Tensor | None, k: int, rate: np.ndarray, where: int) -> None:
+        """Each member with noise draws its own, as alone: parameter slot ``where`` at the
+        chunk's step ``k``."""
         assert buf is not None
         lrxi = self._lrxi[k]
-        for e, gen in enumerate(self.generators):
-            if gen is None:
+        for e, src in enumerate(self.noise):
+            if src is None:
                 continue
             eta = float(lrxi[e] * rate[e])
             if eta <= 0:
                 continue
             z = buf[e]
-            z.normal_(generator=gen)
+            src.fill(z, where, self._start + k)
             z.mul_(math.sqrt(2.0 * eta * float(self.temperature[e])))
             p[e].add_(z)
 
@@ -1353,7 +1362,7 @@ def _reduce(src: Tensor, out: Tensor) -> None:
 
 def _subset(trainer: EnsembleTrainer, keep: Sequence[int]) -> EnsembleTrainer:
     """The trainer of the members ``keep`` (indices into the current ensemble), their
-    weights, momenta, Adam's running means and generators carried over."""
+    weights, momenta, Adam's running means and noise sources carried over."""
     ens = trainer.ens
     idx = torch.as_tensor(list(keep), device=ens.device)
     sub = Ensemble(
@@ -1366,7 +1375,7 @@ def _subset(trainer: EnsembleTrainer, keep: Sequence[int]) -> EnsembleTrainer:
     state = {
         "vW": [None if v is None else v.index_select(0, idx) for v in trainer.vW],
         "vb": [None if v is None else v.index_select(0, idx) for v in trainer.vb],
-        "generators": [trainer.generators[j] for j in keep],
+        "noise": [trainer.noise[j] for j in keep],
         **{
             name: [None if v is None else v.index_select(0, idx) for v in getattr(trainer, name)]
             for name in ("adam_m", "adam_v", "adam_mb", "adam_vb")

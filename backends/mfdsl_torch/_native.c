@@ -17,8 +17,8 @@
  *   b_i ← b_i − η_b (Σ_batch G_i + wd_b b_i),
  * or with momentum v ← μ v + m_i A_iᵀ G_i + wd_i W_i, W_i ← W_i − η_i v (and likewise
  * for the biases, v_b ← μ v_b + Σ_batch G_i + wd_b b_i); then, with Langevin noise,
- * W_i ← W_i + s_i Z (s_i = √(2 η_i r_i T), Z standard normal, drawn by the caller from
- * torch generators and passed in), and likewise for the biases that take noise;
+ * W_i ← W_i + s_i Z (s_i = √(2 η_i r_i T), Z standard normal, drawn by the caller —
+ * by _noise.c or from a torch generator — and passed in), and likewise for the biases that take noise;
  * with W_i stored (fan_in, fan_out) row-major, as the ensemble's member views.
  *
  * Two ways to run a layer, chosen per layer by the caller (gemm[i]):

@@ -4,8 +4,9 @@ A batch-1 SGD step of a small network is a few microseconds of arithmetic but so
 ATen calls of ~4 µs each; the C loop runs a whole chunk of steps of one network in one
 call.  It covers SGD and Langevin steps on the CPU, with momentum and weight decay, with
 every activation, loss and output map the plans name (the Langevin noise is drawn by
-the caller from the members' torch generators, exactly as the ATen path draws it, and
-passed in); CUDA trains on ATen ops, and ``EnsembleTrainer`` decides which.
+the caller, exactly as the ATen path draws it — by this library's counter-based
+generator, ``_noise.c``, or from torch's — and passed in); CUDA trains on ATen ops, and
+``EnsembleTrainer`` decides which.
 
 Each layer runs in one of two ways (:func:`choose_gemm`, a cost model measured on this
 machine class, ``docs/performance.md``): *rows*, where a step is memory-bound (small
@@ -42,7 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mfdsl.plugin import PL_S1, PL_SLOPE, PL_T1, PL_T2
+from mfdsl.plugin import PL_S1, PL_SLOPE, PL_T1, PL_T2, noise
 
 from . import _native_abi as abi
 from ._native_abi import ACCURACY, ACTIVATIONS, COEFS, LOSSES, NCOEF, MfArgs
@@ -66,7 +67,12 @@ __all__ = [
 ]
 
 _SOURCE = Path(__file__).with_name("_native.c")
+#: the counter-based noise (:mod:`mfdsl.plugin.noise`'s definition), compiled apart
+_NOISE_SOURCE = Path(__file__).with_name("_noise.c")
 _FLAGS = ("-O3", "-fPIC", "-std=c11")
+#: the noise rounds every operation alone, as numpy and torch do (no contraction to FMAs);
+#: √ sets no errno, so that it vectorises
+_NOISE_FLAGS = ("-ffp-contract=off", "-fno-fast-math", "-fno-math-errno")
 #: tried in order: the host's vector units where the compiler knows the flag
 _ARCH_FLAGS = (("-march=native",), ())
 
@@ -116,6 +122,7 @@ def _build(cc: str, out: Path, header: str | None = None, flags: tuple[str, ...]
     flags = _FLAGS if flags is None else flags
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         Path(tmp, "_native_abi.h").write_text(abi.header() if header is None else header)
+        Path(tmp, "_noise_consts.h").write_text(noise.c_header())
         for arch in _ARCH_FLAGS:
             try:
                 objs = []
@@ -136,6 +143,9 @@ def _build(cc: str, out: Path, header: str | None = None, flags: tuple[str, ...]
                         ]
                     )
                     objs.append(str(obj))
+                obj = Path(tmp) / "noise.o"
+                _cc([cc, *flags, *arch, *_NOISE_FLAGS, f"-I{tmp}", "-c", str(_NOISE_SOURCE), "-o", str(obj)])
+                objs.append(str(obj))
                 lib = Path(tmp) / "native.so"
                 _cc([cc, "-shared", *objs, "-o", str(lib), "-lm"])
             except subprocess.CalledProcessError:
@@ -153,7 +163,15 @@ def _cc(cmd: list[str]) -> None:
 def _key(cc: str) -> str:
     """The cache key of a build: everything the library's code depends on."""
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
-    parts = [_SOURCE.read_text(), abi.header(), version, " ".join(_FLAGS), _cpu_id()]
+    parts = [
+        _SOURCE.read_text(),
+        abi.header(),
+        _NOISE_SOURCE.read_text(),
+        noise.c_header(),
+        version,
+        " ".join(_FLAGS + _NOISE_FLAGS),
+        _cpu_id(),
+    ]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
 
 
@@ -166,6 +184,18 @@ def _open(path: Path) -> ctypes.CDLL:
             fn = getattr(lib, name + sfx)
             fn.restype = ctypes.c_int
             fn.argtypes = [ctypes.POINTER(MfArgs)]
+    try:
+        for sfx in ("_f64", "_f32"):
+            fn = getattr(lib, "mf_normal" + sfx)
+            fn.restype = None
+            fn.argtypes = [ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint64]
+            fn.argtypes += [ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64]
+        lib.mf_philox4x32.restype = None
+        lib.mf_philox4x32.argtypes = [ctypes.c_uint32, ctypes.c_uint32, ctypes.c_void_p, ctypes.c_void_p]
+    except AttributeError:
+        raise abi.AbiMismatch(
+            f"the native library ({path}) is stale: it has no counter-based noise"
+        ) from None
     return lib
 
 

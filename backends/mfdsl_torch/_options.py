@@ -68,6 +68,15 @@ OPTIONS: tuple[Option, ...] = (
         "products, whichever a cost model says is faster for its shape and the batch; `rows`, `gemm`: every "
         "layer that way; `off`: always ATen ops; Adam always runs on ATen ops)",
     ),
+    Option(
+        name="noise",
+        kind=Choice(("philox", "torch")),
+        default="philox",
+        help="the generator of Langevin noise (`philox`: counter-based, each entry a function of the run's "
+        "seed, the step, the parameter and the entry, the same on every step loop and device, three times "
+        "faster than torch's; `torch`: torch's generator drawn in order, as mfdsl drew it before stream "
+        "layout 3, to reproduce such runs bit for bit)",
+    ),
 )
 
 

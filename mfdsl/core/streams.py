@@ -36,9 +36,13 @@ stream             number  index           draws
                                            (1 … L+1), :func:`mfdsl.plan.types.initial_weights`
 ``PARTICLES``      102     0               the neurons the ``particles`` observable
                                            samples
-``NOISE``          103     0               Langevin noise (torch: a ``torch.Generator``
-                                           seeded by :func:`torch_seed`; jax: a key from
-                                           :func:`jax_seed`, folded with the step)
+``NOISE``          103     0               Langevin noise: jax's key (:func:`jax_seed`,
+                                           folded with the step); torch's generator
+                                           (:func:`torch_seed`) under ``torch { noise =
+                                           torch }``
+                           1               the torch backend's counter-based Langevin
+                                           noise (``noise = philox``, the default): the
+                                           Philox key of :mod:`mfdsl.core.noise`
 ``IID``            104     0               jax: the sample of a reduced (R1) layer's
                                            dropped i.i.d. part in ``particles``
 ``DIAGNOSE``       105     0               ``mfdsl check``: the particles of the limit's
@@ -63,7 +67,17 @@ import enum
 import numpy as np
 
 #: version of the stream layout; stores record it and ``--resume`` refuses to mix layouts
-STREAM_LAYOUT = 2
+#: (1 → 2 moved every draw; 2 → 3 moved only the torch backend's Langevin noise, which
+#: became counter-based: :func:`same_draws`)
+STREAM_LAYOUT = 3
+
+
+def same_draws(layout: int, *, torch_noise: bool) -> bool:
+    """Whether a run of this mfdsl draws what a run of the same spec drew under the
+    stream ``layout``: the same layout, or layout 2 for a spec that draws no Langevin
+    noise in the torch backend (``torch_noise``), the one thing layout 3 moved."""
+    return layout == STREAM_LAYOUT or (layout == 2 and not torch_noise)
+
 
 #: every word of a key lies in ``[0, 2**32)``
 WORD = 2**32
