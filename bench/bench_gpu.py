@@ -18,6 +18,11 @@ time budget (``--seconds``), and it prints as it goes.  What it measures, float3
   losses to float32 rounding.
 * **torch, CPU** — the same networks on this machine's CPU (``native = auto``, torch's
   threads), for the ratio.
+* **Langevin noise on the device** — the counter-based noise (``noise = philox``) in
+  torch ops, 64 steps a draw as the engine draws it, against torch's ``normal_``:
+  normals per second at 10⁴ … 10⁷ entries, and a bit-for-bit check against the numpy
+  reference (``mfdsl.core.noise``; on CUDA this checks that division and ``√`` round as
+  IEEE says).
 * **jax limit, GPU** — ``mfdsl_jax._solver.solve`` on Fig. 5's limit (R1 + R2 + top
   collapse, O(N) state) at N = 10⁴ … 10⁶ particles, Euler dt = 0.01 with 10 samples a
   step: Euler steps per second, compilation timed apart (the first run) from the
@@ -203,6 +208,47 @@ def _losses(runner: Runner) -> np.ndarray:
     return (loss * t._loss_scale())[:, : t.ens.E].to("cpu").double().numpy()
 
 
+def noise_section(args: argparse.Namespace, device: str) -> None:
+    import torch
+    from mfdsl_torch._noise import torch_normal
+
+    from mfdsl.core import noise
+
+    key = noise.key(0)
+    print(f"\nLangevin noise on {device}: normals per second (float32), the counter-based noise in torch ops")
+    for np_dt, dt in ((np.float32, torch.float32), (np.float64, torch.float64)):
+        got = torch_normal(key, 3, 7, 4, 10_001, dt, device).cpu().numpy()
+        same = bool(np.array_equal(got, noise.normal(key, 3, 7, 4, 10_001, np_dt)))
+        print(f"  {dt}: equal to the numpy reference bit for bit: {same}")
+    sizes = (10_000, 100_000, 1_000_000, 10_000_000) if not args.smoke else (1000,)
+    for n in sizes:
+        steps = max(1, min(64, (1 << 20) // n))
+        buf = torch.empty(n, device=device)
+
+        def philox(n: int = n, steps: int = steps) -> None:
+            torch_normal(key, 0, 0, steps, n, torch.float32, device)
+
+        def normal(buf: torch.Tensor = buf, steps: int = steps) -> None:
+            for _ in range(steps):
+                buf.normal_()
+
+        rates = {}
+        for name, fn in (("philox", philox), ("torch normal_", normal)):
+            fn()
+            _sync(device)
+            calls, start = 0, time.perf_counter()
+            while time.perf_counter() - start < args.seconds:
+                fn()
+                calls += 1
+            _sync(device)
+            rates[name] = calls * steps * n / (time.perf_counter() - start)
+        print(
+            f"  {n} entries ({steps} steps a draw): philox {rates['philox']:.3g}/s, "
+            f"torch normal_ {rates['torch normal_']:.3g}/s",
+            flush=True,
+        )
+
+
 def jax_section(args: argparse.Namespace) -> None:
     try:
         import jax
@@ -249,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--particles", default="10000,100000,1000000")
     parser.add_argument("--jax-steps", type=int, default=10000, help="SGD steps' worth of limit time")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes (on the CPU without a GPU)")
-    parser.add_argument("--only", default="torch,jax")
+    parser.add_argument("--only", default="torch,noise,jax")
     args = parser.parse_args(argv)
     if args.smoke:
         args.widths, args.seconds, args.graph_steps = "8,16", 0.05, 4
@@ -269,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     only = set(args.only.split(","))
     if "torch" in only:
         torch_section(args, device)
+    if "noise" in only:
+        noise_section(args, device)
     if "jax" in only:
         jax_section(args)
     return 0

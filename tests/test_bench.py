@@ -48,6 +48,7 @@ def test_bench_peers_smoke() -> None:
     checks = [float(x) for x in re.findall(r"final test loss vs mfdsl: ([0-9.e+-]+)", out)]
     assert len(checks) == 4 and max(checks) < 1e-4, checks
     assert "total" in out and "GFLOP/s" in out
+    assert "| network | dtype | before | native, torch noise | ATen, philox | native, philox |" in out
 
 
 def test_bench_torch_smoke() -> None:
@@ -82,4 +83,6 @@ def test_bench_gpu_smoke() -> None:
     # without a GPU the script measures the CPU rows only (and the jax limit on the CPU)
     out = run("bench_gpu.py", "--smoke")
     assert "| width | batch | members | CPU |" in out
+    assert "torch.float32: equal to the numpy reference bit for bit: True" in out
+    assert "torch.float64: equal to the numpy reference bit for bit: True" in out
     assert "jax limit" in out
