@@ -56,6 +56,14 @@ P5_CASES = {
     ),
     # relu, identity output, no bias, mse (the plain case)
     "L2-relu-plain": dict(hidden=2, act="relu"),
+    # Langevin with weight decay, tanh, biases: the particles draw the noise the width-N
+    # network draws (the counter-based noise, by step, parameter and entry)
+    "L2-tanh-langevin-bias": dict(
+        hidden=2,
+        act="tanh",
+        bias=True,
+        optimizer="langevin(lr = 0.2, temperature = 0.01, weight_decay = 0.05)",
+    ),
     # a neuronal embedding (Pham & Nguyen 2020): every layer a function of the latent
     # coordinates of the neurons it joins, plus i.i.d. noise; tanh, biases
     "L3-tanh-embedded": dict(

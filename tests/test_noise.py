@@ -245,3 +245,31 @@ def test_torch_ops_drawn_ahead_give_the_same_steps(monkeypatch: pytest.MonkeyPat
         src.fill(out_b, 1, step)
         np.testing.assert_array_equal(out.numpy(), ref[step])
         np.testing.assert_array_equal(out_b.numpy(), ref_b[step])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_the_jax_limit_draws_the_same_noise(dtype: type) -> None:
+    """The jax backend's version (traced, for the limit's particles): Philox's words
+    exactly, the normals to the last place (XLA may fuse a product and a sum)."""
+    jax = pytest.importorskip("jax")
+    import jax.numpy as jnp
+    from mfdsl_jax import _noise as jnoise
+
+    key = noise.key(12)
+    b = np.arange(300, dtype=np.uint32)
+    counter = (b, np.full_like(b, 5), np.full_like(b, 2**32 - 1), np.full_like(b, 1))
+    want = noise.philox4x32(counter, key)
+    got = jnoise._philox([jnp.asarray(c) for c in counter], jnoise.key_array(12))
+    for w, g in zip(want, got, strict=True):
+        np.testing.assert_array_equal(np.asarray(g), w)
+    from mfdsl_jax._solver import _x64
+
+    shape = (37, 11)
+    with _x64(dtype is np.float64):
+        z = jax.jit(lambda s: jnoise.normal(jnoise.key_array(12), 3, s, shape, dtype))(jnp.asarray(40))
+        z = np.asarray(z)
+    ref = noise.normal(key, 3, 40, 1, 37 * 11, dtype)[0].reshape(shape)
+    eps = float(np.finfo(dtype).eps)
+    assert z.dtype == ref.dtype
+    np.testing.assert_allclose(z, ref, rtol=4 * eps, atol=4 * eps)
+    assert jnoise.slot("W1") == 0 and jnoise.slot("b1") == 1 and jnoise.slot("W3") == 4

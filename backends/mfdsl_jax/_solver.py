@@ -30,6 +30,8 @@ from mfdsl.plugin import (
 )
 from mfdsl.plugin import streams as _streams
 
+from . import _noise
+
 __all__ = ["Result", "System", "build_system", "solve"]
 
 # Online data: at most this many input entries per chunk of steps sent to the device.
@@ -370,12 +372,12 @@ def _functions(cfg: _Cfg) -> _Functions:
             s = s - (h * xi0 * lam) * s * mask
         if temp > 0:
             scale = jnp.sqrt(2.0 * h * xi0 * temp)
-            step_key = jax.random.fold_in(key, inp["i"])
-            for j, n in enumerate(train_names):
+            for n in train_names:
                 rate = cfg.noise_rate(n)
                 if rate == 0.0:  # a shared parameter (the output bias): no noise
                     continue
-                noise = jax.random.normal(jax.random.fold_in(step_key, j), params[n].shape, params[n].dtype)
+                # the counter-based noise of the torch backend's parameter of this name
+                noise = _noise.normal(key, _noise.slot(n), inp["i"], params[n].shape, params[n].dtype)
                 params[n] = params[n] + (scale if rate == 1.0 else scale * math.sqrt(rate)) * noise
         return (params, mom, s, s_mom), loss
 
@@ -670,7 +672,7 @@ def _solve(
     mom = {n: jnp.zeros_like(params[n]) for n in train_names} if momentum else {}
     s = jnp.ones(L + 1, np_dtype)
     state: Any = (params, mom, s, jnp.zeros(L + 1, np_dtype))
-    key = jax.random.key(_streams.jax_seed(plan.seed_of_data, Stream.NOISE))
+    key = _noise.key_array(plan.seed_of_data)
     iid = jnp.asarray(np.asarray(system.iid_std, np.float64).astype(np_dtype))
 
     # data
