@@ -483,7 +483,8 @@ def _backend_doc(name: str) -> str:
 def _observable_doc(name: str) -> str:
     options = _observable_options(name)
     args = ", ".join(o.name for o in options)
-    lines = [f"**{name}**" + (f"({args})" if args else "") + ": a recorded observable"]
+    kind = ir.OBSERVABLE_KINDS[name]
+    lines = [f"**{name}**" + (f"({args})" if args else "") + f": a recorded observable, the {kind.long_name}"]
     lines += [f"- {_option_doc(o).splitlines()[0]}" + (f" — {o.help}" if o.help else "") for o in options]
     return "\n".join(lines)
 

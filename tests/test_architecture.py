@@ -130,3 +130,23 @@ def test_the_readme_layout_matches_the_tree() -> None:
         assert (ROOT / path).exists(), f"README's Layout names {path}, which is not in the tree"
     packages = {f"mfdsl/{p.parent.name}" for p in ROOT.glob("mfdsl/*/__init__.py")}
     assert packages <= named, f"packages the Layout does not show: {sorted(packages - named)}"
+
+
+def test_observables_are_declared_once() -> None:
+    """Every observable is one entry of ``ir.OBSERVABLE_KINDS``: the plan's type, the
+    store's names and per-layer variables, and the docs' observables follow it."""
+    import typing
+
+    from mfdsl.language import ir
+    from mfdsl.plan.layout import LAYERED, LONG_NAMES
+    from mfdsl.plan.types import ObservablePlan
+
+    names = tuple(ir.OBSERVABLE_KINDS)
+    assert names == ir.OBSERVABLES
+    assert typing.get_args(typing.get_type_hints(ObservablePlan)["name"]) == names
+    assert list(LONG_NAMES) == list(names)
+    assert LAYERED == ("neuron_spread", "preactivation_rms", "weight_change")
+    for name, kind in ir.OBSERVABLE_KINDS.items():
+        assert ir.Observable.accepted(name) == kind.args
+        assert ("layer" in kind.args) == (kind.default_layers is not None), name
+        assert ("probes" in kind.args) == kind.probes, name

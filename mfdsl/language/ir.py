@@ -39,16 +39,67 @@ ACTIVATIONS = ("relu", "tanh", "sigmoid", "gelu", "erf", "identity", "piecewise_
 OUTPUT_MAPS = ("identity", "tanh", "sigmoid")
 SCALINGS = ("mean_field", "ntk", "standard", "mup")
 LOSSES = ("mse", "logistic", "cross_entropy")
-OBSERVABLES = (
-    "train_loss",
-    "test_loss",
-    "test_accuracy",
-    "output",
-    "neuron_spread",
-    "preactivation_rms",
-    "weight_change",
-    "particles",
-)
+
+
+@dataclass(frozen=True)
+class ObservableKind:
+    """What an observable is, in one place: the arguments it takes, what it measures (a
+    store variable's ``long_name``), whether it is stored per layer (along the store's
+    ``layer`` dimension), which layers it observes by default (``"all"``: 1 … L+1,
+    ``"hidden"``: 1 … L, ``"first"``: layer 1; ``None``: none), and whether it reads the
+    probe inputs (the first test points)."""
+
+    args: tuple[str, ...]
+    long_name: str
+    per_layer: bool = False
+    default_layers: str | None = None
+    probes: bool = False
+
+    def layers(self, depth: int) -> tuple[int, ...]:
+        """The default layers of a network with ``depth`` hidden layers."""
+        return {
+            "all": tuple(range(1, depth + 2)),
+            "hidden": tuple(range(1, depth + 1)),
+            "first": (1,),
+            None: (),
+        }[self.default_layers]
+
+
+#: every observable the language records, in the order reports list them
+OBSERVABLE_KINDS: dict[str, ObservableKind] = {
+    "train_loss": ObservableKind(
+        args=(), long_name="training loss (mean over the steps since the last record)"
+    ),
+    "test_loss": ObservableKind(args=(), long_name="test loss"),
+    "test_accuracy": ObservableKind(args=(), long_name="test accuracy"),
+    "output": ObservableKind(args=("probes",), long_name="network output on the probe inputs", probes=True),
+    "neuron_spread": ObservableKind(
+        args=("layer", "probes"),
+        long_name="std across neurons of the pre-activation H_l on the probes",
+        per_layer=True,
+        default_layers="hidden",
+        probes=True,
+    ),
+    "preactivation_rms": ObservableKind(
+        args=("layer", "probes"),
+        long_name="root-mean-square over neurons and probes of the pre-activation H_l",
+        per_layer=True,
+        default_layers="all",
+        probes=True,
+    ),
+    "weight_change": ObservableKind(
+        args=("layer",),
+        long_name="root-mean-square change per entry of W_l since initialisation",
+        per_layer=True,
+        default_layers="all",
+    ),
+    "particles": ObservableKind(
+        args=("layer", "sample"),
+        long_name="sampled neurons: incoming weights (2 directions, norm) and outgoing weight",
+        default_layers="first",
+    ),
+}
+OBSERVABLES = tuple(OBSERVABLE_KINDS)
 IMAGE_DIMS = {"mnist": 784, "fashion_mnist": 784, "cifar10": 3072}
 IMAGE_SIZES = {"mnist": (60000, 10000), "fashion_mnist": (60000, 10000), "cifar10": (50000, 10000)}
 
@@ -560,17 +611,6 @@ class Train(Node):
 
 # ---- record ----------------------------------------------------------------------------
 
-_OBS_ARGS: dict[str, tuple[str, ...]] = {
-    "train_loss": (),
-    "test_loss": (),
-    "test_accuracy": (),
-    "output": ("probes",),
-    "neuron_spread": ("layer", "probes"),
-    "preactivation_rms": ("layer", "probes"),
-    "weight_change": ("layer",),
-    "particles": ("layer", "sample"),
-}
-
 
 @dataclass(frozen=True, kw_only=True)
 class Observable(Node):
@@ -586,7 +626,8 @@ class Observable(Node):
     @classmethod
     def accepted(cls, name: str) -> tuple[str, ...]:
         """The arguments observable ``name`` takes."""
-        return _OBS_ARGS.get(name, ())
+        kind = OBSERVABLE_KINDS.get(name)
+        return kind.args if kind is not None else ()
 
     def validate(self) -> None:
         if (

@@ -331,23 +331,18 @@ def _observables(spec: ir.Spec) -> tuple[ObservablePlan, ...]:
     default_probes = min(DEFAULT_PROBES, test_size(spec.data))
     out = []
     for obs in record:
+        kind = ir.OBSERVABLE_KINDS[obs.name]
         if obs.layer is not None:
             layers = tuple(depth + 1 if s == "last" else int(s) for s in obs.layer)
-        elif obs.name in ("weight_change", "preactivation_rms"):
-            layers = tuple(range(1, depth + 2))
-        elif obs.name == "neuron_spread":
-            layers = tuple(range(1, depth + 1))
-        elif obs.name == "particles":
-            layers = (1,)
         else:
-            layers = ()
+            layers = kind.layers(depth)
         probes = int(obs.probes) if obs.probes is not None else default_probes
         sample = int(obs.sample) if obs.sample is not None else DEFAULT_SAMPLE
         out.append(
             ObservablePlan(
                 name=obs.name,  # type: ignore[arg-type]
                 layers=layers,
-                probes=probes if obs.name in ("output", "neuron_spread", "preactivation_rms") else 0,
+                probes=probes if kind.probes else 0,
                 sample=min(sample, 10**9) if obs.name == "particles" else 0,
             )
         )

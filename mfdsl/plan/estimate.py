@@ -352,7 +352,9 @@ def _facts(point: Any, backend: str, limit: bool) -> _Facts:
             probes = int(obs.probes) if obs.probes is not None else min(16, n_test)
             shapes.append(probes * outputs)
         elif obs.name in LAYERED:
-            layers = len(obs.layer) if obs.layer is not None else depth + (obs.name != "neuron_spread")
+            layers = (
+                len(obs.layer) if obs.layer is not None else len(ir.OBSERVABLE_KINDS[obs.name].layers(depth))
+            )
             shapes.append(layers)
             stored[obs.name] = depth + 1
         elif obs.name == "particles":

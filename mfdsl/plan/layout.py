@@ -33,21 +33,11 @@ class VariableSpec:
     units: str = "1"
 
 
-LONG_NAMES = {
-    "train_loss": "training loss (mean over the steps since the last record)",
-    "test_loss": "test loss",
-    "test_accuracy": "test accuracy",
-    "output": "network output on the probe inputs",
-    "neuron_spread": "std across neurons of the pre-activation H_l on the probes",
-    "preactivation_rms": "root-mean-square over neurons and probes of the pre-activation H_l",
-    "weight_change": "root-mean-square change per entry of W_l since initialisation",
-    "particles": "sampled neurons: incoming weights (2 directions, norm) and outgoing weight",
-}
-
-
+#: each observable's ``long_name`` (:data:`mfdsl.language.ir.OBSERVABLE_KINDS`)
+LONG_NAMES = {name: kind.long_name for name, kind in ir.OBSERVABLE_KINDS.items()}
 PARTICLE_COMPONENTS = ("w_in_1", "w_in_2", "w_in_norm", "w_out")
 #: the observables recorded per layer (stored along the ``layer`` dimension)
-LAYERED = ("neuron_spread", "preactivation_rms", "weight_change")
+LAYERED = tuple(name for name, kind in ir.OBSERVABLE_KINDS.items() if kind.per_layer)
 
 
 @dataclass(frozen=True, kw_only=True)
