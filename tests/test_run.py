@@ -180,16 +180,16 @@ def test_resume_refuses_a_store_of_other_random_streams(
 
 
 def test_resume_takes_a_layout_2_store_whose_draws_did_not_move(tiny: SweepStore, tmp_path: Path) -> None:
-    """Layout 3 moved only the Langevin noise: a layout-2 store of a
+    """Layout 3 moved only the torch backend's Langevin noise: a layout-2 store of a
     spec without it resumes (its runs draw what they drew), and the finished runs stay
     bit for bit; a spec with it would not."""
     from mfdsl.core.streams import same_draws
     from mfdsl.store.verify import stream_layout_mismatch
 
-    assert same_draws(2, langevin_noise=False) and not same_draws(2, langevin_noise=True)
-    assert not same_draws(1, langevin_noise=False)
-    assert stream_layout_mismatch({"stream_layout": 2}, langevin_noise=False) is None
-    assert "random-stream layout 2" in str(stream_layout_mismatch({"stream_layout": 2}, langevin_noise=True))
+    assert same_draws(2, torch_noise=False) and not same_draws(2, torch_noise=True)
+    assert not same_draws(1, torch_noise=False)
+    assert stream_layout_mismatch({"stream_layout": 2}, torch_noise=False) is None
+    assert "random-stream layout 2" in str(stream_layout_mismatch({"stream_layout": 2}, torch_noise=True))
     store = tmp_path / "tiny.zarr"
     shutil.copytree(tiny.store, store)
     restamp(store, "stream_layout", 2)

@@ -127,8 +127,8 @@ torch { noise = torch }
 """,
     "limit": """\
 # the mean-field limit (jax, float64) next to finite widths trained in ATen's batched
-# ensemble path (native = off); noisy SGD (the counter-based noise, in both backends), biases,
-# a frozen read-out
+# ensemble path (native = off); noisy SGD (torch: the counter-based noise; jax: jax.random),
+# biases, a frozen read-out
 experiment pin_limit
 data isotropic_gaussian { dim = 4, delta = 0.5, train = online, test = 32 }
 network mlp { hidden = 1, activation = tanh, bias = true }
@@ -204,21 +204,21 @@ PINS: dict[str, dict[str, str]] = {
         "width": "fe724d727f841e9c9ed0cc621c9aee73941ebf90c928fd9a86d5fa55e610ffc1",
     },
     "limit": {
-        "@attrs": "26f492205afa20a5ce6373bcd408769e564c9a2460b5992ed8b23332dbdf3fd9",
+        "@attrs": "9bde079cb2c85e5a5881068b99d971257118e7c12e124558435e13fe809b1880",
         "component": "12c3205dddf393c0852206efb0e5ee4f40b826d90c220f9bd4eeadf28a0b7274",
         "layer": "3c4abe8e2fbbe799e9f744be7a54c3b28726dc200183ceaf7cfcfbe1c23587bc",
         "message": "f8d5b1d0984a7dddb828b41b55c4d1d49f9b1e6b7e1aab390ddbb2df3bac3f4d",
-        "neuron_spread": "ff757fa3170d9464c428e97b8b5fee5d85c0d87900a84e0f579d668dd473ee00",
+        "neuron_spread": "11e03bb1c07394b08e9dea0bbde12b243f8f2e06dd37602488eaebb3c0360691",
         "particle": "8b12caf3bafb7025ab4aa46fecfa41f1f24970d3c7492fea0e893c5888228727",
-        "particles": "ca8489a13a1ba446a17d89fcfd8964fa4dcd020fe57df81704998886d72445c0",
+        "particles": "b954c871af6e07b2a118f67d30381a0e8a8ea38d14fd2849732b906b8ce303b0",
         "seed": "d9ade9c1f09f1caa490cfb07a59c50950b7eb0364767558c7315ff853f99a1d8",
         "status": "b6aff513a5ffc4382386d8da8ba0c13951748511ebf16f193f0225302617bedb",
         "step": "1f4ecd2a4e2ef4d0acb6b9ee038eea730426a32e40896a21b4c709b75617b32b",
-        "test_accuracy": "e9bee502c85047c3d7cf7a714f2defbf78d0e4fc573589ca10fee318779aa12c",
-        "test_loss": "8cd6ba0977addc0a517e832ede7cfc6a32d7a64c556253cb4ccf0d3ad929f40c",
+        "test_accuracy": "5a9723861c306c3923391d2bf964ca78cad5950bd2c96330a2e4c328279aefea",
+        "test_loss": "14e98b5c37c1bca136e521d84daad915a9cda8886b5a19ac8073e5860f2aeebd",
         "time": "e4547f1e00943895fb79df306ca9f0a0ed9e606748cad7080de59de502079bdc",
-        "train_loss": "afe4b5b4d37ead8a041aef079bab2abdebcf293a77c3d7da59e743cea2905279",
-        "weight_change": "eb94e7342309d3930d5bdaa9c4bfc56ba2b12a062e3112a26c89823f7ee13821",
+        "train_loss": "09ebe81a416a8fd92935cc2dc3ca95fbb406d981b0b47ac04e79a77a3bb91414",
+        "weight_change": "0fe3ca5a70161aed31ae7278fe7d464100c59a0ca091dba350cbea15302f5c99",
         "width": "49e2d5fbd30eb2bb1f61b1ffe185021567263701c89b96db552b03ff195a839a",
     },
 }

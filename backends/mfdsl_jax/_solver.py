@@ -253,6 +253,8 @@ class _Cfg:
     dtype: str
     #: the Langevin noise rate of each parameter, in ``names()``' order (0: no noise)
     noise_rates: tuple[float, ...]
+    #: the noise's generator: ``jax`` (``jax.random``) or ``philox`` (the torch backend's)
+    noise: str = "jax"
 
     @property
     def depth(self) -> int:
@@ -372,12 +374,17 @@ def _functions(cfg: _Cfg) -> _Functions:
             s = s - (h * xi0 * lam) * s * mask
         if temp > 0:
             scale = jnp.sqrt(2.0 * h * xi0 * temp)
-            for n in train_names:
+            step_key = None if cfg.noise == "philox" else jax.random.fold_in(key, inp["i"])
+            for j, n in enumerate(train_names):
                 rate = cfg.noise_rate(n)
                 if rate == 0.0:  # a shared parameter (the output bias): no noise
                     continue
-                # the counter-based noise of the torch backend's parameter of this name
-                noise = _noise.normal(key, _noise.slot(n), inp["i"], params[n].shape, params[n].dtype)
+                if step_key is None:  # the torch backend's noise of the parameter of this name
+                    noise = _noise.normal(key, _noise.slot(n), inp["i"], params[n].shape, params[n].dtype)
+                else:
+                    noise = jax.random.normal(
+                        jax.random.fold_in(step_key, j), params[n].shape, params[n].dtype
+                    )
                 params[n] = params[n] + (scale if rate == 1.0 else scale * math.sqrt(rate)) * noise
         return (params, mom, s, s_mom), loss
 
@@ -564,6 +571,7 @@ def solve(
     solver: str = "euler",
     reduce: str = "auto",
     dtype: str = "float64",
+    noise: str = "jax",
     progress: Callable[[int, float], None] | None = None,
 ) -> Result:
     """Compute ``plan``'s mean-field limit on ``dataset`` and record its observables.
@@ -574,6 +582,8 @@ def solve(
         raise ValueError(f"dtype must be float32 or float64, not {dtype}")
     if solver not in ("euler", "heun"):
         raise ValueError(f"solver must be euler or heun, not {solver!r}")
+    if noise not in ("jax", "philox"):
+        raise ValueError(f"noise must be jax or philox, not {noise!r}")
     with _x64(dtype == "float64"):
         return _solve(
             plan,
@@ -584,6 +594,7 @@ def solve(
             solver=solver,
             reduce=reduce,
             dtype=dtype,
+            noise=noise,
             progress=progress,
         )
 
@@ -608,6 +619,7 @@ def _solve(
     solver: str,
     reduce: str,
     dtype: str,
+    noise: str,
     progress: Callable[[int, float], None] | None,
 ) -> Result:
     np_dtype = np.dtype(dtype)
@@ -658,6 +670,7 @@ def _solve(
             for layer in plan.layers
             for rate in ((layer.noise_rate, layer.bias_noise_rate) if bias else (layer.noise_rate,))
         ),
+        noise=noise,
     )
     fns = _functions(cfg)
 
@@ -672,7 +685,10 @@ def _solve(
     mom = {n: jnp.zeros_like(params[n]) for n in train_names} if momentum else {}
     s = jnp.ones(L + 1, np_dtype)
     state: Any = (params, mom, s, jnp.zeros(L + 1, np_dtype))
-    key = _noise.key_array(plan.seed_of_data)
+    if noise == "philox":
+        key = _noise.key_array(plan.seed_of_data)
+    else:
+        key = jax.random.key(_streams.jax_seed(plan.seed_of_data, Stream.NOISE))
     iid = jnp.asarray(np.asarray(system.iid_std, np.float64).astype(np_dtype))
 
     # data

@@ -22,8 +22,8 @@ whose last bits differ between libms and devices: ``ln`` is the ``atanh`` series
 performs these operations in this order — this module (numpy, the reference), the
 torch backend's C loop (compiled without FMA contraction) and its torch-op version
 (CPU or CUDA) — produces the same bits; tests compare them.  The jax backend draws it
-too, for the limit's particles (XLA may fuse a product and a sum: equal to the last
-place).  The polynomials'
+too under ``jax { noise = philox }``, for the limit's particles (XLA may fuse a product
+and a sum: equal to the last place).  The polynomials'
 truncation errors are below half an ulp of their precision (``|z|`` is accurate to a
 few ulp); the largest ``|z|`` is ``√(2·24 ln 2) ≈ 5.77`` in float32 and ``≈ 8.57`` in
 float64.

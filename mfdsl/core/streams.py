@@ -38,9 +38,12 @@ stream             number  index           draws
                                            samples
 ``NOISE``          103     1               Langevin noise: the Philox key of the
                                            counter-based noise (:mod:`mfdsl.core.noise`),
-                                           torch's default and jax's
-                           0               torch's generator (:func:`torch_seed`) under
-                                           ``torch { noise = torch }``
+                                           torch's default (and jax's under ``jax {
+                                           noise = philox }``)
+                           0               jax's key (:func:`jax_seed`, folded with the
+                                           step), its default; torch's generator
+                                           (:func:`torch_seed`) under ``torch { noise =
+                                           torch }``
 ``IID``            104     0               jax: the sample of a reduced (R1) layer's
                                            dropped i.i.d. part in ``particles``
 ``DIAGNOSE``       105     0               ``mfdsl check``: the particles of the limit's
@@ -65,16 +68,16 @@ import enum
 import numpy as np
 
 #: version of the stream layout; stores record it and ``--resume`` refuses to mix layouts
-#: (1 → 2 moved every draw; 2 → 3 moved only the Langevin noise, which became
-#: counter-based in both backends: :func:`same_draws`)
+#: (1 → 2 moved every draw; 2 → 3 moved only the torch backend's Langevin noise, which
+#: became counter-based: :func:`same_draws`)
 STREAM_LAYOUT = 3
 
 
-def same_draws(layout: int, *, langevin_noise: bool) -> bool:
+def same_draws(layout: int, *, torch_noise: bool) -> bool:
     """Whether a run of this mfdsl draws what a run of the same spec drew under the
     stream ``layout``: the same layout, or layout 2 for a spec that draws no Langevin
-    noise (``langevin_noise``), the one thing layout 3 moved."""
-    return layout == STREAM_LAYOUT or (layout == 2 and not langevin_noise)
+    noise in the torch backend (``torch_noise``), the one thing layout 3 moved."""
+    return layout == STREAM_LAYOUT or (layout == 2 and not torch_noise)
 
 
 #: every word of a key lies in ``[0, 2**32)``

@@ -492,31 +492,31 @@ def open_attrs(store: str) -> dict[str, Any]:
     return attrs
 
 
-def draws_langevin_noise(spec: Any) -> bool:
-    """Whether a spec's runs draw Langevin noise (what stream layout 3 moved:
-    :func:`mfdsl.core.streams.same_draws`)."""
+def draws_torch_noise(spec: Any) -> bool:
+    """Whether a spec's runs draw Langevin noise in the torch backend (what stream layout
+    3 moved: :func:`mfdsl.core.streams.same_draws`)."""
     from mfdsl.language.ir import Langevin
 
-    return isinstance(spec.train.optimizer, Langevin)
+    return isinstance(spec.train.optimizer, Langevin) and "torch" in spec.backends
 
 
-def _stored_draws_langevin_noise(attrs: Mapping[str, Any]) -> bool:
-    """:func:`draws_langevin_noise` of the spec a store records (``True`` if it does not read back)."""
+def _stored_draws_torch_noise(attrs: Mapping[str, Any]) -> bool:
+    """:func:`draws_torch_noise` of the spec a store records (``True`` if it does not read back)."""
     from mfdsl.language.build import build
     from mfdsl.language.load import yaml_to_module
 
     try:
-        return draws_langevin_noise(build(yaml_to_module(str(attrs["spec_ir"]), "spec_ir")))
+        return draws_torch_noise(build(yaml_to_module(str(attrs["spec_ir"]), "spec_ir")))
     except Exception:  # noqa: BLE001 - a damaged record: assume the worst
         return True
 
 
-def stream_layout_mismatch(attrs: Mapping[str, Any], *, langevin_noise: bool | None = None) -> str | None:
+def stream_layout_mismatch(attrs: Mapping[str, Any], *, torch_noise: bool | None = None) -> str | None:
     """How a store with root attributes ``attrs`` was made with other random streams
     than this mfdsl draws for its spec (its ``stream_layout`` differs from
     :data:`mfdsl.core.streams.STREAM_LAYOUT` in a way that moves a draw of the spec —
-    ``langevin_noise``: whether it draws Langevin noise, by default read from the
-    store's spec — or is missing: a store from before layouts were
+    ``torch_noise``: whether it draws Langevin noise in the torch backend, by default
+    read from the store's spec — or is missing: a store from before layouts were
     recorded), completing "the store was …"; ``None`` when they are the same.  Runs
     added to such a store would not draw what its finished runs drew: ``--resume``
     refuses it."""
@@ -524,9 +524,9 @@ def stream_layout_mismatch(attrs: Mapping[str, Any], *, langevin_noise: bool | N
 
     layout = attrs.get("stream_layout")
     if isinstance(layout, int) and not isinstance(layout, bool):
-        if langevin_noise is None:
-            langevin_noise = _stored_draws_langevin_noise(attrs)
-        if same_draws(layout, langevin_noise=langevin_noise):
+        if torch_noise is None:
+            torch_noise = _stored_draws_torch_noise(attrs)
+        if same_draws(layout, torch_noise=torch_noise):
             return None
         return (
             f"written by {'a newer' if layout > STREAM_LAYOUT else 'an older'} mfdsl, whose random "
