@@ -52,7 +52,8 @@ backends torch, jax
 """
 
 OBSERVABLES = (
-    "train_loss, test_loss, test_accuracy, output(probes = 5), neuron_spread(probes = 5), weight_change"
+    "train_loss, test_loss, test_accuracy, output(probes = 5), neuron_spread(probes = 5), "
+    "preactivation_rms(probes = 5), weight_change"
 )
 
 

@@ -315,6 +315,12 @@ class _Observer:
             o = by_name["neuron_spread"]
             self.probes_spread = o.probe_count(self.n_test)
             self.spread_layers = o.layers_or(range(1, depth + 1), 1, depth)
+        self.probes_rms = 0
+        self.rms_layers: tuple[int, ...] = ()
+        if "preactivation_rms" in by_name:
+            o = by_name["preactivation_rms"]
+            self.probes_rms = o.probe_count(self.n_test)
+            self.rms_layers = o.layers_or(range(1, depth + 2), 1, depth + 1)
         self.change_layers: tuple[int, ...] = ()
         if "weight_change" in by_name:
             self.change_layers = by_name["weight_change"].layers_or(range(1, depth + 2), 1, depth + 1)
@@ -329,8 +335,8 @@ class _Observer:
         self.psi = _output_map(plan.output)
         loss_name = plan.loss
 
-        spread_layers, change_layers = self.spread_layers, self.change_layers
-        probes_output, probes_spread = self.probes_output, self.probes_spread
+        spread_layers, change_layers, rms_layers = self.spread_layers, self.change_layers, self.rms_layers
+        probes_output, probes_spread, probes_rms = self.probes_output, self.probes_spread, self.probes_rms
         psi = self.psi
 
         def evaluate(
@@ -345,6 +351,11 @@ class _Observer:
                 [jnp.mean(jnp.std(hs[ell - 1][:probes_spread], axis=1)) for ell in spread_layers]
                 or [jnp.zeros(())]
             )
+            pre = [*hs, z]  # over the probes, the units and (conv layers) the positions; L+1: z
+            out["rms"] = jnp.stack(
+                [jnp.sqrt(jnp.mean(jnp.square(pre[ell - 1][:probes_rms]))) for ell in rms_layers]
+                or [jnp.zeros(())]
+            )
             out["change"] = jnp.stack(
                 [jnp.sqrt(jnp.mean(jnp.square(params[f"W{ell}"] - w0[ell]))) for ell in change_layers]
                 or [jnp.zeros(())]
@@ -353,7 +364,7 @@ class _Observer:
 
         self.evaluate = jax.jit(evaluate)
         # the probes come from the first test block, which holds them all
-        self.block = max(512, self.probes_output, self.probes_spread)
+        self.block = max(512, self.probes_output, self.probes_spread, self.probes_rms)
         blocks = range(0, max(self.n_test, 1), self.block)
         test_x_np = np.asarray(dataset.test_x, np.float64).astype(np_dtype)
         test_y_np = _targets(dataset.test_y, task, plan.loss, outputs, np_dtype, lead=1)
@@ -368,7 +379,11 @@ class _Observer:
             count,
             probes=self.probes_output,
             outputs=self.outputs,
-            layers={"neuron_spread": self.spread_layers, "weight_change": self.change_layers},
+            layers={
+                "neuron_spread": self.spread_layers,
+                "preactivation_rms": self.rms_layers,
+                "weight_change": self.change_layers,
+            },
             particles=len(self.particle_idx),
         )
 
@@ -406,6 +421,8 @@ class _Observer:
             records["output"][k] = yhat[:, 0] if self.outputs == 1 else yhat
         if "neuron_spread" in records:
             records["neuron_spread"][k] = np.asarray(first["spread"], np.float64)
+        if "preactivation_rms" in records:
+            records["preactivation_rms"][k] = np.asarray(first["rms"], np.float64)
         if "weight_change" in records:
             records["weight_change"][k] = np.asarray(first["change"], np.float64)
         if "particles" in records:

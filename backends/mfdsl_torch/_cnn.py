@@ -20,7 +20,8 @@ from the stream ``PARTICLES``: ``mfdsl._conv.particle_table`` — the first two 
 each one's incoming column, its ℓ2 norm (the whole filter), and its first outgoing
 weight.  ``neuron_spread`` of a conv layer is the standard deviation across channels of
 ``H_ℓ[c, p]``, averaged over the probe inputs and the positions ``p`` (of a dense layer,
-across its neurons, as for the mlp).  The seeds of one network train together
+across its neurons, as for the mlp); ``preactivation_rms`` the root mean square of
+``H_ℓ[c, p]`` over the probes, channels and positions (ℓ = L+1: the output before ψ).  The seeds of one network train together
 (:func:`train_cnn_ensemble`: stacked parameters, one ``torch.func.vmap`` gradient pass,
 each member what it gets alone up to rounding), never by the native C loop.
 """
@@ -449,6 +450,12 @@ class _Observer:
             o = by_name["neuron_spread"]
             self.probes_spread = o.probe_count(self.n_test)
             self.spread_layers = o.layers_or(range(1, L + 1), 1, L)
+        self.probes_rms = 0
+        self.rms_layers: tuple[int, ...] = ()
+        if "preactivation_rms" in by_name:
+            o = by_name["preactivation_rms"]
+            self.probes_rms = o.probe_count(self.n_test)
+            self.rms_layers = o.layers_or(range(1, L + 2), 1, L + 1)
         self.change_layers: tuple[int, ...] = ()
         if "weight_change" in by_name:
             self.change_layers = by_name["weight_change"].layers_or(range(1, L + 2), 1, L + 1)
@@ -467,7 +474,11 @@ class _Observer:
             n,
             probes=self.probes_output,
             outputs=self.outputs,
-            layers={"neuron_spread": self.spread_layers, "weight_change": self.change_layers},
+            layers={
+                "neuron_spread": self.spread_layers,
+                "preactivation_rms": self.rms_layers,
+                "weight_change": self.change_layers,
+            },
             particles=len(self.particle_idx),
         )
 
@@ -482,7 +493,7 @@ class _Observer:
                     records["test_loss"][r] = loss
                 if "test_accuracy" in records:
                     records["test_accuracy"][r] = acc
-            n_probe = max(self.probes_output, self.probes_spread)
+            n_probe = max(self.probes_output, self.probes_spread, self.probes_rms)
             if n_probe:
                 hs, z = net.forward(self.test_x[:n_probe])
                 if "output" in records:
@@ -492,6 +503,13 @@ class _Observer:
                     records["neuron_spread"][r] = [
                         float(hs[ell - 1][: self.probes_spread].std(dim=1, correction=0).mean())
                         for ell in self.spread_layers
+                    ]
+                if "preactivation_rms" in records:
+                    # over the probes, the units and (conv layers) the positions; L+1: z
+                    pre = [*hs, z]
+                    records["preactivation_rms"][r] = [
+                        float(pre[ell - 1][: self.probes_rms].square().mean().sqrt())
+                        for ell in self.rms_layers
                     ]
             if "particles" in records:
                 ell = self.particle_layer

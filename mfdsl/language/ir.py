@@ -820,16 +820,7 @@ class Spec(Node):
             )
 
     def _check_cnn(self, net: ConvNetwork) -> None:
-        """A cnn reads images, its layers fit the image, and it records what the cnn
-        backends compute."""
-        for obs in self.record.observables if self.record is not None else ():
-            if obs.name == "preactivation_rms":
-                obs.fail(
-                    None,
-                    "preactivation_rms is recorded for mlp networks only: neither backend computes it "
-                    "for a cnn yet (its conv layers' pre-activations are feature maps)",
-                    hint="record neuron_spread (the spread across channels) instead, or use network mlp",
-                )
+        """A cnn reads images and its layers fit the image."""
         shape = image_shape(self.data)
         if shape is None:
             net.fail(
