@@ -393,6 +393,11 @@ def _trainer(plan: Any, mode: str, dtype: str = "float32", noise: str | None = N
     return EnsembleTrainer(Ensemble([plan], dtype=dtype), [task], 1, native=mode)
 
 
+#: the most steps of one timed chunk (``--smoke`` lowers it: the ATen path's ~50 µs a step
+#: on a tiny net would otherwise make a chunk of 10⁵ steps)
+MAX_CHUNK_STEPS = 1 << 40
+
+
 def time_modes(plan: Any, modes: tuple[str, ...], rounds: int, dtype: str = "float32") -> dict[str, float]:
     """Seconds per step (the thread's CPU time, best of ``rounds`` alternated chunks) of
     one network in each ``native`` mode."""
@@ -408,7 +413,7 @@ def time_configs(
 
     budget = 0.08  # seconds of work per chunk (at ~40 GFLOP/s), at most 2^22 input entries
     cap = (1 << 22) // (int(plan.batch) * plan.layers[0].fan_in)
-    n = int(max(3, min(cap, budget * 40e9 / max(step_flops(plan), 1.0))))
+    n = int(max(3, min(cap, MAX_CHUNK_STEPS, budget * 40e9 / max(step_flops(plan), 1.0))))
     data = make_dataset(plan.data, plan.seed)
     chunk = data.train_chunk(0, n, int(plan.batch))
     trainers = {name: _trainer(plan, mode, dtype, noise) for name, (mode, noise) in configs.items()}
@@ -610,7 +615,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     if args.smoke:
+        global MAX_CHUNK_STEPS
         args.rounds, args.path_rounds, args.scale = 1, 1, 0.005
+        MAX_CHUNK_STEPS = 50
     only = set(args.only.split(","))
     if args.threads == 1:
         flags = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
