@@ -73,8 +73,8 @@ OPTIONS: tuple[Option, ...] = (
         kind=Choice(("philox", "torch")),
         default="philox",
         help="the generator of Langevin noise (`philox`: counter-based, each entry a function of the run's "
-        "seed, the step, the parameter and the entry, the same on every step loop and device, three times "
-        "faster than torch's; `torch`: torch's generator drawn in order, as mfdsl drew it before stream "
+        "seed, the step, the parameter and the entry, the same on every step loop and device, and faster "
+        "to draw than torch's; `torch`: torch's generator drawn in order, as mfdsl drew it before stream "
         "layout 3, to reproduce such runs bit for bit)",
     ),
 )
