@@ -314,21 +314,21 @@ class _Observer:
         if "neuron_spread" in by_name:
             o = by_name["neuron_spread"]
             self.probes_spread = o.probe_count(self.n_test)
-            self.spread_layers = o.layers_or(range(1, depth + 1), 1, depth)
+            self.spread_layers = o.layers_in(depth)
         self.probes_rms = 0
         self.rms_layers: tuple[int, ...] = ()
         if "preactivation_rms" in by_name:
             o = by_name["preactivation_rms"]
             self.probes_rms = o.probe_count(self.n_test)
-            self.rms_layers = o.layers_or(range(1, depth + 2), 1, depth + 1)
+            self.rms_layers = o.layers_in(depth)
         self.change_layers: tuple[int, ...] = ()
         if "weight_change" in by_name:
-            self.change_layers = by_name["weight_change"].layers_or(range(1, depth + 2), 1, depth + 1)
+            self.change_layers = by_name["weight_change"].layers_in(depth)
         self.conv, self.depth = conv, depth
         self.particle_layer, self.particle_idx = 1, np.zeros(0, np.int64)
         if "particles" in by_name:
             o = by_name["particles"]
-            (self.particle_layer,) = o.layers_or((1,), 1, depth)
+            (self.particle_layer,) = o.layers_in(depth)
             self.particle_idx = particle_sample(plan.seed_of_init, n, o.sample)
         self.names = names
 

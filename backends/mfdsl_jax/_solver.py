@@ -864,22 +864,22 @@ def _make_observer(
     if "neuron_spread" in by_name:
         obs = by_name["neuron_spread"]
         probes_spread = obs.probe_count(n_test)
-        spread_layers = obs.layers_or(range(1, L + 1), 1, L)
+        spread_layers = obs.layers_in(L)
         shapes["neuron_spread"] = (len(spread_layers),)
     if "weight_change" in by_name:
-        change_layers = by_name["weight_change"].layers_or(range(1, L + 2), 1, L + 1)
+        change_layers = by_name["weight_change"].layers_in(L)
         shapes["weight_change"] = (len(change_layers),)
     probes_rms = 0
     rms_layers: tuple[int, ...] = ()
     if "preactivation_rms" in by_name:
         obs = by_name["preactivation_rms"]
         probes_rms = obs.probe_count(n_test)
-        rms_layers = obs.layers_or(range(1, L + 2), 1, L + 1)
+        rms_layers = obs.layers_in(L)
         shapes["preactivation_rms"] = (len(rms_layers),)
     eps = np.zeros((0, 3))
     if "particles" in by_name:
         obs = by_name["particles"]
-        chosen = obs.layers_or((1,), 1, L)
+        chosen = obs.layers_in(L)
         if len(chosen) != 1:
             raise ValueError("particles takes a single layer")
         particle_layer = chosen[0]

@@ -449,21 +449,21 @@ class _Observer:
         if "neuron_spread" in by_name:
             o = by_name["neuron_spread"]
             self.probes_spread = o.probe_count(self.n_test)
-            self.spread_layers = o.layers_or(range(1, L + 1), 1, L)
+            self.spread_layers = o.layers_in(L)
         self.probes_rms = 0
         self.rms_layers: tuple[int, ...] = ()
         if "preactivation_rms" in by_name:
             o = by_name["preactivation_rms"]
             self.probes_rms = o.probe_count(self.n_test)
-            self.rms_layers = o.layers_or(range(1, L + 2), 1, L + 1)
+            self.rms_layers = o.layers_in(L)
         self.change_layers: tuple[int, ...] = ()
         if "weight_change" in by_name:
-            self.change_layers = by_name["weight_change"].layers_or(range(1, L + 2), 1, L + 1)
+            self.change_layers = by_name["weight_change"].layers_in(L)
         self.w0 = {ell: net.W[ell - 1].detach().clone() for ell in self.change_layers}
         self.particle_layer, self.particle_idx = 1, np.zeros(0, np.int64)
         if "particles" in by_name:
             o = by_name["particles"]
-            (self.particle_layer,) = o.layers_or((1,), 1, L)
+            (self.particle_layer,) = o.layers_in(L)
             self.particle_idx = particle_sample(
                 plan.seed_of_init, net.layers[self.particle_layer - 1].fan_out, o.sample
             )

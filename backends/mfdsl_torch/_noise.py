@@ -57,6 +57,8 @@ class NoiseSource:
         self.dtype = dtype
         self.key = noise.key(seed_of_data)
         self.generator: torch.Generator | None = None
+        # the C loop, where it draws (the CPU, a compiler at hand): looked up once
+        self._lib = _library() if kind == "philox" and self.device.type == "cpu" else None
         # torch-op draws ahead: per slot, (first step, (steps, n) block)
         self._ahead: dict[int, tuple[int, torch.Tensor | None]] = {}
         if kind == "torch":
@@ -74,7 +76,7 @@ class NoiseSource:
         if self.generator is not None:
             return out.normal_(generator=self.generator)
         row = out.view(1, -1)
-        if out.device.type == "cpu" and _library() is not None:
+        if out.device.type == "cpu" and self._lib is not None:
             self.fill_steps(row, slot, step)
             return out
         # torch ops cost ~100 small kernels a draw whatever its size: draw up to
@@ -99,7 +101,7 @@ class NoiseSource:
             return out
         if out.stride(1) != 1 and n > 1:
             raise ValueError("fill_steps needs rows of contiguous entries")
-        lib = _library() if out.device.type == "cpu" else None
+        lib = self._lib if out.device.type == "cpu" else None
         if lib is not None and out.dtype in (torch.float32, torch.float64):
             fn = lib.mf_normal_f64 if out.dtype == torch.float64 else lib.mf_normal_f32
             fn(self.key[0], self.key[1], slot, step0, m, n, out.data_ptr(), out.stride(0))

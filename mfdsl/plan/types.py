@@ -250,6 +250,15 @@ class ObservablePlan:
                 raise ValueError(f"{self.name}: layer {ell} is outside {lo} … {hi}")
         return layers
 
+    def layers_in(self, depth: int) -> tuple[int, ...]:
+        """:meth:`layers_or` with the observable's own default layers and range in a
+        network of ``depth`` hidden layers (``ir.OBSERVABLE_KINDS``): weight layers
+        1 … L+1 for those observed on every weight layer, hidden layers 1 … L else."""
+        from mfdsl.language.ir import OBSERVABLE_KINDS
+
+        kind = OBSERVABLE_KINDS[self.name]
+        return self.layers_or(kind.layers(depth), 1, depth + 1 if kind.default_layers == "all" else depth)
+
     def probe_count(self, n_test: int) -> int:
         """How many probe inputs (the first test points): ``probes``, or by default
         ``min(DEFAULT_PROBES, n_test)``."""

@@ -524,9 +524,9 @@ def stream_layout_mismatch(attrs: Mapping[str, Any], *, torch_noise: bool | None
 
     layout = attrs.get("stream_layout")
     if isinstance(layout, int) and not isinstance(layout, bool):
-        if torch_noise is None:
+        if layout != STREAM_LAYOUT and torch_noise is None:  # the stored spec is read only when it matters
             torch_noise = _stored_draws_torch_noise(attrs)
-        if same_draws(layout, torch_noise=torch_noise):
+        if same_draws(layout, torch_noise=bool(torch_noise)):
             return None
         return (
             f"written by {'a newer' if layout > STREAM_LAYOUT else 'an older'} mfdsl, whose random "
